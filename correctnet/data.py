@@ -1,0 +1,347 @@
+"""Datasets as in-memory tensors: digits (bundled with scikit-learn), MNIST, Fashion-MNIST, CIFAR-10/100.
+
+load_dataset returns a DataSplits of TensorDatasets: x float32 [N, C, H, W], scaled to [0, 1] and then
+normalized per channel with the mean/std of the train split; y int64 [N] class indices.
+Files are parsed defensively: anything malformed raises DataFormatError naming the file; CIFAR pickles go
+through a restricted unpickler that cannot run code; no header can make us allocate more than the file holds.
+"""
+from __future__ import annotations
+
+import codecs
+import gzip
+import importlib
+import io
+import math
+import os
+import pickle
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from correctnet.errors import ConfigError, DataFormatError, DataNotFoundError
+
+DATASETS: tuple[str, ...] = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100")
+DEFAULT_ROOTS: dict[str, str] = {
+    "fashion_mnist": "/usr/share/datasets/fashion-mnist",
+    "mnist": "data/mnist",
+    "cifar10": "data/cifar-10-batches-py",
+    "cifar100": "data/cifar-100-python",
+}
+NUM_CLASSES: dict[str, int] = {"digits": 10, "fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100}
+_ALIASES = {"fashionmnist": "fashion_mnist", "fmnist": "fashion_mnist", "cifar_10": "cifar10", "cifar_100": "cifar100"}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_CIFAR_FILES = {
+    "cifar10": ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"),
+    "cifar100": ("train", "test"),
+}
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+_HOW_TO_GET = {
+    "fashion_mnist": "Install it with `sudo apt-get install dataset-fashion-mnist` (Debian; files land in "
+    "/usr/share/datasets/fashion-mnist), or download the four IDX files (.gz is fine) from "
+    "https://github.com/zalandoresearch/fashion-mnist into a directory DIR and pass dataset.root=DIR.",
+    "mnist": "Put the four MNIST IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+    "t10k-labels-idx1-ubyte, each with or without .gz) into a directory DIR and pass dataset.root=DIR.",
+    "cifar10": f"Download the CIFAR-10 python version (cifar-10-python.tar.gz) from {_CIFAR_URL}, extract it "
+    "(tar xzf cifar-10-python.tar.gz) and pass dataset.root=<path>/cifar-10-batches-py.",
+    "cifar100": f"Download the CIFAR-100 python version (cifar-100-python.tar.gz) from {_CIFAR_URL}, extract it "
+    "(tar xzf cifar-100-python.tar.gz) and pass dataset.root=<path>/cifar-100-python.",
+}
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train/val/test splits of one dataset: each a TensorDataset of (x float32 [N, C, H, W], y int64 [N])."""
+
+    name: str  # canonical dataset name, one of DATASETS
+    train: TensorDataset
+    val: TensorDataset  # may hold 0 samples (val_fraction=0)
+    test: TensorDataset
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...] = ()  # per channel, in [0, 1] pixel units: x = (pixel - mean) / std
+    std: tuple[float, ...] = ()
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def load_dataset(
+    name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0
+) -> DataSplits:
+    """Load a dataset fully into memory and split it; the same (name, val_fraction, seed) gives the same split.
+
+    digits: scikit-learn's 1797 8x8 images (root is ignored), stratified 20% test, val_fraction of the rest.
+    Others: read from root (default DEFAULT_ROOTS[name]); val is a seeded random val_fraction of the official
+    train split, test is the official test split.
+    """
+    key = _canonical_name(name)
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 0.5:
+        raise ConfigError(f"dataset.val_fraction={val_fraction!r} is invalid: expected a number in [0, 0.5]")
+    if key == "digits":
+        x, y, x_test, y_test = _load_digits(seed)
+        train_idx, val_idx = _split_off(y, val_fraction, seed, stratify=True)
+        scale = 16.0
+    else:
+        directory = Path(root if root is not None else DEFAULT_ROOTS[key])
+        read = _load_idx_pair if key in ("mnist", "fashion_mnist") else _load_cifar_pair
+        x, y, x_test, y_test = read(key, directory)
+        train_idx, val_idx = _split_off(y, val_fraction, seed, stratify=False)
+        scale = 255.0
+    x_train = torch.from_numpy(x[train_idx]).float().div_(scale)  # [N, C, H, W] in [0, 1]
+    var, mean = torch.var_mean(x_train, dim=(0, 2, 3), correction=0)  # [C], float64 accumulation on CPU
+    std = var.sqrt().clamp_min(1e-8)
+
+    def make(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+        t = images if isinstance(images, torch.Tensor) else torch.from_numpy(images).float().div_(scale)
+        t = t.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
+        return TensorDataset(t, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
+
+    return DataSplits(
+        name=key,
+        train=make(x_train, y[train_idx]),
+        val=make(x[val_idx], y[val_idx]),
+        test=make(x_test, y_test),
+        num_classes=NUM_CLASSES[key],
+        input_shape=tuple(int(d) for d in x.shape[1:]),  # type: ignore[arg-type]
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+    )
+
+
+def make_loader(ds: TensorDataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
+    """Batches (x [B, ...], y [B]) of a TensorDataset, the last one possibly smaller; num_workers=0.
+
+    Batches are gathered by one tensor index per batch (not per sample + collate), so loader.batch_size is None.
+    With shuffle=True the order comes from a torch.Generator seeded with seed: two loaders built with the
+    same seed give the same batches, epoch after epoch (each epoch is a new permutation).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
+    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, num_workers=0)
+
+
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_MAX_IDX_BYTES = 1 << 30  # 1 GiB; MNIST's train images are 47 MB
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file, plain or gzipped: magic 00 00 <type> <ndim>, ndim big-endian uint32 dims, then the data.
+
+    Returns the array in native byte order, e.g. uint8 [N, 28, 28] (images) or uint8 [N] (labels).
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+        with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
+            head = _read_at_most(f, 4)
+            if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES or head[3] == 0:
+                raise DataFormatError(f"{path}: not an IDX file: magic bytes {head.hex(' ') or '(none)'}, expected 00 00 <type> <ndim>")
+            dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
+            raw_dims = _read_at_most(f, 4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataFormatError(f"{path}: truncated IDX header ({ndim} dimensions announced)")
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+            nbytes = math.prod(dims) * dtype.itemsize
+            if nbytes > _MAX_IDX_BYTES:
+                raise DataFormatError(f"{path}: IDX header announces shape {dims} ({nbytes} bytes), implausibly large")
+            data = _read_at_most(f, nbytes + 1)  # one extra byte detects trailing garbage
+    except FileNotFoundError as e:
+        raise DataNotFoundError(f"{path}: no such file") from e
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataFormatError(f"{path}: corrupt or truncated gzip stream ({e})") from e
+    if len(data) != nbytes:
+        what = "is truncated" if len(data) < nbytes else "has trailing bytes"
+        raise DataFormatError(f"{path}: {what}: header says shape {dims} of {dtype.name} = {nbytes} data bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def read_cifar_batch(path: str | os.PathLike, label_key: bytes | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read one CIFAR "python version" batch with a restricted unpickler (no code execution).
+
+    Returns (images uint8 [N, 3, 32, 32], labels int64 [N]); labels come from label_key, by default b"fine_labels"
+    (CIFAR-100) if present, else b"labels" (CIFAR-10).
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as e:
+        raise DataNotFoundError(f"{path}: no such file") from e
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except DataFormatError as e:
+        raise DataFormatError(f"{path}: {e}") from None
+    except Exception as e:  # anything a malformed pickle can raise: UnpicklingError, EOFError, ValueError, ...
+        raise DataFormatError(f"{path}: not a CIFAR python batch ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: not a CIFAR python batch (a pickled {type(obj).__name__}, expected a dict)")
+    obj = {k.encode() if isinstance(k, str) else k: v for k, v in obj.items()}
+    keys = [label_key] if label_key is not None else [b"fine_labels", b"labels"]
+    key = next((k for k in keys if k in obj), None)
+    if b"data" not in obj or key is None:
+        raise DataFormatError(f"{path}: CIFAR batch needs keys b'data' and one of {keys}; found {sorted(map(repr, obj))}")
+    data = obj[b"data"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataFormatError(f"{path}: b'data' must be a uint8 array [N, 3072], got {got}")
+    try:
+        labels = np.asarray(obj[key], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataFormatError(f"{path}: labels {key!r} are not integers ({e})") from e
+    if labels.shape != (len(data),):
+        raise DataFormatError(f"{path}: {len(data)} images but labels {key!r} have shape {labels.shape}")
+    return np.ascontiguousarray(data).reshape(-1, 3, 32, 32), labels
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+def _canonical_name(name: str) -> str:
+    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
+    key = _ALIASES.get(key, key)  # type: ignore[arg-type]
+    if key not in DATASETS:
+        raise ConfigError(f"dataset.name={name!r} is unknown: expected one of {', '.join(DATASETS)}")
+    return key
+
+
+def _split_off(y: np.ndarray, fraction: float, seed: int, *, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices 0..len(y)-1 into (keep, out) with round(fraction * len(y)) seeded-random ones in out; sorted."""
+    n_out = int(round(fraction * len(y)))
+    if n_out == 0:
+        return np.arange(len(y)), np.arange(0)
+    if stratify and n_out >= len(np.unique(y)):
+        from sklearn.model_selection import train_test_split
+
+        keep, out = train_test_split(np.arange(len(y)), test_size=n_out, random_state=seed, stratify=y)
+    else:
+        perm = np.random.default_rng(seed).permutation(len(y))
+        keep, out = perm[n_out:], perm[:n_out]
+    return np.sort(keep), np.sort(out)
+
+
+def _load_digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn digits as (x uint8 [N, 1, 8, 8] in 0..16, y, x_test, y_test), stratified 20% test by seed."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = d.images.astype(np.uint8)[:, None], d.target.astype(np.int64)
+    rest, test = _split_off(y, 0.2, seed, stratify=True)
+    return x[rest], y[rest], x[test], y[test]
+
+
+def _find_files(key: str, directory: Path, names: tuple[str, ...], gz: bool) -> list[Path]:
+    """Paths of the dataset's files (name or name.gz); one DataNotFoundError listing everything missing."""
+    directory = Path(os.path.abspath(directory))
+    if not directory.is_dir():
+        raise DataNotFoundError(f"Dataset {key!r} not found: directory {directory} does not exist. {_HOW_TO_GET[key]}")
+    found, missing = [], []
+    for name in names:
+        candidates = [directory / name] + ([directory / f"{name}.gz"] if gz else [])
+        hit = next((p for p in candidates if p.is_file()), None)
+        missing += candidates if hit is None else []
+        found.append(hit)
+    if missing:
+        raise DataNotFoundError(
+            f"Dataset {key!r} not found: missing in {directory}: {', '.join(map(str, missing))}. {_HOW_TO_GET[key]}"
+        )
+    return found  # type: ignore[return-value]
+
+
+def _check_labels(labels: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES[key]):
+        raise DataFormatError(f"{path}: labels span {labels.min()}..{labels.max()}, expected 0..{NUM_CLASSES[key] - 1}")
+    return labels.astype(np.int64)
+
+
+def _load_idx_pair(key: str, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST-layout IDX files as (x_train uint8 [N, 1, H, W], y_train int64 [N], x_test, y_test)."""
+    paths = _find_files(key, directory, _IDX_FILES, gz=True)
+    out = []
+    for img_path, lbl_path in (paths[0:2], paths[2:4]):
+        x, y = read_idx(img_path), read_idx(lbl_path)
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise DataFormatError(f"{img_path}: expected uint8 images [N, H, W], got {x.dtype} {x.shape}")
+        if y.dtype != np.uint8 or y.ndim != 1:
+            raise DataFormatError(f"{lbl_path}: expected uint8 labels [N], got {y.dtype} {y.shape}")
+        if len(x) != len(y):
+            raise DataFormatError(f"{img_path} has {len(x)} images but {lbl_path} has {len(y)} labels")
+        out += [x[:, None], _check_labels(y, key, lbl_path)]
+    if out[0].shape[1:] != out[2].shape[1:] or len(out[0]) == 0:
+        raise DataFormatError(f"{paths[0]} {out[0].shape} and {paths[2]} {out[2].shape}: empty or mismatched images")
+    return out[0], out[1], out[2], out[3]
+
+
+def _load_cifar_pair(key: str, directory: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """CIFAR python batches as (x_train uint8 [N, 3, 32, 32], y_train int64 [N], x_test, y_test)."""
+    paths = _find_files(key, directory, _CIFAR_FILES[key], gz=False)
+    batches = [read_cifar_batch(p) for p in paths]
+    for (_, y), p in zip(batches, paths):
+        _check_labels(y, key, p)
+    x_train = np.concatenate([x for x, _ in batches[:-1]])
+    y_train = np.concatenate([y for _, y in batches[:-1]])
+    return x_train, y_train, batches[-1][0], batches[-1][1]
+
+
+def _read_at_most(f: io.BufferedIOBase, n: int) -> bytes:
+    """Read up to n bytes in 1 MiB chunks, so a lying header cannot make us allocate more than the file holds."""
+    chunks = []
+    while n > 0 and (chunk := f.read(min(n, 1 << 20))):
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _numpy_attr(module: str, name: str) -> object:
+    """numpy.core became numpy._core in numpy 2: resolve either spelling, preferring the one this numpy has."""
+    for mod in (module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
+        try:
+            return getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError):
+            continue
+    raise DataFormatError(f"pickle needs {module}.{name}, which this numpy does not provide")
+
+
+class _NdarrayToken:
+    """Stands in for numpy.ndarray in a pickle: only _reconstruct accepts it, so ndarray(huge_shape) cannot run."""
+
+    __slots__ = ()
+
+
+def _reconstruct(subtype: object, shape: tuple, code: bytes) -> np.ndarray:
+    # numpy pickles always call _reconstruct(ndarray, (0,), b"b") and fill the array in __setstate__
+    if not isinstance(subtype, _NdarrayToken) or tuple(shape) != (0,) or code != b"b":
+        raise DataFormatError("pickle calls numpy's _reconstruct with arguments numpy never writes")
+    return _numpy_attr("numpy._core.multiarray", "_reconstruct")(np.ndarray, (0,), b"b")  # type: ignore[operator]
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 protocol <= 2 pickles store bytes as _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise DataFormatError(f"pickle calls _codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """Unpickler that resolves only the globals a pickled dict of numpy arrays, bytes and lists needs.
+
+    Built on the pure-Python unpickler, whose memo is a dict: the C one allocates a table as large as the
+    largest memo index in the file, so a 10-byte pickle could ask for gigabytes.
+    """
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) in (("numpy", "ndarray"),):
+            return _NdarrayToken()
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _reconstruct
+        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
+            return _numpy_attr(module, name)  # frombuffer + reshape: bounded by the bytes in the file
+        raise DataFormatError(f"pickle refers to {module}.{name}, which a CIFAR batch never needs; refusing to load it")

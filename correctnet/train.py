@@ -1,0 +1,156 @@
+"""``python -m correctnet.train``: the Hydra entry point that strings the stages together.
+
+Stages so far: train (plain or noise-aware) -> clean and Monte-Carlo evaluation on the test split ->
+checkpoint + ``metrics.json`` in the Hydra run directory. This is the only module that reads config.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import __version__
+from .analog import analogize, set_variation
+from .checkpoint import atomic_write, save_checkpoint
+from .data import load_dataset
+from .errors import ConfigError, CorrectNetError
+from .evaluate import clean_accuracy, monte_carlo
+from .models import build_model
+from .training import TrainConfig, resolve_device, train
+from .variation import make_variation
+
+log = logging.getLogger("correctnet")
+
+
+def _variation(cfg: DictConfig, sigma: Any = None):
+    params = OmegaConf.to_container(cfg.variation, resolve=True)
+    assert isinstance(params, dict)
+    name = params.pop("name", None)
+    if sigma is not None:
+        params["sigma"] = sigma
+    return make_variation(name, **params)
+
+
+def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any]:
+    params = OmegaConf.to_container(cfg.training, resolve=True)
+    assert isinstance(params, dict)
+    noise_sigma = params.pop("noise_sigma", None)
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = set(params) - known
+    if unknown:
+        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: {sorted(known | {'noise_sigma'})}")
+    return TrainConfig(seed=cfg.seed, **params), noise_sigma
+
+
+def _positive_int(cfg: DictConfig, key: str) -> int:
+    v = OmegaConf.select(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
+    return v
+
+
+def versions() -> dict[str, str]:
+    return {"correctnet": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run the pipeline described by ``cfg``, writing the checkpoint and ``metrics.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    t_start = time.perf_counter()
+    # validate everything before any work starts
+    variation = _variation(cfg)
+    tcfg, noise_sigma = _train_config(cfg)
+    train_variation = _variation(cfg, noise_sigma) if noise_sigma is not None else variation
+    n_chips = _positive_int(cfg, "evaluation.n_chips")
+    eval_batch = _positive_int(cfg, "evaluation.batch_size")
+    eval_seed = cfg.evaluation.seed
+    if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
+        raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
+    device = resolve_device(cfg.device)
+    progress = bool(cfg.progress)
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_kwargs, dict)
+    model_name = model_kwargs.pop("name", None)
+
+    data = load_dataset(cfg.dataset.name, cfg.dataset.get("root"), val_fraction=cfg.dataset.val_fraction, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_name, data.input_shape, data.num_classes, **model_kwargs)
+    include = list(cfg.analog.include) if cfg.analog.include is not None else None
+    model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_name, data.name,
+             len(data.train), len(data.val), len(data.test), n_params, device)
+
+    stage = "noise_aware" if tcfg.noise_aware else "baseline"
+    t0 = time.perf_counter()
+    history = train(model, data.train, data.val, tcfg, progress=progress, stage=stage)
+    train_seconds = time.perf_counter() - t0
+    set_variation(model, variation)
+
+    t0 = time.perf_counter()
+    clean = clean_accuracy(model, data.test, batch_size=eval_batch)
+    mc = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress)
+    eval_seconds = time.perf_counter() - t0
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    metrics: dict[str, Any] = {
+        "dataset": data.name,
+        "model": model_name,
+        "variation": variation.to_dict(),
+        "stages": {stage: {"clean_accuracy": clean, "mc": mc.to_dict(),
+                           "training": {"noise_aware": tcfg.noise_aware,
+                                        "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
+                                        "epochs": tcfg.epochs, "seconds": train_seconds, "history": history},
+                           "eval_seconds": eval_seconds}},
+        "config": resolved,
+        "versions": versions(),
+        "device": str(device),
+        "seconds": time.perf_counter() - t_start,
+    }
+    meta = {"model": {"name": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+                      "kwargs": model_kwargs},
+            "variation": variation.to_dict(), "analog": {"include": include, "exclude": list(cfg.analog.exclude)},
+            "dataset": data.name, "stage": stage, "config": resolved, "versions": versions()}
+    ckpt = save_checkpoint(out_dir / cfg.checkpoint.name, model, meta, overwrite=True)
+    metrics["checkpoint"] = str(ckpt)
+    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)), overwrite=True)
+    _print_summary(metrics, out_dir)
+    return metrics
+
+
+def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
+    v = metrics["variation"]
+    lines = [f"\ncorrectnet: {metrics['model']} on {metrics['dataset']}, {v['name']} variation sigma={v['sigma']:g}"]
+    lines.append(f"  {'stage':<14}{'clean':>8}{'mean':>9}{'std':>7}{'p5':>8}{'min':>8}  chips")
+    for name, s in metrics["stages"].items():
+        mc = s["mc"]
+        lines.append(f"  {name:<14}{100 * s['clean_accuracy']:>7.2f}%{100 * mc['mean']:>8.2f}%{100 * mc['std']:>7.2f}"
+                     f"{100 * mc['p5']:>7.2f}%{100 * mc['min']:>7.2f}%  {mc['n_chips']}")
+    lines.append(f"  checkpoint: {metrics['checkpoint']}")
+    lines.append(f"  metrics:    {out_dir / 'metrics.json'}   ({metrics['seconds']:.1f} s)")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+    except CorrectNetError as e:
+        print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

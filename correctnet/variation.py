@@ -1,0 +1,86 @@
+"""Models of how programmed RRAM weights deviate from their targets.
+
+A variation model turns a nominal weight tensor into the weight a chip actually computes with. It is
+split in two so that a chip can be stored and replayed:
+
+* ``sample(weight, generator) -> noise``: the random part of one chip for one layer (same shape);
+* ``apply(weight, noise) -> weight'``: the deterministic, differentiable map (gradients reach ``weight``).
+
+Models:
+
+* ``lognormal`` (CorrectNet, Eldebiky et al., DATE 2023): ``w' = w * exp(theta)``, ``theta ~ N(0, sigma^2)``
+  per weight. Note ``E[exp(theta)] = exp(sigma^2/2)`` (1.13 at sigma=0.5): biased, not only noisy.
+* ``gaussian``: additive, relative to the layer's largest weight, ``w' = w + sigma * max|w| * eps``,
+  ``eps ~ N(0, 1)`` per weight (``max|w|`` is treated as a constant of the chip, not differentiated).
+
+Both act on weights only; biases are taken as digital (exact).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VariationModel:
+    """Base class. ``sigma`` is dimensionless (log-space std, or a fraction of max|w|)."""
+
+    sigma: float
+    name: ClassVar[str] = "base"
+
+    def __post_init__(self) -> None:
+        s = self.sigma
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise ConfigError(f"variation.sigma must be a number >= 0, got {s!r}")
+        if not math.isfinite(s) or s < 0:
+            raise ConfigError(f"variation.sigma must be a finite number >= 0, got {s!r}")
+        object.__setattr__(self, "sigma", float(s))
+
+    def sample(self, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Standard-normal draws shaped like ``weight`` (on its device, in its dtype)."""
+        return torch.randn(weight.shape, generator=generator, device=weight.device, dtype=weight.dtype)
+
+    def apply(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "sigma": self.sigma}
+
+
+@dataclass(frozen=True)
+class LogNormal(VariationModel):
+    """``w' = w * exp(sigma * eps)``: multiplicative log-normal variation (CorrectNet)."""
+
+    name: ClassVar[str] = "lognormal"
+
+    def apply(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return weight * torch.exp(self.sigma * noise)
+
+
+@dataclass(frozen=True)
+class Gaussian(VariationModel):
+    """``w' = w + sigma * max|w| * eps``: additive Gaussian variation relative to the layer's range."""
+
+    name: ClassVar[str] = "gaussian"
+
+    def apply(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        scale = weight.detach().abs().max()
+        return weight + (self.sigma * scale) * noise
+
+
+VARIATIONS: dict[str, type[VariationModel]] = {m.name: m for m in (LogNormal, Gaussian)}
+
+
+def make_variation(name: str, sigma: float, **kwargs: Any) -> VariationModel:
+    """Build a variation model by name; unknown names and bad parameters raise ``ConfigError``."""
+    if name not in VARIATIONS:
+        raise ConfigError(f"variation.name must be one of {sorted(VARIATIONS)}, got {name!r}")
+    try:
+        return VARIATIONS[name](sigma=sigma, **kwargs)
+    except TypeError as e:  # unexpected keyword
+        raise ConfigError(f"bad parameters for variation {name!r}: {e}") from None
