@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import gzip
-import importlib
 import io
 import math
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from correctnet.errors import ConfigError, DataFormatError, DataNotFoundError
 
@@ -81,6 +80,8 @@ def load_dataset(
     key = _canonical_name(name)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 0.5:
         raise ConfigError(f"dataset.val_fraction={val_fraction!r} is invalid: expected a number in [0, 0.5]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} is invalid: expected an integer in [0, 2**32)")
     if key == "digits":
         x, y, x_test, y_test = _load_digits(seed)
         train_idx, val_idx = _split_off(y, val_fraction, seed, stratify=True)
@@ -91,11 +92,13 @@ def load_dataset(
         x, y, x_test, y_test = read(key, directory)
         train_idx, val_idx = _split_off(y, val_fraction, seed, stratify=False)
         scale = 255.0
+    if len(train_idx) == 0:
+        raise DataFormatError(f"Dataset {key!r}: the training split holds no images")
     x_train = torch.from_numpy(x[train_idx]).float().div_(scale)  # [N, C, H, W] in [0, 1]
-    var, mean = torch.var_mean(x_train, dim=(0, 2, 3), correction=0)  # [C], float64 accumulation on CPU
+    var, mean = torch.var_mean(x_train, dim=(0, 2, 3), correction=0)  # [C]
     std = var.sqrt().clamp_min(1e-8)
 
-    def make(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    def make(images: np.ndarray | torch.Tensor, labels: np.ndarray) -> TensorDataset:
         t = images if isinstance(images, torch.Tensor) else torch.from_numpy(images).float().div_(scale)
         t = t.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
         return TensorDataset(t, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
@@ -115,14 +118,14 @@ def load_dataset(
 def make_loader(ds: TensorDataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
     """Batches (x [B, ...], y [B]) of a TensorDataset, the last one possibly smaller; num_workers=0.
 
-    Batches are gathered by one tensor index per batch (not per sample + collate), so loader.batch_size is None.
     With shuffle=True the order comes from a torch.Generator seeded with seed: two loaders built with the
     same seed give the same batches, epoch after epoch (each epoch is a new permutation).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size={batch_size!r} is invalid: expected a positive integer")
-    sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(seed)) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None, num_workers=0)
+    shuffle = shuffle and len(ds) > 0  # RandomSampler refuses empty datasets (e.g. val with val_fraction=0)
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
 
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -141,7 +144,8 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with gzip.open(path, "rb") if gzipped else open(path, "rb") as f:
             head = _read_at_most(f, 4)
             if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES or head[3] == 0:
-                raise DataFormatError(f"{path}: not an IDX file: magic bytes {head.hex(' ') or '(none)'}, expected 00 00 <type> <ndim>")
+                magic = head.hex(" ") or "(none)"
+                raise DataFormatError(f"{path}: not an IDX file: magic bytes {magic}, expected 00 00 <type> <ndim>")
             dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
             raw_dims = _read_at_most(f, 4 * ndim)
             if len(raw_dims) < 4 * ndim:
@@ -184,7 +188,8 @@ def read_cifar_batch(path: str | os.PathLike, label_key: bytes | None = None) ->
     keys = [label_key] if label_key is not None else [b"fine_labels", b"labels"]
     key = next((k for k in keys if k in obj), None)
     if b"data" not in obj or key is None:
-        raise DataFormatError(f"{path}: CIFAR batch needs keys b'data' and one of {keys}; found {sorted(map(repr, obj))}")
+        found = ", ".join(sorted(map(repr, obj)))
+        raise DataFormatError(f"{path}: CIFAR batch needs keys b'data' and one of {keys}; found {found}")
     data = obj[b"data"]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
         got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
@@ -195,7 +200,7 @@ def read_cifar_batch(path: str | os.PathLike, label_key: bytes | None = None) ->
         raise DataFormatError(f"{path}: labels {key!r} are not integers ({e})") from e
     if labels.shape != (len(data),):
         raise DataFormatError(f"{path}: {len(data)} images but labels {key!r} have shape {labels.shape}")
-    return np.ascontiguousarray(data).reshape(-1, 3, 32, 32), labels
+    return np.array(data, dtype=np.uint8).reshape(-1, 3, 32, 32), labels  # a writable plain-ndarray copy
 
 
 # ----------------------------------------------------------------------------- internals
@@ -271,8 +276,8 @@ def _load_idx_pair(key: str, directory: Path) -> tuple[np.ndarray, np.ndarray, n
         if len(x) != len(y):
             raise DataFormatError(f"{img_path} has {len(x)} images but {lbl_path} has {len(y)} labels")
         out += [x[:, None], _check_labels(y, key, lbl_path)]
-    if out[0].shape[1:] != out[2].shape[1:] or len(out[0]) == 0:
-        raise DataFormatError(f"{paths[0]} {out[0].shape} and {paths[2]} {out[2].shape}: empty or mismatched images")
+    if out[0].shape[1:] != out[2].shape[1:]:
+        raise DataFormatError(f"{paths[0]} {out[0].shape[2:]} and {paths[2]} {out[2].shape[2:]}: image sizes differ")
     return out[0], out[1], out[2], out[3]
 
 
@@ -296,52 +301,78 @@ def _read_at_most(f: io.BufferedIOBase, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _numpy_attr(module: str, name: str) -> object:
-    """numpy.core became numpy._core in numpy 2: resolve either spelling, preferring the one this numpy has."""
-    for mod in (module.replace("numpy.core", "numpy._core"), module.replace("numpy._core", "numpy.core")):
-        try:
-            return getattr(importlib.import_module(mod), name)
-        except (ImportError, AttributeError):
-            continue
-    raise DataFormatError(f"pickle needs {module}.{name}, which this numpy does not provide")
-
-
 class _NdarrayToken:
     """Stands in for numpy.ndarray in a pickle: only _reconstruct accepts it, so ndarray(huge_shape) cannot run."""
 
     __slots__ = ()
 
 
-def _reconstruct(subtype: object, shape: tuple, code: bytes) -> np.ndarray:
-    # numpy pickles always call _reconstruct(ndarray, (0,), b"b") and fill the array in __setstate__
-    if not isinstance(subtype, _NdarrayToken) or tuple(shape) != (0,) or code != b"b":
+class _SafeArray(np.ndarray):
+    """What _reconstruct builds. __setstate__ takes only plain numeric dtypes and raw bytes that match the
+    shape exactly, so a pickle can neither smuggle object pointers nor make numpy allocate beyond the file."""
+
+    def __setstate__(self, state: tuple) -> None:
+        *_, shape, dtype, fortran, raw = state  # (version, shape, dtype, is_fortran, rawdata), version optional
+        dtype = _plain_dtype(dtype)
+        ok_shape = isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)
+        if not (ok_shape and isinstance(raw, (bytes, bytearray)) and len(raw) == math.prod(shape) * dtype.itemsize):
+            raise DataFormatError("pickled array state does not match its shape and dtype")
+        super().__setstate__((1, shape, dtype, bool(fortran), raw))
+
+
+def _plain_dtype(dt: object) -> np.dtype:
+    """A fresh copy of a plain bool/int/uint/float dtype (pickles may have edited the flags of the one they built)."""
+    if not (isinstance(dt, np.dtype) and dt.kind in "biuf" and dt.fields is None and dt.subdtype is None):
+        raise DataFormatError(f"pickled array has dtype {dt!r}; only plain numeric dtypes are accepted")
+    return np.dtype(dt.str)
+
+
+# The globals numpy pickles of CIFAR batches refer to, each wrapped. They take *args only: a pickle can set
+# attributes on the functions it gets (e.g. __defaults__), so none relies on defaults or mutable state.
+def _pickled_dtype(*args: object) -> np.dtype:  # numpy.dtype(spec, align, copy)
+    spec = args[0].decode("latin1") if isinstance(args[0], bytes) else args[0]
+    if not isinstance(spec, str):
+        raise DataFormatError(f"pickle builds a dtype from {type(spec).__name__}")
+    _plain_dtype(np.dtype(spec))
+    return np.dtype(spec, False, True)  # copy=True: its __setstate__ must never edit numpy's shared dtype
+
+
+def _pickled_reconstruct(*args: object) -> np.ndarray:  # numpy pickles: _reconstruct(ndarray, (0,), b"b")
+    if len(args) != 3 or not isinstance(args[0], _NdarrayToken) or args[1] != (0,) or args[2] != b"b":
         raise DataFormatError("pickle calls numpy's _reconstruct with arguments numpy never writes")
-    return _numpy_attr("numpy._core.multiarray", "_reconstruct")(np.ndarray, (0,), b"b")  # type: ignore[operator]
+    return _SafeArray((0,), dtype=np.uint8)
 
 
-def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
-    # Python 3 protocol <= 2 pickles store bytes as _codecs.encode(str, "latin1")
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise DataFormatError(f"pickle calls _codecs.encode with encoding {encoding!r}")
-    return codecs.encode(text, "latin1")
+def _pickled_frombuffer(*args: object) -> np.ndarray:  # protocol 5: _frombuffer(buf, dtype, shape, order)
+    buf, dtype, shape, order = args[:4]
+    if not isinstance(buf, (bytes, bytearray)) or order not in ("C", "F"):
+        raise DataFormatError("pickle calls numpy's _frombuffer with arguments numpy never writes")
+    return np.frombuffer(buf, dtype=_plain_dtype(dtype)).reshape(shape, order=order)
+
+
+def _pickled_encode(*args: object) -> bytes:  # Python 3 protocol <= 2 writes bytes as _codecs.encode(str, "latin1")
+    if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
+        raise DataFormatError("pickle calls _codecs.encode with arguments a bytes object never needs")
+    return codecs.encode(args[0], "latin1")
 
 
 class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
-    """Unpickler that resolves only the globals a pickled dict of numpy arrays, bytes and lists needs.
+    """Unpickler that resolves only what a pickled dict of numpy arrays, bytes, strings and int lists needs.
 
     Built on the pure-Python unpickler, whose memo is a dict: the C one allocates a table as large as the
     largest memo index in the file, so a 10-byte pickle could ask for gigabytes.
     """
 
     def find_class(self, module: str, name: str) -> object:
-        if (module, name) in (("numpy", "ndarray"),):
+        core = module.replace("numpy._core", "numpy.core")
+        if (core, name) == ("numpy", "ndarray"):
             return _NdarrayToken()
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return _reconstruct
-        if module in ("numpy.core.numeric", "numpy._core.numeric") and name == "_frombuffer":
-            return _numpy_attr(module, name)  # frombuffer + reshape: bounded by the bytes in the file
-        raise DataFormatError(f"pickle refers to {module}.{name}, which a CIFAR batch never needs; refusing to load it")
+        table = {
+            ("numpy", "dtype"): _pickled_dtype,
+            ("numpy.core.multiarray", "_reconstruct"): _pickled_reconstruct,
+            ("numpy.core.numeric", "_frombuffer"): _pickled_frombuffer,
+            ("_codecs", "encode"): _pickled_encode,
+        }
+        if (core, name) not in table:
+            raise DataFormatError(f"pickle refers to {module}.{name}, which a CIFAR batch never needs; refusing it")
+        return table[(core, name)]
