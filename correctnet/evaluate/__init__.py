@@ -1,0 +1,278 @@
+"""Monte-Carlo evaluation: accuracy of a model over N simulated chips.
+
+Seed scheme: chip ``i`` of an evaluation with seed ``s`` is ``seeding.chip_seed(Stream.EVAL, s, i)``; each
+analog layer draws its variations from ``(chip seed, layer name)`` (see :mod:`correctnet.seeding`).
+Same model, data and seed give the same per-chip accuracies; chips used in training come from other
+streams and are never evaluation chips. Evaluation runs in ``eval()`` mode under ``torch.no_grad()``
+and restores the model's previous train/eval mode and analog mode afterwards, even on error.
+
+:func:`evaluate_checkpoint` re-runs the evaluation recorded in a checkpoint (same test split, same chips,
+optionally other variation models); ``python -m correctnet.evaluate`` is its command line.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..analog import chip, nominal, set_variation
+from ..checkpoint import load_checkpoint, versions
+from ..data import load_dataset
+from ..errors import ConfigError
+from ..seeding import Stream, chip_seed
+from ..variation import VariationModel, make_variation
+
+Data = TensorDataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
+
+
+def iter_batches(data: Data, batch_size: int, device: torch.device | str | None = None, *,
+                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(x, y)`` batches; tensors are sliced directly (no per-sample collation).
+
+    With ``generator`` the order is shuffled by ``torch.randperm(n, generator=generator)``.
+    """
+    if isinstance(data, DataLoader):
+        for x, y in data:
+            yield x.to(device) if device else x, y.to(device) if device else y
+        return
+    x, y = data.tensors if isinstance(data, TensorDataset) else data
+    n = len(x)
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    for i in range(0, n, batch_size):
+        if order is None:
+            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+        else:
+            idx = order[i:i + batch_size]
+            xb, yb = x[idx], y[idx]
+        yield (xb.to(device), yb.to(device)) if device else (xb, yb)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model.eval()`` under ``torch.no_grad()``, the previous train flags restored on exit."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, t in flags.items():
+            m.training = t
+
+
+def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    correct = total = 0
+    for x, y in batches:
+        correct += (model(x).argmax(1) == y).sum().item()
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def accuracy(model: nn.Module, data: Data, *, batch_size: int = 1000) -> float:
+    """Accuracy (fraction in [0, 1]) of ``model`` as it is now (its current analog mode)."""
+    with eval_mode(model):
+        return _accuracy(model, list(iter_batches(data, batch_size, model_device(model))))
+
+
+def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int = 1000) -> float:
+    """Accuracy without any variation (nominal weights)."""
+    with nominal(model):
+        return accuracy(model, data, batch_size=batch_size)
+
+
+@dataclass
+class MCResult:
+    """Per-chip accuracies of a Monte-Carlo evaluation and their summary statistics (fractions)."""
+
+    accuracies: list[float]
+    seed: int
+    chip_seeds: list[int] = field(default_factory=list)
+
+    @property
+    def n_chips(self) -> int:
+        return len(self.accuracies)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.accuracies))
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation over chips (ddof=1; 0 for one chip)."""
+        return float(np.std(self.accuracies, ddof=1)) if self.n_chips > 1 else 0.0
+
+    @property
+    def sem(self) -> float:
+        """Standard error of the mean accuracy."""
+        return self.std / math.sqrt(self.n_chips)
+
+    @property
+    def min(self) -> float:
+        return float(np.min(self.accuracies))
+
+    @property
+    def p5(self) -> float:
+        """5th percentile over chips (numpy's linear interpolation)."""
+        return float(np.percentile(self.accuracies, 5))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_chips": self.n_chips, "mean": self.mean, "std": self.std, "min": self.min, "p5": self.p5,
+                "accuracies": list(self.accuracies), "seed": self.seed}
+
+    def summary(self) -> str:
+        return (f"mean {100 * self.mean:.2f}% ± {100 * self.std:.2f} (std over {self.n_chips} chips), "
+                f"p5 {100 * self.p5:.2f}%, min {100 * self.min:.2f}%")
+
+
+def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int = 1000,
+                stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips") -> MCResult:
+    """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips.
+
+    The model must have analog layers (:func:`correctnet.analogize`). Data is moved to the model's
+    device once; chips are programmed one after another.
+    """
+    if n_chips < 1:
+        raise ValueError(f"n_chips must be >= 1, got {n_chips}")
+    batches = list(iter_batches(data, batch_size, model_device(model)))
+    seeds = [chip_seed(stream, seed, i) for i in range(n_chips)]
+    accs: list[float] = []
+    bar = tqdm(seeds, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    with eval_mode(model):
+        for s in bar:
+            with chip(model, s):
+                accs.append(_accuracy(model, batches))
+            bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+    return MCResult(accuracies=accs, seed=seed, chip_seeds=seeds)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def format_summary(model: str, dataset: str, variation: Mapping[str, Any] | None,
+                   rows: Sequence[tuple[str, float, Mapping[str, Any]]], *, label: str = "stage") -> str:
+    """The summary table printed by train and evaluate, accuracies in percent.
+
+    One row per ``(name, clean accuracy, MCResult.to_dict())``. ``variation`` (``VariationModel.to_dict()``)
+    goes in the title; pass None when the rows are different variation models.
+    """
+    title = f"correctnet: {model} on {dataset}"
+    if variation is not None:
+        title += f", {variation['name']} variation sigma={variation['sigma']:g}"
+    w = max([14] + [len(name) + 2 for name, _, _ in rows])
+    lines = [title, f"  {label:<{w}}{'clean':>8}{'mean':>9}{'std':>7}{'p5':>8}{'min':>8}  chips"]
+    for name, clean, mc in rows:
+        lines.append(f"  {name:<{w}}{100 * clean:>7.2f}%{100 * mc['mean']:>8.2f}%{100 * mc['std']:>7.2f}"
+                     f"{100 * mc['p5']:>7.2f}%{100 * mc['min']:>7.2f}%  {mc['n_chips']}")
+    return "\n".join(lines)
+
+
+def evaluate_command(checkpoint_path: str | os.PathLike) -> str:
+    """The shell command that re-runs the Monte-Carlo evaluation of ``checkpoint_path`` (absolute path)."""
+    python = sys.executable or "python"
+    found = shutil.which("python")
+    # plain "python" only when it is this interpreter, so the command works when pasted as it is
+    if found and os.path.abspath(os.path.dirname(found)) == os.path.abspath(os.path.dirname(python)):
+        python = "python"
+    return f"{shlex.quote(python)} -m correctnet.evaluate {shlex.quote(f'checkpoint={os.path.abspath(checkpoint_path)}')}"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; anything else must name an available device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but CUDA is not available here; use device=auto or cpu")
+    return dev
+
+
+def _exported(meta: Mapping[str, Any], stage: str) -> dict[str, Any] | None:
+    """The exported metrics of ``stage`` (``meta["metrics"]["stages"][stage]``) if well-formed, else None."""
+    metrics = meta.get("metrics")
+    stages = metrics.get("stages") if isinstance(metrics, dict) else None
+    s = stages.get(stage) if isinstance(stages, dict) else None
+    return s if isinstance(s, dict) and isinstance(s.get("mc"), dict) else None
+
+
+def evaluate_checkpoint(path: str | os.PathLike, *,
+                        variations: Sequence[VariationModel | Mapping[str, Any]] | None = None,
+                        n_chips: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                        dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
+                        progress: bool = False) -> dict[str, Any]:
+    """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
+
+    Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
+    batch_size) and its ``config.dataset`` + ``config.seed`` (so the split and normalisation are the
+    training run's). ``variations`` evaluates other variation models instead, one result each: models,
+    or dicts merged onto the stored ``VariationModel.to_dict()`` (a sigma sweep: ``[{"sigma": 0.3},
+    {"sigma": 0.5}]``). ``dataset`` overrides ``name``, ``root``, ``val_fraction`` or ``seed`` (the split seed).
+    A result whose settings equal the exported ones has ``reproduces_export``: whether clean and
+    per-chip accuracies are identical to ``meta["metrics"]``; otherwise it is None.
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(path, device=dev)
+    cfg = meta.get("config") or {}
+    ev = {"n_chips": 100, "seed": 0, "batch_size": 1000, **(cfg.get("evaluation") or {})}
+    ev.update({k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size)) if v is not None})
+    for key, low in (("n_chips", 1), ("seed", 0), ("batch_size", 1)):
+        v = ev[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ConfigError(f"evaluation.{key} must be an integer >= {low}, got {v!r}")
+    ds = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed"),
+          **{k: v for k, v in (cfg.get("dataset") or {}).items() if k in ("name", "root", "val_fraction")},
+          **(dataset or {})}
+    unknown = set(ds) - {"name", "root", "val_fraction", "seed"}
+    if unknown:
+        raise ConfigError(f"unknown dataset settings {sorted(unknown)}; accepted: name, root, val_fraction, seed")
+    lacking = [k for k in ("name", "val_fraction", "seed") if ds[k] is None]
+    if lacking:  # guessing would silently give another split or normalisation
+        raise ConfigError(f"{path} does not record its dataset settings {lacking}; pass "
+                          + " ".join(f"{'seed' if k == 'seed' else 'dataset.' + k}=..." for k in lacking))
+    stored_var = meta["variation"]
+    models = [v if isinstance(v, VariationModel) else make_variation(**{**stored_var, **v})
+              for v in (variations if variations is not None else [{}])]
+    data = load_dataset(ds["name"], ds["root"], val_fraction=ds["val_fraction"], seed=ds["seed"])
+    spec = meta["model"]
+    if list(data.input_shape) != list(spec["input_shape"]) or data.num_classes != spec["num_classes"]:
+        raise ConfigError(f"dataset {data.name!r} has inputs {list(data.input_shape)} and {data.num_classes} classes; "
+                          f"the checkpoint's model expects {spec['input_shape']} and {spec['num_classes']}")
+
+    stage = meta.get("stage", "model")
+    exported = _exported(meta, stage)
+    clean = clean_accuracy(model, data.test, batch_size=ev["batch_size"])
+    results = []
+    for v in models:
+        set_variation(model, v)
+        mc = monte_carlo(model, data.test, n_chips=ev["n_chips"], seed=ev["seed"], batch_size=ev["batch_size"],
+                         progress=progress, desc=f"{v.name} {v.sigma:g}")
+        same = None
+        if exported and v.to_dict() == stored_var and (exported["mc"].get("seed"), exported["mc"].get("n_chips")) \
+                == (ev["seed"], ev["n_chips"]):
+            same = clean == exported.get("clean_accuracy") and mc.accuracies == exported["mc"].get("accuracies")
+        results.append({"variation": v.to_dict(), "mc": mc.to_dict(), "chip_seeds": mc.chip_seeds,
+                        "reproduces_export": same})
+    return {"checkpoint": os.path.abspath(path), "model": spec["name"], "dataset": data.name, "stage": stage,
+            "clean_accuracy": clean, "results": results, "evaluation": ev, "dataset_settings": ds,
+            "device": str(dev), "versions": {"exported": meta.get("versions", {}), "evaluated": versions()},
+            "seconds": time.perf_counter() - t0}

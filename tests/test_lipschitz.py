@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+import correctnet as cn
+from correctnet.lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants, operator_norm
+from correctnet.training import TrainConfig, train
+
+
+def conv_matrix(conv: nn.Conv2d, shape):
+    """The explicit matrix of the conv operator (bias excluded) on inputs of ``shape``."""
+    n = int(torch.tensor(shape).prod())
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    with torch.no_grad():
+        out = conv._conv_forward(basis, conv.weight.double(), None)
+    return out.reshape(n, -1).T
+
+
+def test_linear_constant_is_the_matrix_2_norm():
+    lin = nn.Linear(37, 23)
+    assert operator_norm(lin) == pytest.approx(torch.linalg.matrix_norm(lin.weight.double(), 2).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (1, 1), (2, 1), (2, 0)])
+def test_conv_constant_matches_the_explicit_operator(stride, padding):
+    torch.manual_seed(stride * 10 + padding)
+    conv = nn.Conv2d(3, 4, 3, stride=stride, padding=padding)
+    shape = (3, 7, 7)
+    exact = torch.linalg.svdvals(conv_matrix(conv, shape))[0].item()
+    assert operator_norm(conv, shape) == pytest.approx(exact, rel=1e-3)
+    # the kernel-matrix norm is a different (wrong) quantity for conv: the operator norm is what we report
+    assert operator_norm(conv, shape) != pytest.approx(torch.linalg.matrix_norm(conv.weight.reshape(4, -1).double(), 2).item(), rel=1e-3)
+
+
+def test_constants_of_a_model_and_input_shapes():
+    model = cn.analogize(cn.build_model("lenet5", (1, 8, 8), 10), cn.LogNormal(0.5))
+    x = torch.randn(3, 1, 8, 8)
+    assert input_shapes(model, x) == {"conv1": (1, 8, 8), "conv2": (6, 4, 4), "fc1": (64,), "fc2": (120,), "fc3": (84,)}
+    consts = lipschitz_constants(model, x)
+    assert list(consts) == ["conv1", "conv2", "fc1", "fc2", "fc3"] and all(c > 0 for c in consts.values())
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "spectral"])
+def test_regularizer_gradient_reaches_the_weights(kind):
+    model = cn.analogize(cn.build_model("lenet5", (1, 8, 8), 10), cn.LogNormal(0.5))
+    reg = LipschitzRegularizer(kind, strength=1.0, target=0.1, input_shapes=input_shapes(model, torch.randn(1, 1, 8, 8)))
+    reg(model).backward()
+    for name, layer in cn.analog_layers(model).items():
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
+
+
+def test_orthogonal_penalty_is_zero_for_orthogonal_rows():
+    lin = nn.Linear(8, 4, bias=False)
+    q, _ = torch.linalg.qr(torch.randn(8, 4))
+    lin.weight.data = q.T.contiguous() * 2.0  # rows orthogonal, squared norm 4
+    model = cn.analogize(nn.Sequential(lin), cn.LogNormal(0.1))
+    assert LipschitzRegularizer("orthogonal", strength=1.0, target=4.0)(model).item() == pytest.approx(0, abs=1e-10)
+
+
+def test_bad_regularizer_settings():
+    with pytest.raises(cn.ConfigError, match="kind"):
+        LipschitzRegularizer("frobenius")
+    with pytest.raises(cn.ConfigError, match="strength"):
+        LipschitzRegularizer(strength=-1)
+
+
+def _digits_run(reg_kind=None):
+    from correctnet.data import load_dataset
+    data = load_dataset("digits", seed=0)
+    torch.manual_seed(0)
+    model = cn.analogize(cn.build_model("lenet5", data.input_shape, 10), cn.LogNormal(0.5))
+    reg = None
+    if reg_kind:
+        reg = LipschitzRegularizer(reg_kind, strength=0.5, target=0.25 if reg_kind == "orthogonal" else 1.0,
+                                   input_shapes=input_shapes(model, data.train.tensors[0][:1]))
+    train(model, data.train, None, TrainConfig(epochs=4, lr=3e-3), regularizer=reg, progress=False)
+    return model, data
+
+
+@pytest.mark.parametrize("kind", ["orthogonal", "spectral"])
+def test_training_with_the_regularizer_lowers_the_measured_constants(kind):
+    plain, data = _digits_run()
+    reg, _ = _digits_run(kind)
+    x = data.train.tensors[0][:1]
+    a, b = lipschitz_constants(plain, x), lipschitz_constants(reg, x)
+    assert max(b.values()) < max(a.values())
+    assert sum(b.values()) < sum(a.values())
+
+
+def test_error_profile_is_reproducible_and_grows_with_sigma():
+    model = cn.analogize(cn.build_model("lenet5", (1, 8, 8), 10), cn.LogNormal(0.2))
+    x = torch.randn(32, 1, 8, 8)
+    p1 = error_profile(model, x, n_chips=5, seed=1)
+    assert list(p1) == ["conv1", "conv2", "fc1", "fc2", "fc3", "output"]
+    assert p1 == error_profile(model, x, n_chips=5, seed=1)
+    cn.set_variation(model, cn.LogNormal(0.6))
+    p2 = error_profile(model, x, n_chips=5, seed=1)
+    assert all(p2[k]["mean"] > p1[k]["mean"] for k in p1)
