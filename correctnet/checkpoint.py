@@ -65,7 +65,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, overwr
     tmp = _create_temp(path)
     try:
         write(str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
+        fd = os.open(tmp, os.O_RDWR)
         try:
             os.fsync(fd)  # data on disk before the rename makes it visible
         finally:
@@ -118,7 +118,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        h.update(t.detach().reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 
@@ -140,8 +140,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     layers = list(analog_layers(model))
     if not layers:
         raise CheckpointError(f"{type(model).__name__} has no analog layers; analogize it before saving")
-    meta = {**meta, "versions": {**meta.get("versions", {}), **versions()},
-            "analog": {"include": None, "exclude": [], **meta.get("analog", {}), "layers": layers}}
+    meta = {**meta, "versions": {**(meta.get("versions") or {}), **versions()},
+            "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers}}
     try:
         meta_json = json.dumps(meta)
     except (TypeError, ValueError) as e:
@@ -161,21 +161,21 @@ def _read_header(path: Path) -> dict[str, Any]:
     """The safetensors JSON header of ``path``, after checks that need no large allocation."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-            kind = "a zip archive (torch.save)" if head[:1] == b"P" else "a Python pickle (torch.save)"
-            raise CheckpointError(f"{path} is not a correctnet safetensors checkpoint: it is {kind}. correctnet "
-                                  f"never unpickles files (unpickling can run arbitrary code); export models "
-                                  f"with correctnet.save_checkpoint")
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is not a correctnet safetensors checkpoint: only {size} bytes long")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{path} is not a correctnet safetensors checkpoint (header length field {n} "
-                                  f"is not plausible)")
+        head = f.read(9)
+        n = int.from_bytes(head[:8], "little")  # bounded before anything more is read or allocated
+        if len(head) < 9 or head[8:] != b"{" or not 2 <= n <= MAX_HEADER_BYTES:
+            if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+                kind = "a zip archive (torch.save)" if head[:1] == b"P" else "a Python pickle (torch.save)"
+                raise CheckpointError(f"{path} is not a correctnet safetensors checkpoint: it is {kind}. correctnet "
+                                      f"never unpickles files (unpickling can run arbitrary code); export models "
+                                      f"with correctnet.save_checkpoint")
+            if len(head) < 9:
+                raise CheckpointError(f"{path} is not a correctnet safetensors checkpoint: only {size} bytes long")
+            raise CheckpointError(f"{path} is not a correctnet safetensors checkpoint (it does not start with "
+                                  f"a safetensors header)")
         if 8 + n > size:
             raise CheckpointError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
-        raw = f.read(n)
+        raw = b"{" + f.read(n - 1)
     try:
         header = json.loads(raw)
         end = max([8 + n] + [8 + n + int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"])
@@ -212,7 +212,8 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     header = _read_header(path)
-    stored = header.get("__metadata__") or {}
+    stored = header.get("__metadata__")
+    stored = stored if isinstance(stored, dict) else {}
     fmt = stored.get("correctnet_format")
     if fmt is None:
         raise CheckpointError(f"{path} is a safetensors file but not a correctnet checkpoint (no correctnet_format "

@@ -18,14 +18,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import __version__
 from .analog import analogize, set_variation
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import atomic_write, save_checkpoint, versions
 from .data import load_dataset
 from .errors import ConfigError, CorrectNetError
-from .evaluate import clean_accuracy, monte_carlo
+from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
+from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import build_model
-from .training import TrainConfig, resolve_device, train
+from .plots import plot_layer_profile
+from .evaluate import resolve_device
+from .training import TrainConfig, train
 from .variation import make_variation
 
 log = logging.getLogger("correctnet")
@@ -40,15 +42,26 @@ def _variation(cfg: DictConfig, sigma: Any = None):
     return make_variation(name, **params)
 
 
-def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any]:
+def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
     params = OmegaConf.to_container(cfg.training, resolve=True)
     assert isinstance(params, dict)
     noise_sigma = params.pop("noise_sigma", None)
+    lipschitz = params.pop("lipschitz", None) or {"strength": 0.0}
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(params) - known
     if unknown:
-        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: {sorted(known | {'noise_sigma'})}")
-    return TrainConfig(seed=cfg.seed, **params), noise_sigma
+        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: {sorted(known | {'noise_sigma', 'lipschitz'})}")
+    return TrainConfig(seed=cfg.seed, **params), noise_sigma, lipschitz
+
+
+def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | None:
+    """The configured regularizer (validated), or None when its strength is 0."""
+    unknown = set(params) - {"kind", "strength", "target"}
+    if unknown:
+        raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: kind, strength, target")
+    reg = LipschitzRegularizer(params.get("kind", "orthogonal"), params.get("strength", 0.0), params.get("target", 1.0),
+                               seed=seed)
+    return reg if reg.strength > 0 else None
 
 
 def _positive_int(cfg: DictConfig, key: str) -> int:
@@ -58,20 +71,18 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
     return v
 
 
-def versions() -> dict[str, str]:
-    return {"correctnet": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
-
-
 def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the pipeline described by ``cfg``, writing the checkpoint and ``metrics.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     # validate everything before any work starts
     variation = _variation(cfg)
-    tcfg, noise_sigma = _train_config(cfg)
+    tcfg, noise_sigma, lip_params = _train_config(cfg)
+    regularizer = _regularizer(lip_params, cfg.seed)
     train_variation = _variation(cfg, noise_sigma) if noise_sigma is not None else variation
     n_chips = _positive_int(cfg, "evaluation.n_chips")
+    profile_chips = _positive_int(cfg, "evaluation.profile_chips")
+    profile_samples = _positive_int(cfg, "evaluation.profile_samples")
     eval_batch = _positive_int(cfg, "evaluation.batch_size")
     eval_seed = cfg.evaluation.seed
     if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
@@ -91,9 +102,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_name, data.name,
              len(data.train), len(data.val), len(data.test), n_params, device)
 
-    stage = "noise_aware" if tcfg.noise_aware else "baseline"
+    if regularizer is not None:  # conv layers need their input shapes for the spectral form
+        regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(device))
+    stage = "suppressed" if regularizer else "noise_aware" if tcfg.noise_aware else "baseline"
     t0 = time.perf_counter()
-    history = train(model, data.train, data.val, tcfg, progress=progress, stage=stage)
+    history = train(model, data.train, data.val, tcfg, regularizer=regularizer, progress=progress, stage=stage)
     train_seconds = time.perf_counter() - t0
     set_variation(model, variation)
 
@@ -101,8 +114,13 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     clean = clean_accuracy(model, data.test, batch_size=eval_batch)
     mc = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress)
     eval_seconds = time.perf_counter() - t0
+    lipschitz = lipschitz_constants(model, data.test.tensors[0][:1].to(device))
+    profile = error_profile(model, data.test.tensors[0][:profile_samples], n_chips=profile_chips, seed=eval_seed)
+    plot = plot_layer_profile(lipschitz, profile, out_dir / f"layer_profile_{stage}.png",
+                              title=f"{model_name} on {data.name}, {stage}, {variation.name} sigma={variation.sigma:g}")
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     metrics: dict[str, Any] = {
         "dataset": data.name,
         "model": model_name,
@@ -110,35 +128,36 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "stages": {stage: {"clean_accuracy": clean, "mc": mc.to_dict(),
                            "training": {"noise_aware": tcfg.noise_aware,
                                         "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
+                                        "lipschitz": lip_params if regularizer else None,
                                         "epochs": tcfg.epochs, "seconds": train_seconds, "history": history},
-                           "eval_seconds": eval_seconds}},
+                           "eval_seconds": eval_seconds,
+                           "lipschitz": lipschitz,
+                           "error_profile": {"n_chips": profile_chips, "n_samples": profile_samples,
+                                             "seed": eval_seed, "relative_error": profile},
+                           "plot": plot.name}},
         "config": resolved,
-        "versions": versions(),
+        "versions": vers,
         "device": str(device),
         "seconds": time.perf_counter() - t_start,
     }
     meta = {"model": {"name": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
                       "kwargs": model_kwargs},
             "variation": variation.to_dict(), "analog": {"include": include, "exclude": list(cfg.analog.exclude)},
-            "dataset": data.name, "stage": stage, "config": resolved, "versions": versions()}
-    ckpt = save_checkpoint(out_dir / cfg.checkpoint.name, model, meta, overwrite=True)
-    metrics["checkpoint"] = str(ckpt)
+            "dataset": data.name, "stage": stage, "config": resolved, "versions": vers}
+    metrics["checkpoint"] = str(out_dir / cfg.checkpoint.name)
+    meta["metrics"] = metrics
+    save_checkpoint(out_dir / cfg.checkpoint.name, model, meta, overwrite=True)
     atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)), overwrite=True)
     _print_summary(metrics, out_dir)
     return metrics
 
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
-    v = metrics["variation"]
-    lines = [f"\ncorrectnet: {metrics['model']} on {metrics['dataset']}, {v['name']} variation sigma={v['sigma']:g}"]
-    lines.append(f"  {'stage':<14}{'clean':>8}{'mean':>9}{'std':>7}{'p5':>8}{'min':>8}  chips")
-    for name, s in metrics["stages"].items():
-        mc = s["mc"]
-        lines.append(f"  {name:<14}{100 * s['clean_accuracy']:>7.2f}%{100 * mc['mean']:>8.2f}%{100 * mc['std']:>7.2f}"
-                     f"{100 * mc['p5']:>7.2f}%{100 * mc['min']:>7.2f}%  {mc['n_chips']}")
-    lines.append(f"  checkpoint: {metrics['checkpoint']}")
-    lines.append(f"  metrics:    {out_dir / 'metrics.json'}   ({metrics['seconds']:.1f} s)")
-    print("\n".join(lines), flush=True)
+    rows = [(name, s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
+    print("\n" + format_summary(metrics["model"], metrics["dataset"], metrics["variation"], rows)
+          + f"\n  checkpoint:  {metrics['checkpoint']}"
+          + f"\n  metrics:     {out_dir / 'metrics.json'}   ({metrics['seconds']:.1f} s)"
+          + f"\n  re-evaluate: {evaluate_command(metrics['checkpoint'])}", flush=True)
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

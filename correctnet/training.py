@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError
-from .evaluate import Data, clean_accuracy, iter_batches
+from .evaluate import Data, clean_accuracy, iter_batches, resolve_device  # noqa: F401 (re-exported)
 from .seeding import Stream, chip_seed
 
 log = logging.getLogger(__name__)
@@ -67,19 +67,6 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
         need(isinstance(self.noise_aware, bool), "noise_aware", "true or false")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use device=auto or cpu")
-    return dev
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import correctnet as cn
 from correctnet.data import load_dataset

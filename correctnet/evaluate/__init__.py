@@ -206,11 +206,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def _section(d: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``d[key]`` if it is a dict, else ``{}`` (metadata read from a file may be malformed)."""
+    v = d.get(key)
+    return v if isinstance(v, dict) else {}
+
+
 def _exported(meta: Mapping[str, Any], stage: str) -> dict[str, Any] | None:
     """The exported metrics of ``stage`` (``meta["metrics"]["stages"][stage]``) if well-formed, else None."""
-    metrics = meta.get("metrics")
-    stages = metrics.get("stages") if isinstance(metrics, dict) else None
-    s = stages.get(stage) if isinstance(stages, dict) else None
+    s = _section(_section(meta, "metrics"), "stages").get(stage)
     return s if isinstance(s, dict) and isinstance(s.get("mc"), dict) else None
 
 
@@ -232,16 +236,17 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
-    cfg = meta.get("config") or {}
-    ev = {"n_chips": 100, "seed": 0, "batch_size": 1000, **(cfg.get("evaluation") or {})}
+    cfg = _section(meta, "config")
+    ev = {"n_chips": 100, "seed": 0, "batch_size": 1000}
+    ev.update({k: v for k, v in _section(cfg, "evaluation").items() if k in ev})
     ev.update({k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size)) if v is not None})
     for key, low in (("n_chips", 1), ("seed", 0), ("batch_size", 1)):
         v = ev[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"evaluation.{key} must be an integer >= {low}, got {v!r}")
-    ds = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed"),
-          **{k: v for k, v in (cfg.get("dataset") or {}).items() if k in ("name", "root", "val_fraction")},
-          **(dataset or {})}
+    ds = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed")}
+    ds.update({k: v for k, v in _section(cfg, "dataset").items() if k in ("name", "root", "val_fraction")})
+    ds.update(dataset or {})
     unknown = set(ds) - {"name", "root", "val_fraction", "seed"}
     if unknown:
         raise ConfigError(f"unknown dataset settings {sorted(unknown)}; accepted: name, root, val_fraction, seed")
@@ -274,5 +279,6 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         "reproduces_export": same})
     return {"checkpoint": os.path.abspath(path), "model": spec["name"], "dataset": data.name, "stage": stage,
             "clean_accuracy": clean, "results": results, "evaluation": ev, "dataset_settings": ds,
-            "device": str(dev), "versions": {"exported": meta.get("versions", {}), "evaluated": versions()},
+            "device": str(dev), "exported_device": _section(meta, "metrics").get("device"),
+            "versions": {"exported": _section(meta, "versions"), "evaluated": versions()},
             "seconds": time.perf_counter() - t0}
