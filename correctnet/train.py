@@ -56,11 +56,11 @@ def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
 
 def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | None:
     """The configured regularizer (validated), or None when its strength is 0."""
-    unknown = set(params) - {"kind", "strength", "target"}
+    unknown = set(params) - {"kind", "strength", "target", "samples"}
     if unknown:
-        raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: kind, strength, target")
-    reg = LipschitzRegularizer(params.get("kind", "orthogonal"), params.get("strength", 0.0), params.get("target", 1.0),
-                               seed=seed)
+        raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: kind, strength, target, samples")
+    reg = LipschitzRegularizer(params.get("kind", "relative"), params.get("strength", 0.0), params.get("target"),
+                               seed=seed, samples=params.get("samples", 16))
     return reg if reg.strength > 0 else None
 
 

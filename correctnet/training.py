@@ -6,6 +6,7 @@ the perturbed ones. Validation accuracy is measured on the nominal weights.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -114,7 +115,12 @@ def train(
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
     ctx = noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, 0)) if cfg.noise_aware else nominal(model)
-    with ctx:
+    attach = getattr(regularizer, "attach", None)
+    if attach is not None:
+        attach(model)
+    with ctx, contextlib.ExitStack() as cleanup:
+        if attach is not None:
+            cleanup.callback(regularizer.detach)  # type: ignore[union-attr]
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0

@@ -40,10 +40,14 @@ def test_constants_of_a_model_and_input_shapes():
     assert list(consts) == ["conv1", "conv2", "fc1", "fc2", "fc3"] and all(c > 0 for c in consts.values())
 
 
-@pytest.mark.parametrize("kind", ["orthogonal", "spectral"])
+@pytest.mark.parametrize("kind", ["relative", "orthogonal", "spectral"])
 def test_regularizer_gradient_reaches_the_weights(kind):
     model = cn.analogize(cn.build_model("lenet5", (1, 8, 8), 10), cn.LogNormal(0.5))
-    reg = LipschitzRegularizer(kind, strength=1.0, target=0.1, input_shapes=input_shapes(model, torch.randn(1, 1, 8, 8)))
+    reg = LipschitzRegularizer(kind, strength=1.0, target=0.0 if kind == "relative" else 0.1,
+                               input_shapes=input_shapes(model, torch.randn(1, 1, 8, 8)))
+    reg.attach(model)
+    model.train()
+    model(torch.randn(4, 1, 8, 8))
     reg(model).backward()
     for name, layer in cn.analog_layers(model).items():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
@@ -55,6 +59,48 @@ def test_orthogonal_penalty_is_zero_for_orthogonal_rows():
     lin.weight.data = q.T.contiguous() * 2.0  # rows orthogonal, squared norm 4
     model = cn.analogize(nn.Sequential(lin), cn.LogNormal(0.1))
     assert LipschitzRegularizer("orthogonal", strength=1.0, target=4.0)(model).item() == pytest.approx(0, abs=1e-10)
+
+
+def test_relative_penalty_matches_its_formula_on_a_linear_layer():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    model = cn.analogize(nn.Sequential(lin), cn.LogNormal(0.1))
+    reg = LipschitzRegularizer("relative", strength=2.0)
+    reg.attach(model)
+    x = torch.randn(4, 5)
+    y = model.train()(x)
+    got = reg(model).item()
+    w = lin.weight.detach()
+    expected = 2.0 * ((x.square() @ w.square().T).sum(1) / y.detach().square().sum(1)).mean().item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(RuntimeError, match="attach"):
+        reg(model)  # terms are consumed: no forward, no penalty
+    reg.detach()
+    with torch.no_grad():
+        model(x)
+    assert not reg._terms
+
+
+def test_relative_penalty_predicts_the_injected_error():
+    """r_l * Var(e^theta) is the expected squared relative error a layer injects (first layer: exact input)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(50, 20, bias=False)
+    model = cn.analogize(nn.Sequential(lin), cn.LogNormal(0.3))
+    reg = LipschitzRegularizer("relative", strength=1.0)
+    reg.attach(model)
+    x = torch.randn(1, 50)
+    model(x)
+    r = reg(model).item()
+    var = (torch.exp(torch.tensor(0.3 ** 2)) - 1) * torch.exp(torch.tensor(0.3 ** 2))  # Var(e^theta)
+    with torch.no_grad():
+        y = model(x)
+        errs = []
+        for i in range(400):
+            with cn.chip(model, i):
+                errs.append(((model(x) - y).square().sum() / y.square().sum()).item())
+    mean_dev = torch.exp(torch.tensor(0.3 ** 2 / 2)) - 1  # E[e^theta] - 1 adds a deterministic part
+    expected = r * var.item() + mean_dev.item() ** 2
+    assert sum(errs) / len(errs) == pytest.approx(expected, rel=0.15)
 
 
 def test_bad_regularizer_settings():

@@ -46,6 +46,17 @@ def test_noise_aware_training_reports_its_stage(tmp_path):
     assert stage["training"]["noise_variation"] == {"name": "lognormal", "sigma": 0.3}
 
 
+def test_suppression_stage_reports_constants_profile_and_plot(tmp_path):
+    r = run_cli(*FAST, "training=lipschitz_noise_aware", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    stage = json.loads((tmp_path / "metrics.json").read_text())["stages"]["suppressed"]
+    assert stage["training"]["lipschitz"]["kind"] == "relative" and stage["training"]["noise_aware"]
+    layers = ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert list(stage["lipschitz"]) == layers and all(v > 0 for v in stage["lipschitz"].values())
+    assert list(stage["error_profile"]["relative_error"]) == layers + ["output"]
+    assert (tmp_path / stage["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_multirun_sweeps_sigma(tmp_path):
     r = run_cli("-m", "variation.sigma=0.1,0.5", "training.epochs=1", "evaluation.n_chips=2", "progress=false",
                 f"hydra.sweep.dir={tmp_path}")
@@ -63,6 +74,8 @@ def test_multirun_sweeps_sigma(tmp_path):
     (["dataset=fashion_mnist", "dataset.root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
     (["training.epochs=0"], "training.epochs"),
     (["evaluation.n_chips=0"], "evaluation.n_chips"),
+    (["training=lipschitz", "training.lipschitz.kind=frobenius"], "training.lipschitz.kind"),
+    (["training=lipschitz", "training.lipschitz.strength=-1"], "training.lipschitz.strength"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needle):
     r = run_cli(*FAST, *args, f"hydra.run.dir={tmp_path}")
