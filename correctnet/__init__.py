@@ -3,16 +3,18 @@ __version__ = "0.1.0"
 
 from .analog import (AnalogLayer, analog_layers, analogize, chip, digitize, noise_aware, nominal,  # noqa: E402
                      program_chip, set_noise_aware, set_nominal, set_variation)
-from .checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from .errors import ConfigError, CorrectNetError, DataFormatError, DataNotFoundError  # noqa: E402
-from .evaluate import MCResult, accuracy, clean_accuracy, monte_carlo  # noqa: E402
+from .evaluate import MCResult, accuracy, clean_accuracy, evaluate_checkpoint, monte_carlo  # noqa: E402
+from .lipschitz import LipschitzRegularizer, error_profile, lipschitz_constants  # noqa: E402
 from .models import build_model  # noqa: E402
 from .seeding import Stream, chip_seed  # noqa: E402
 from .variation import Gaussian, LogNormal, VariationModel, make_variation  # noqa: E402
 
 __all__ = [
     "AnalogLayer", "analog_layers", "analogize", "chip", "digitize", "noise_aware", "nominal", "program_chip",
-    "set_noise_aware", "set_nominal", "set_variation", "load_checkpoint", "save_checkpoint", "ConfigError",
+    "set_noise_aware", "set_nominal", "set_variation", "CheckpointError", "load_checkpoint", "save_checkpoint",
+    "evaluate_checkpoint", "LipschitzRegularizer", "error_profile", "lipschitz_constants", "ConfigError",
     "CorrectNetError", "DataFormatError", "DataNotFoundError", "MCResult", "accuracy", "clean_accuracy",
     "monte_carlo", "build_model", "Stream", "chip_seed", "Gaussian", "LogNormal", "VariationModel",
     "make_variation",

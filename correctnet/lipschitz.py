@@ -192,7 +192,8 @@ class LipschitzRegularizer:
         k = self.samples  # a fixed slice of the batch estimates the batch mean at a fraction of the cost
         x, w2 = inputs[0][:k].square(), layer.weight.square()
         spread = F.linear(x, w2) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w2, None)
-        ratio = spread.flatten(1).sum(1) / (output[:k].flatten(1).square().sum(1) + 1e-12)
+        out = output[:k].clone()  # the next op may be an in-place ReLU that would overwrite the saved output
+        ratio = spread.flatten(1).sum(1) / (out.flatten(1).square().sum(1) + 1e-12)
         self._terms.append(F.relu(ratio - self.target).mean())
 
     def penalty(self, name: str, layer: AnalogLayer) -> torch.Tensor:

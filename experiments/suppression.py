@@ -6,7 +6,7 @@ method), the per-layer Lipschitz constants, and the error-amplification profile 
 layer's output, and of the logits, under the same chips at sigma 0.5).
 
     python experiments/suppression.py --model lenet5
-    python experiments/suppression.py --model vgg11 --width 0.25 --epochs 8
+    python experiments/suppression.py --model vgg11 --width 0.25 --epochs 3 --batch-size 128 --test-samples 2000
 
 Results are appended per method to ``--out`` (JSON) as they finish, so an interrupted run resumes with
 the methods it has not done; the Markdown table is printed and written next to it.
@@ -14,6 +14,7 @@ the methods it has not done; the Markdown table is printed and written next to i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import TensorDataset
 
 import correctnet as cn
 from correctnet.data import load_dataset
@@ -89,20 +91,28 @@ def main() -> None:
     p.add_argument("--sigmas", nargs="+", type=float, default=[0.3, 0.5, 0.8])
     p.add_argument("--train-sigma", type=float, default=0.5, help="sigma of noise-aware training")
     p.add_argument("--chips", type=int, default=100)
+    p.add_argument("--test-samples", type=int, default=None,
+                   help="evaluate on the first N test images only (to afford large models on CPU)")
     p.add_argument("--eval-seed", type=int, default=0)
     p.add_argument("--lip-kind", default="relative")
     p.add_argument("--lip-strength", type=float, default=0.02)
     p.add_argument("--lip-target", type=float, default=None)
     p.add_argument("--profile-chips", type=int, default=20)
     p.add_argument("--profile-samples", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = args.out or Path(f"experiments/results/suppression_{args.dataset}_{args.model}.json")
     state = json.loads(out.read_text()) if out.exists() else {"results": {}}
     state["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     state["machine"] = f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     data = load_dataset(args.dataset, seed=args.seed)
+    if args.test_samples:
+        x, y = data.test.tensors
+        data = dataclasses.replace(data, test=TensorDataset(x[:args.test_samples], y[:args.test_samples]))
     for m in args.methods:
         if m in state["results"]:
             print(f"{m}: done (in {out})")

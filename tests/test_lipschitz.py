@@ -103,6 +103,15 @@ def test_relative_penalty_predicts_the_injected_error():
     assert sum(errs) / len(errs) == pytest.approx(expected, rel=0.15)
 
 
+def test_relative_penalty_survives_in_place_activations():
+    model = cn.analogize(nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 2)), cn.LogNormal(0.1))
+    reg = LipschitzRegularizer("relative", strength=1.0)
+    reg.attach(model)
+    loss = model.train()(torch.randn(5, 4)).sum() + reg(model)
+    loss.backward()
+    assert model[0].weight.grad is not None
+
+
 def test_bad_regularizer_settings():
     with pytest.raises(cn.ConfigError, match="kind"):
         LipschitzRegularizer("frobenius")
