@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -125,13 +126,24 @@ def main() -> None:
     out.with_suffix(".md").write_text(md + "\n")
     print(md)
     van = state["results"].get("vanilla")
-    lip = state["results"].get("lipschitz")
-    if van and lip:
-        a, b = van["mc"]["0.5"], lip["mc"]["0.5"]
-        z = (b["mean"] - a["mean"]) / math.hypot(a["sem"], b["sem"])
-        print(f"lipschitz vs vanilla at sigma 0.5: {100 * (b['mean'] - a['mean']):+.2f} points, {z:+.1f} standard errors; "
-              f"clean {100 * (lip['clean'] - van['clean']):+.2f} points")
+    for m in METHODS[1:]:
+        if van and m in state["results"]:
+            print(compare(van, state["results"][m], m))
 
+
+def compare(base: dict, other: dict, name: str, sigma: str = "0.5") -> str:
+    """Mean-accuracy difference at ``sigma`` in standard errors: unpaired, and paired over the shared chips
+    (every method is evaluated on the same chip seeds, so per-chip differences cancel the chip spread)."""
+    a, b = base["mc"][sigma], other["mc"][sigma]
+    diff = b["mean"] - a["mean"]
+    z = diff / math.hypot(a["sem"], b["sem"])
+    d = [y - x for x, y in zip(a["accuracies"], b["accuracies"])]
+    sem_d = statistics.stdev(d) / math.sqrt(len(d))
+    return (f"{name} vs vanilla at sigma {sigma}: {100 * diff:+.2f} points = {z:+.1f} unpaired / "
+            f"{diff / sem_d:+.1f} paired standard errors; clean {100 * (other['clean'] - base['clean']):+.2f} points; "
+            f"logit error {other['error_profile_sigma0.5']['output']['mean']:.3f} vs "
+            f"{base['error_profile_sigma0.5']['output']['mean']:.3f}; "
+            f"training time x{other['train_seconds'] / base['train_seconds']:.2f}")
 
 if __name__ == "__main__":
     main()
