@@ -151,11 +151,14 @@ class LipschitzRegularizer:
     ``strength``: the weight of the penalty (>= 0); ``target``: ``beta`` of the orthogonality penalty
     (the targeted squared singular value) or the largest allowed spectral norm for ``"spectral"``.
     ``input_shapes`` (from :func:`input_shapes`) is needed by ``"spectral"`` for conv layers;
-    ``samples``: images of each batch the ``"relative"`` form is measured on.
+    ``samples``: images of each batch the ``"relative"`` form is measured on; ``per_channel``: the
+    relative form's ratio per output channel (mean over channels) instead of over the whole output,
+    which is what a following BatchNorm, normalizing each channel, sees.
     """
 
     def __init__(self, kind: str = "relative", strength: float = 1e-2, target: float | None = None,
-                 input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, samples: int = 16):
+                 input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, samples: int = 8,
+                 per_channel: bool = True):
         if kind not in KINDS:
             raise ConfigError(f"training.lipschitz.kind must be one of {list(KINDS)}, got {kind!r}")
         if target is None:
@@ -168,6 +171,9 @@ class LipschitzRegularizer:
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ConfigError(f"training.lipschitz.samples must be an integer >= 1, got {samples!r}")
         self.kind, self.strength, self.target, self.samples = kind, float(strength), float(target), samples
+        if not isinstance(per_channel, bool):
+            raise ConfigError(f"training.lipschitz.per_channel must be true or false, got {per_channel!r}")
+        self.per_channel = per_channel
         self.shapes = input_shapes or {}
         self.seed = seed
         self._vectors: dict[str, torch.Tensor] = {}
@@ -193,7 +199,14 @@ class LipschitzRegularizer:
         x, w2 = inputs[0][:k].square(), layer.weight.square()
         spread = F.linear(x, w2) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w2, None)
         out = output[:k].clone()  # the next op may be an in-place ReLU that would overwrite the saved output
-        ratio = spread.flatten(1).sum(1) / (out.flatten(1).square().sum(1) + 1e-12)
+        if self.per_channel:  # channels (dim 1 of conv maps, last dim of Linear outputs), pooled over samples
+            if isinstance(layer, nn.Linear):
+                num, den = spread.reshape(-1, spread.shape[-1]).sum(0), out.reshape(-1, out.shape[-1]).square().sum(0)
+            else:
+                num, den = spread.transpose(0, 1).flatten(1).sum(1), out.transpose(0, 1).flatten(1).square().sum(1)
+            ratio = num / (den + 1e-2 * den.mean().detach() + 1e-12)  # a near-silent channel cannot dominate
+        else:
+            ratio = spread.flatten(1).sum(1) / (out.flatten(1).square().sum(1) + 1e-12)
         self._terms.append(F.relu(ratio - self.target).mean())
 
     def penalty(self, name: str, layer: AnalogLayer) -> torch.Tensor:

@@ -56,11 +56,12 @@ def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
 
 def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | None:
     """The configured regularizer (validated), or None when its strength is 0."""
-    unknown = set(params) - {"kind", "strength", "target", "samples"}
+    accepted = {"kind", "strength", "target", "samples", "per_channel"}
+    unknown = set(params) - accepted
     if unknown:
-        raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: kind, strength, target, samples")
+        raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: {sorted(accepted)}")
     reg = LipschitzRegularizer(params.get("kind", "relative"), params.get("strength", 0.0), params.get("target"),
-                               seed=seed, samples=params.get("samples", 16))
+                               seed=seed, samples=params.get("samples", 8), per_channel=params.get("per_channel", True))
     return reg if reg.strength > 0 else None
 
 

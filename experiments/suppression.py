@@ -41,7 +41,8 @@ def run_method(method: str, args, data) -> dict:
     reg = None
     if "lipschitz" in method:
         reg = LipschitzRegularizer(args.lip_kind, args.lip_strength, args.lip_target,
-                                   input_shapes=input_shapes(model, data.train.tensors[0][:1]), seed=args.seed)
+                                   input_shapes=input_shapes(model, data.train.tensors[0][:1]), seed=args.seed,
+                                   samples=args.lip_samples, per_channel=not args.lip_per_layer)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       noise_aware="noise_aware" in method)
     t0 = time.perf_counter()
@@ -98,6 +99,8 @@ def main() -> None:
     p.add_argument("--lip-kind", default="relative")
     p.add_argument("--lip-strength", type=float, default=0.02)
     p.add_argument("--lip-target", type=float, default=None)
+    p.add_argument("--lip-samples", type=int, default=8)
+    p.add_argument("--lip-per-layer", action="store_true", help="relative form over the whole layer output")
     p.add_argument("--profile-chips", type=int, default=20)
     p.add_argument("--profile-samples", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -65,7 +65,7 @@ def test_relative_penalty_matches_its_formula_on_a_linear_layer():
     torch.manual_seed(0)
     lin = nn.Linear(5, 3)
     model = cn.analogize(nn.Sequential(lin), cn.LogNormal(0.1))
-    reg = LipschitzRegularizer("relative", strength=2.0)
+    reg = LipschitzRegularizer("relative", strength=2.0, per_channel=False)
     reg.attach(model)
     x = torch.randn(4, 5)
     y = model.train()(x)
@@ -81,12 +81,26 @@ def test_relative_penalty_matches_its_formula_on_a_linear_layer():
     assert not reg._terms
 
 
+def test_relative_penalty_per_channel_matches_its_formula_on_a_conv_layer():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = cn.analogize(nn.Sequential(conv), cn.LogNormal(0.1))
+    reg = LipschitzRegularizer("relative", strength=1.0, samples=4)  # per channel is the default
+    reg.attach(model)
+    x = torch.randn(6, 2, 5, 5)
+    y = model.train()(x).detach()[:4]
+    got = reg(model).item()
+    spread = torch.nn.functional.conv2d(x[:4].square(), conv.weight.detach().square(), padding=1)
+    num, den = spread.sum((0, 2, 3)), y.square().sum((0, 2, 3))
+    assert got == pytest.approx((num / (den + 1e-2 * den.mean())).mean().item(), rel=1e-5)
+
+
 def test_relative_penalty_predicts_the_injected_error():
     """r_l * Var(e^theta) is the expected squared relative error a layer injects (first layer: exact input)."""
     torch.manual_seed(0)
     lin = nn.Linear(50, 20, bias=False)
     model = cn.analogize(nn.Sequential(lin), cn.LogNormal(0.3))
-    reg = LipschitzRegularizer("relative", strength=1.0)
+    reg = LipschitzRegularizer("relative", strength=1.0, per_channel=False)
     reg.attach(model)
     x = torch.randn(1, 50)
     model(x)
