@@ -60,8 +60,7 @@ def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | No
     unknown = set(params) - accepted
     if unknown:
         raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: {sorted(accepted)}")
-    reg = LipschitzRegularizer(params.get("kind", "relative"), params.get("strength", 0.0), params.get("target"),
-                               seed=seed, samples=params.get("samples", 8), per_channel=params.get("per_channel", True))
+    reg = LipschitzRegularizer(**{"strength": 0.0, **params}, seed=seed)  # other defaults: the class's own
     return reg if reg.strength > 0 else None
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError
-from .evaluate import Data, clean_accuracy, iter_batches, resolve_device  # noqa: F401 (re-exported)
+from .evaluate import Data, clean_accuracy, iter_batches
 from .seeding import Stream, chip_seed
 
 log = logging.getLogger(__name__)
@@ -156,4 +156,4 @@ def train(
     return history
 
 
-__all__ = ["TrainConfig", "TrainingDivergedError", "train", "resolve_device"]
+__all__ = ["TrainConfig", "TrainingDivergedError", "train"]
