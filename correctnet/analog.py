@@ -85,14 +85,20 @@ class AnalogLayer(nn.Module):
         return f"{super().extra_repr()}, analog={self.variation.name}(sigma={self.variation.sigma:g}), mode={self.analog_mode}"
 
 
+    def _compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # a digital compensation module (correctnet.compensation) adds its correction to the analog output
+        comp = self._modules.get("compensator")
+        return y if comp is None else comp(x, y)
+
+
 class AnalogLinear(AnalogLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.analog_weight(), self.bias)
+        return self._compensate(x, F.linear(x, self.analog_weight(), self.bias))
 
 
 class _AnalogConv(AnalogLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.analog_weight(), self.bias)  # type: ignore[attr-defined]
+        return self._compensate(x, self._conv_forward(x, self.analog_weight(), self.bias))  # type: ignore[attr-defined]
 
 
 class AnalogConv1d(_AnalogConv, nn.Conv1d):
@@ -176,6 +182,10 @@ def analogize(
 
 def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Undo :func:`analogize`: analog layers become their original classes again."""
+    with_comp = [n for n, l in analog_layers(model).items() if "compensator" in l._modules]
+    if with_comp:
+        raise ConfigError(f"layers {with_comp} carry compensation modules; detach them first "
+                          f"(correctnet.detach_compensation) or keep the model analog")
     if not inplace:
         model = copy.deepcopy(model)
     for layer in analog_layers(model).values():

@@ -10,8 +10,9 @@ and ``correctnet_meta``, a JSON object with
 * ``versions``: ``{"correctnet", "torch", "safetensors", "format", ...}``, filled in at save;
 * written by ``python -m correctnet.train``: ``dataset``, ``stage``, ``config`` (the resolved Hydra
   config) and ``metrics`` (``metrics.json``, per-chip accuracies and chip seeds included);
-* reserved: ``compensation`` and ``placement``. correctnet cannot attach compensation modules yet, so a
-  checkpoint whose ``compensation`` is not null is refused rather than loaded without it.
+* ``compensation``: ``{layer: {"kind", "rank", "affine"}}`` of the attached compensation modules (null
+  when none), filled in at save; loading re-attaches them before the weights are loaded;
+* reserved: ``placement`` (the placement search's record).
 
 Safety: loading never unpickles. The header is checked before safetensors sees the file (pickles and
 zip archives from ``torch.save`` are named and refused, the header size is bounded by the file size),
@@ -38,6 +39,7 @@ from torch import nn
 
 from . import __version__
 from .analog import analog_layers, analogize
+from .compensation import attach_from_spec, compensation_spec
 from .errors import ConfigError, CorrectNetError
 from .models import build_model
 from .variation import make_variation
@@ -141,7 +143,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     if not layers:
         raise CheckpointError(f"{type(model).__name__} has no analog layers; analogize it before saving")
     meta = {**meta, "versions": {**(meta.get("versions") or {}), **versions()},
-            "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers}}
+            "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers},
+            "compensation": compensation_spec(model)}
     try:
         meta_json = json.dumps(meta)
     except (TypeError, ValueError) as e:
@@ -234,16 +237,24 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     digest = stored.get("correctnet_sha256")
     if digest is not None and digest != tensor_digest(tensors):
         raise CheckpointError(f"{path} is corrupt: its weights do not match the digest recorded at export")
-    if meta.get("compensation") is not None:
-        raise CheckpointError(f"{path} holds compensation modules, which correctnet {__version__} cannot attach; "
-                              f"a newer correctnet is needed")
 
     try:
         spec, var, analog = meta["model"], meta["variation"], meta.get("analog") or {}
         variation = make_variation(**var)
 
+        layers = analog.get("layers")
+        if layers is not None:  # exact names recorded at save (glob.escape: names are not patterns)
+            include, exclude = [glob.escape(n) for n in layers], []
+        else:
+            include, exclude = analog.get("include"), analog.get("exclude") or []
+        comp = meta.get("compensation")
+
         def build() -> nn.Module:
-            return build_model(spec["name"], spec["input_shape"], spec["num_classes"], **(spec.get("kwargs") or {}))
+            m = build_model(spec["name"], spec["input_shape"], spec["num_classes"], **(spec.get("kwargs") or {}))
+            analogize(m, variation, include=include, exclude=exclude, inplace=True)
+            if comp:
+                attach_from_spec(m, comp)
+            return m
 
         with torch.device("meta"):  # shapes only: nothing allocated before the file is known to fit
             _check_state(path, build().state_dict(), tensors)
@@ -252,12 +263,6 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         if len(dtypes) == 1:
             model.to(dtypes.pop())  # a float64 export stays float64: outputs must be bit-identical
-        layers = analog.get("layers")
-        if layers is not None:  # exact names recorded at save (glob.escape: names are not patterns)
-            include, exclude = [glob.escape(n) for n in layers], []
-        else:
-            include, exclude = analog.get("include"), analog.get("exclude") or []
-        analogize(model, variation, include=include, exclude=exclude, inplace=True)
         model.load_state_dict(tensors, strict=True)
     except CheckpointError:
         raise

@@ -25,7 +25,8 @@ class Stream(enum.IntEnum):
     EVAL = 0          # Monte-Carlo evaluation chips (reported accuracies)
     TRAIN = 1         # chips drawn during (noise-aware / compensation) training
     SEARCH = 2        # chips used by the placement search
-    CALIBRATION = 3   # per-chip calibration randomness (batch order)
+    CALIBRATION = 3   # per-chip calibration randomness (calibration images, batch order)
+    COMPENSATION = 4  # chips drawn while training compensation modules (one per batch)
 
 
 def chip_seed(stream: Stream | int, seed: int, index: int) -> int:

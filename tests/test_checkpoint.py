@@ -212,7 +212,9 @@ def test_wrong_format_version_and_bad_metadata(tmp_path):
     (lambda m, t: m.pop("variation"), "KeyError: 'variation'"),
     (lambda m, t: m["variation"].update(name="uniform"), "variation.name"),
     (lambda m, t: m.update(analog={"layers": ["conv9"]}), "conv9"),
-    (lambda m, t: m.update(compensation={"layers": ["fc1"]}), "compensation"),
+    (lambda m, t: m.update(compensation={"layers": ["fc1"]}), "compensation spec"),
+    (lambda m, t: m.update(compensation={"fc9": {"kind": "output", "rank": 2}}), "fc9"),
+    (lambda m, t: m.update(compensation={"fc1": {"kind": "output", "rank": 2}}), r"missing: fc1\.compensator"),
 ])
 def test_metadata_that_cannot_rebuild_the_model(tmp_path, change, needle):
     tensors, meta = dict(_model().state_dict()), _meta()

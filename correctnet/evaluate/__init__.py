@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -141,23 +141,37 @@ class MCResult:
 
 
 def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int = 1000,
-                stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips") -> MCResult:
+                stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips",
+                calibrate: Callable[[nn.Module, int], None] | None = None) -> MCResult:
     """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips.
 
     The model must have analog layers (:func:`correctnet.analogize`). Data is moved to the model's
-    device once; chips are programmed one after another.
+    device once; chips are programmed one after another. ``calibrate(model, chip_seed)``, if given, runs
+    on each programmed chip before it is measured (e.g. :class:`correctnet.calibration.ChipCalibrator`);
+    it never receives ``data``, and the model's state (parameters and buffers) is restored after each
+    chip, so every chip is calibrated from the same starting point.
     """
     if n_chips < 1:
         raise ValueError(f"n_chips must be >= 1, got {n_chips}")
     batches = list(iter_batches(data, batch_size, model_device(model)))
     seeds = [chip_seed(stream, seed, i) for i in range(n_chips)]
     accs: list[float] = []
+    snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+                if calibrate is not None else None)
     bar = tqdm(seeds, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     with eval_mode(model):
-        for s in bar:
-            with chip(model, s):
-                accs.append(_accuracy(model, batches))
-            bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+        try:
+            for s in bar:
+                with chip(model, s):
+                    if calibrate is not None:
+                        calibrate(model, s)
+                    accs.append(_accuracy(model, batches))
+                if snapshot is not None:
+                    model.load_state_dict(snapshot)
+                bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+        finally:
+            if snapshot is not None:
+                model.load_state_dict(snapshot)
     return MCResult(accuracies=accs, seed=seed, chip_seeds=seeds)
 
 

@@ -1,0 +1,286 @@
+"""Training compensation modules: chip-agnostic (many sampled chips) and per chip (calibration).
+
+* :func:`train_compensation` trains only the compensators, a freshly programmed chip per batch. The chips
+  come from ``Stream.COMPENSATION``, disjoint from evaluation chips by construction. Every other
+  parameter is frozen (bit-identical afterwards) and the model stays in ``eval()`` mode, so BatchNorm
+  running statistics are not disturbed. The clean network (nominal weights, compensators bypassed) is
+  the teacher: ``loss = distill * KD(logits, teacher) + (1 - distill) * CE(logits, labels)``.
+* :class:`ChipCalibrator` calibrates one programmed chip, as a real chip allows: run a small unlabeled
+  set of training images through it, re-estimate BatchNorm statistics, fine-tune the compensators to
+  match the clean network's logits. Pass it to ``monte_carlo(calibrate=...)``: each evaluation chip is
+  calibrated independently from the same starting state, and calibration never sees test data.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from .analog import chip, nominal
+from .compensation import bypass, compensation_parameters, compensators
+from .errors import ConfigError
+from .evaluate import Data, eval_mode, iter_batches, model_device
+from .seeding import Stream, chip_seed, layer_generator
+
+
+def _need(ok: bool, owner: str, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{owner}.{key} must be {what}, got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class CompensationConfig:
+    """Chip-agnostic training of the compensators. ``lr`` is Adam's; one chip per batch."""
+
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 3e-3
+    distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
+    temperature: float = 1.0   # KD softmax temperature
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = "compensation"
+        _need(_is_int(self.epochs) and self.epochs >= 1, o, "epochs", "an integer >= 1", self.epochs)
+        _need(_is_int(self.batch_size) and self.batch_size >= 1, o, "batch_size", "an integer >= 1", self.batch_size)
+        _need(_is_num(self.lr) and self.lr > 0, o, "lr", "a number > 0", self.lr)
+        _need(_is_num(self.distill) and 0 <= self.distill <= 1, o, "distill", "a number in [0, 1]", self.distill)
+        _need(_is_num(self.temperature) and self.temperature > 0, o, "temperature", "a number > 0", self.temperature)
+        _need(_is_int(self.seed) and self.seed >= 0, o, "seed", "an integer >= 0", self.seed)
+
+
+@dataclass
+class CalibrationConfig:
+    """Per-chip calibration: ``steps`` Adam steps on ``n_images`` unlabeled training images."""
+
+    steps: int = 60
+    n_images: int = 2000
+    batch_size: int = 128
+    lr: float = 3e-3
+    temperature: float = 1.0
+    batchnorm: bool = True     # re-estimate BatchNorm running statistics on the chip first
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = "calibration"
+        _need(_is_int(self.steps) and self.steps >= 0, o, "steps", "an integer >= 0", self.steps)
+        _need(_is_int(self.n_images) and self.n_images >= 1, o, "n_images", "an integer >= 1", self.n_images)
+        _need(_is_int(self.batch_size) and self.batch_size >= 1, o, "batch_size", "an integer >= 1", self.batch_size)
+        _need(_is_num(self.lr) and self.lr > 0, o, "lr", "a number > 0", self.lr)
+        _need(_is_num(self.temperature) and self.temperature > 0, o, "temperature", "a number > 0", self.temperature)
+        _need(isinstance(self.batchnorm, bool), o, "batchnorm", "true or false", self.batchnorm)
+        _need(_is_int(self.seed) and self.seed >= 0, o, "seed", "an integer >= 0", self.seed)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on softened logits ``[N, classes]``, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * (t * t)
+
+
+def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits ``[N, classes]`` of the clean network: nominal weights, compensators bypassed, eval mode."""
+    dev = model_device(model)
+    with nominal(model), bypass(model), eval_mode(model):
+        return torch.cat([model(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
+
+
+@contextlib.contextmanager
+def only_compensators_trainable(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Freeze every parameter but the compensators' (``requires_grad`` restored on exit)."""
+    params = compensation_parameters(model)
+    if not params:
+        raise ConfigError("the model has no compensation modules; attach_compensation(model, placement) first")
+    keep = {id(p) for p in params}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+        yield params
+    finally:
+        for p, r in saved.items():
+            p.requires_grad_(r)
+
+
+@dataclass
+class CompensationResult:
+    history: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    chip_seeds: list[int] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "steps": self.steps, "seconds": self.seconds,
+                "chips": len(self.chip_seeds), "chip_stream": Stream.COMPENSATION.name}
+
+
+def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(data, TensorDataset):
+        return data.tensors[0], data.tensors[1]
+    if isinstance(data, tuple):
+        return data
+    raise ConfigError("compensation training needs a TensorDataset or an (x, y) tuple")
+
+
+def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool = True,
+                       stage: str = "compensation") -> CompensationResult:
+    """Train the compensators of ``model`` in place on sampled chips; returns the history and chip seeds."""
+    x, y = _tensors(train_data)
+    dev = model_device(model)
+    t_start = time.perf_counter()
+    teacher = teacher_logits(model, x) if cfg.distill > 0 else torch.zeros(len(x), 0)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    seeds: list[int] = []
+    history: list[dict[str, Any]] = []
+    flags = {m: m.training for m in model.modules()}
+    with only_compensators_trainable(model) as params:
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+        model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout off
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+                order = torch.randperm(len(x), generator=shuffle)
+                bar = tqdm(range(steps_per_epoch), desc=f"{stage} {epoch}/{cfg.epochs}", disable=not progress,
+                           leave=False, dynamic_ncols=True)
+                for step in bar:
+                    idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                    xb, yb = x[idx].to(dev), y[idx].to(dev)
+                    s = chip_seed(Stream.COMPENSATION, cfg.seed, len(seeds))
+                    seeds.append(s)
+                    with chip(model, s):
+                        out = model(xb)
+                    loss = torch.zeros((), device=dev)
+                    if cfg.distill > 0:
+                        loss = loss + cfg.distill * distillation_loss(out, teacher[idx].to(dev), cfg.temperature)
+                    if cfg.distill < 1:
+                        loss = loss + (1 - cfg.distill) * F.cross_entropy(out, yb)
+                    if not torch.isfinite(loss):
+                        raise ConfigError(f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; "
+                                          f"lower compensation.lr")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    loss_sum += loss.item() * len(yb)
+                    correct += (out.argmax(1) == yb).sum().item()
+                    seen += len(yb)
+                    if step % 20 == 0:
+                        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                history.append({"epoch": epoch, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
+                                "seconds": time.perf_counter() - t0})
+        finally:
+            for m, t in flags.items():
+                m.training = t
+    return CompensationResult(history, len(seeds), time.perf_counter() - t_start, seeds)
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> int:
+    """Recompute BatchNorm running statistics as exact averages over ``x`` under the model's current
+    analog mode (e.g. a programmed chip). Returns the number of BatchNorm layers updated."""
+    bns = _batchnorms(model)
+    if not bns:
+        return 0
+    dev = model_device(model)
+    flags = {m: m.training for m in model.modules()}
+    momenta = [bn.momentum for bn in bns]
+    try:
+        model.eval()
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average over the batches below
+            bn.train()
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size].to(dev))
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+        for m, t in flags.items():
+            m.training = t
+    return len(bns)
+
+
+def calibration_images(train_data: Data, n_images: int, seed: int) -> torch.Tensor:
+    """``n_images`` images drawn without replacement from the training split (``Stream.CALIBRATION``)."""
+    x, _ = _tensors(train_data)
+    if n_images > len(x):
+        raise ConfigError(f"calibration.n_images={n_images} exceeds the {len(x)} training images")
+    gen = torch.Generator().manual_seed(chip_seed(Stream.CALIBRATION, seed, 0) >> 1)
+    return x[torch.randperm(len(x), generator=gen)[:n_images]]
+
+
+class ChipCalibrator:
+    """Calibrates the chip a model is programmed as: ``calibrator(model, chip_seed)``.
+
+    Built once per model from unlabeled calibration images ``[n, C, H, W]``; the clean teacher's logits
+    are computed then. Each call re-estimates BatchNorm statistics (if enabled and present), then runs
+    ``cfg.steps`` Adam steps on the compensators with a KD loss to the teacher. The caller restores the
+    model's state between chips (``monte_carlo`` does). ``seconds`` lists the time spent per chip.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig) -> None:
+        self.cfg = cfg
+        self.images = images
+        self.has_compensators = bool(compensators(model))
+        self.has_batchnorm = bool(_batchnorms(model))
+        if not (self.has_compensators and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
+            raise ConfigError("per-chip calibration has nothing to adjust: the model has no compensation modules "
+                              "(or calibration.steps=0) and no BatchNorm to re-estimate")
+        self.teacher = teacher_logits(model, images) if self.has_compensators and cfg.steps > 0 else None
+        self.seconds: list[float] = []
+
+    def __call__(self, model: nn.Module, seed: int) -> None:
+        t0 = time.perf_counter()
+        cfg, dev = self.cfg, model_device(model)
+        if cfg.batchnorm:
+            reestimate_batchnorm(model, self.images, cfg.batch_size)
+        if self.teacher is not None:
+            gen = layer_generator(seed, "calibration", "cpu")  # batch order: a function of the chip only
+            flags = {m: m.training for m in model.modules()}
+            with torch.enable_grad(), only_compensators_trainable(model) as params:
+                model.eval()
+                opt = torch.optim.Adam(params, lr=cfg.lr)
+                n = len(self.images)
+                for _ in range(cfg.steps):
+                    idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
+                    out = model(self.images[idx].to(dev))
+                    loss = distillation_loss(out, self.teacher[idx].to(dev), cfg.temperature)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            for m, t in flags.items():
+                m.training = t
+        self.seconds.append(time.perf_counter() - t0)
+
+    def stats(self) -> dict[str, Any]:
+        """What calibration cost: steps, images, seconds per chip (mean over calibrated chips)."""
+        mean = sum(self.seconds) / len(self.seconds) if self.seconds else 0.0
+        return {**asdict(self.cfg), "compensators": self.has_compensators, "batchnorm_layers": self.has_batchnorm,
+                "chips": len(self.seconds), "seconds_per_chip": mean}
+
+
+__all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
+           "distillation_loss", "reestimate_batchnorm", "teacher_logits", "train_compensation"]

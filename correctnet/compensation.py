@@ -1,0 +1,282 @@
+"""Error compensation: small *digital* modules beside analog layers that learn to correct their errors.
+
+A :class:`Compensator` sits inside an analog layer (as its ``compensator`` submodule) and turns the
+layer's analog output ``y`` (``[N, out]`` or ``[N, out, *spatial]``) into ``y + correction``:
+
+* ``kind="input"``: a low-rank branch from the layer's input ``x``: ``up(down(x))``, ``down`` having the
+  layer's own geometry (kernel, stride, padding) with ``rank`` outputs and ``up`` a 1x1 map to the
+  layer's outputs. It can learn chip errors that depend on ``x`` (``(W - W') x`` projected on ``rank``
+  directions).
+* ``kind="output"``: a low-rank branch on the noisy output itself: ``up(down(y))`` with 1x1 maps
+  ``out -> rank -> out``. It only sees what survived the analog layer.
+
+Both add, with ``affine=True``, a per-output-channel scale and shift ``gamma * y + beta`` (2 parameters
+per channel), which can undo the bias of log-normal variation (``E[w'] = exp(sigma^2/2) w``).
+Every last map (``up``, ``gamma``, ``beta``) starts at zero, so a fresh compensator is an exact no-op.
+
+The modules are digital: they are not stored in the RRAM array and no variation reaches them. Their cost
+is counted by :func:`overhead`. A *placement* maps layer names to ranks (``{"fc1": 4, "conv2": 2}``).
+Training on sampled chips lives in :mod:`correctnet.calibration`.
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Any, Iterable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .analog import AnalogLayer, analog_layers
+from .errors import ConfigError
+from .seeding import layer_generator
+
+KINDS = ("input", "output")
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class Compensator(nn.Module):
+    """Digital correction for one analog layer; ``forward(x, y) -> y + correction`` (shape of ``y``)."""
+
+    def __init__(self, layer: nn.Module, *, kind: str = "input", rank: int = 4, affine: bool = True) -> None:
+        super().__init__()
+        if kind not in KINDS:
+            raise ConfigError(f"compensation kind must be one of {list(KINDS)}, got {kind!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"compensation rank must be an integer >= 0, got {rank!r}")
+        if rank == 0 and not affine:
+            raise ConfigError("a compensator with rank 0 and affine=false would do nothing")
+        self.kind, self.rank, self.affine = kind, rank, affine
+        self.active = True
+        if isinstance(layer, nn.Linear):
+            out_ch, in_ch = layer.out_features, layer.in_features
+            self.conv_dims = 0
+        elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            out_ch, in_ch = layer.out_channels, layer.in_channels
+            self.conv_dims = len(layer.kernel_size)
+        else:
+            raise ConfigError(f"cannot compensate a {type(layer).__name__}; only Linear and Conv layers")
+        self.out_channels = out_ch
+        if rank > 0:
+            if self.conv_dims == 0:
+                self.down: nn.Module = nn.Linear(in_ch if kind == "input" else out_ch, rank, bias=False)
+                self.up: nn.Module = nn.Linear(rank, out_ch, bias=False)
+            else:
+                conv = _CONV[self.conv_dims]
+                if kind == "input":  # same receptive field and output grid as the analog layer
+                    self.down = conv(in_ch, rank, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                                     dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode)
+                else:
+                    self.down = conv(out_ch, rank, 1, bias=False)
+                self.up = conv(rank, out_ch, 1, bias=False)
+            nn.init.zeros_(self.up.weight)
+        if affine:
+            self.gamma = nn.Parameter(torch.zeros(out_ch))
+            self.beta = nn.Parameter(torch.zeros(out_ch))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Back to a no-op: ``up``, ``gamma``, ``beta`` zero, ``down`` re-drawn (Kaiming-uniform)."""
+        if any(p.is_meta for p in self.parameters()):
+            return  # shapes only (checkpoint checks)
+        with torch.no_grad():
+            if self.rank > 0:
+                w = self.down.weight
+                bound = (1.0 / w[0].numel()) ** 0.5  # = kaiming_uniform(a=sqrt(5)), nn.Linear's default
+                w.copy_(torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 * bound - bound)
+                self.up.weight.zero_()
+            if self.affine:
+                self.gamma.zero_()
+                self.beta.zero_()
+
+    def _channel(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # per-channel vector -> broadcastable against y ([N, C] or [N, C, *spatial])
+        return v.view(-1, *([1] * (y.dim() - 2))) if self.conv_dims else v
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return y
+        out = y
+        if self.affine:
+            out = out + self._channel(self.gamma, y) * y + self._channel(self.beta, y)
+        if self.rank > 0:
+            out = out + self.up(self.down(x if self.kind == "input" else y))
+        return out
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "affine": self.affine}
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, rank={self.rank}, affine={self.affine}, active={self.active}"
+
+
+# ----------------------------------------------------------------------------- placement
+
+def resolve_placement(model: nn.Module, placement: Mapping[str, int] | Iterable[str] | str,
+                      rank: int = 4) -> dict[str, int]:
+    """Normalise a placement to ``{layer name: rank}`` over the analog layers of ``model``.
+
+    Accepts ``"all"``, ``"none"``, a list of names or glob patterns (each gets ``rank``), or a mapping
+    ``{name or pattern: rank}``. Every pattern must match an analog layer.
+    """
+    layers = list(analog_layers(model))
+    if not layers:
+        raise ConfigError(f"{type(model).__name__} has no analog layers; call correctnet.analogize(model, variation) first")
+    if isinstance(placement, str):
+        if placement == "all":
+            return {n: rank for n in layers}
+        if placement == "none":
+            return {}
+        placement = [placement]
+    items = placement.items() if isinstance(placement, Mapping) else ((p, rank) for p in placement)
+    out: dict[str, int] = {}
+    for pattern, r in items:
+        if not isinstance(pattern, str):
+            raise ConfigError(f"placement entries must be layer names, got {pattern!r}")
+        matched = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ConfigError(f"placement {pattern!r} matches no analog layer; analog layers: {layers}")
+        for n in matched:
+            out[n] = r
+    return {n: out[n] for n in layers if n in out}  # module order
+
+
+def attach_compensation(model: nn.Module, placement: Mapping[str, int] | Iterable[str] | str, *,
+                        kind: str = "input", rank: int = 4, affine: bool = True, seed: int = 0
+                        ) -> dict[str, Compensator]:
+    """Attach a fresh (no-op) compensator to each placed analog layer of ``model``, in place.
+
+    ``placement``: see :func:`resolve_placement`. ``down`` maps are initialised from ``seed`` and the
+    layer name, so the same call gives the same modules. Returns the new modules by layer name.
+    """
+    ranks = resolve_placement(model, placement, rank)
+    layers = analog_layers(model)
+    taken = [n for n in ranks if "compensator" in layers[n]._modules]
+    if taken:
+        raise ConfigError(f"layers {taken} already have a compensator; detach_compensation first")
+    made: dict[str, Compensator] = {}
+    for name, r in ranks.items():
+        layer = layers[name]
+        comp = Compensator(layer, kind=kind, rank=r, affine=affine)
+        comp.reset_parameters(layer_generator(seed, "compensator:" + name))
+        p = layer.weight
+        layer.compensator = comp.to(device=p.device, dtype=p.dtype)
+        made[name] = layer.compensator
+    return made
+
+
+def attach_from_spec(model: nn.Module, spec: Mapping[str, Mapping[str, Any]]) -> dict[str, Compensator]:
+    """Attach compensators described by :func:`compensation_spec` (e.g. read from a checkpoint)."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"a compensation spec maps layer names to {{kind, rank, affine}}, got {spec!r}")
+    made: dict[str, Compensator] = {}
+    for name, s in spec.items():
+        if not isinstance(s, Mapping) or "rank" not in s or set(s) - {"kind", "rank", "affine"}:
+            raise ConfigError(f"compensation spec for {name!r} must be {{kind, rank, affine}}, got {s!r}")
+        s = dict(s)
+        made |= attach_compensation(model, {name: s.pop("rank")}, **s)
+    return made
+
+
+def detach_compensation(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, Compensator]:
+    """Remove compensators (all, or those of ``names``); returns the removed modules."""
+    comps = compensators(model)
+    names = list(comps) if names is None else list(names)
+    missing = [n for n in names if n not in comps]
+    if missing:
+        raise ConfigError(f"layers {missing} have no compensator; compensated layers: {list(comps)}")
+    layers = analog_layers(model)
+    return {n: layers[n]._modules.pop("compensator") for n in names}  # type: ignore[misc]
+
+
+def compensators(model: nn.Module) -> dict[str, Compensator]:
+    """The compensators of ``model`` by the name of the layer they belong to, in module order."""
+    return {n: l._modules["compensator"] for n, l in analog_layers(model).items()  # type: ignore[misc]
+            if l._modules.get("compensator") is not None}
+
+
+def compensation_spec(model: nn.Module) -> dict[str, dict[str, Any]] | None:
+    """``{layer: {"kind", "rank", "affine"}}`` of the attached compensators, or None when there are none."""
+    comps = compensators(model)
+    return {n: c.spec() for n, c in comps.items()} or None
+
+
+def compensation_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for c in compensators(model).values() for p in c.parameters()]
+
+
+@contextlib.contextmanager
+def bypass(model: nn.Module) -> Iterator[nn.Module]:
+    """``with bypass(model):`` compensators pass their input through (the uncompensated network)."""
+    comps = list(compensators(model).values())
+    saved = [c.active for c in comps]
+    for c in comps:
+        c.active = False
+    try:
+        yield model
+    finally:
+        for c, a in zip(comps, saved):
+            c.active = a
+
+
+# ----------------------------------------------------------------------------- overhead
+
+def _macs(module: nn.Module, out: torch.Tensor) -> int:
+    """Multiply-accumulates of one Linear/Conv call that produced ``out`` (batch included)."""
+    if isinstance(module, nn.Linear):
+        return out.numel() * module.in_features
+    k = 1
+    for s in module.kernel_size:  # type: ignore[union-attr]
+        k *= s
+    return out.numel() * (module.in_channels // module.groups) * k  # type: ignore[union-attr,operator]
+
+
+def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Extra digital parameters and MACs of the compensators, absolute and in % of the network's.
+
+    ``example``: one input batch ``[1, C, H, W]`` (MACs are per sample). The network's parameters are all
+    parameters outside compensators; its MACs are those of its Linear/Conv layers. A compensator's MACs
+    are those of its ``down``/``up`` maps plus one per output element for the affine scale.
+    Returns ``{"network": {params, macs}, "layers": {name: {params, macs, params_pct, macs_pct}},
+    "total": {params, macs, params_pct, macs_pct}}``.
+    """
+    comps = compensators(model)
+    comp_params = {id(p) for c in comps.values() for p in c.parameters()}
+    net_params = sum(p.numel() for p in model.parameters() if id(p) not in comp_params)
+    owner = {m: n for n, c in comps.items() for m in c.modules()}
+    macs: dict[str, int] = {"network": 0, **{n: 0 for n in comps}}
+    n_batch = example.shape[0]
+
+    def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        name = owner.get(module, "network")
+        macs[name] += _macs(module, out) // n_batch
+
+    def affine_hook(module: Compensator, args: tuple, out: torch.Tensor) -> None:
+        if module.affine:
+            macs[owner[module]] += out.numel() // n_batch
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    handles += [c.register_forward_hook(affine_hook) for c in comps.values()]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags.items():
+            m.training = t
+    net_macs = macs.pop("network")
+    layers = {}
+    for n, c in comps.items():
+        p = sum(q.numel() for q in c.parameters())
+        layers[n] = {"params": p, "macs": macs[n], "params_pct": 100 * p / max(net_params, 1),
+                     "macs_pct": 100 * macs[n] / max(net_macs, 1)}
+    tp, tm = sum(v["params"] for v in layers.values()), sum(v["macs"] for v in layers.values())
+    return {"network": {"params": net_params, "macs": net_macs}, "layers": layers,
+            "total": {"params": tp, "macs": tm, "params_pct": 100 * tp / max(net_params, 1),
+                      "macs_pct": 100 * tm / max(net_macs, 1)}}
+
+
+__all__ = ["KINDS", "Compensator", "attach_compensation", "attach_from_spec", "bypass", "compensation_parameters",
+           "compensation_spec", "compensators", "detach_compensation", "overhead", "resolve_placement"]
