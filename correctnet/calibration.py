@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .analog import chip, nominal
 from .compensation import bypass, compensation_parameters, compensators
 from .errors import ConfigError
-from .evaluate import Data, eval_mode, iter_batches, model_device
+from .evaluate import Data, eval_mode, model_device
 from .seeding import Stream, chip_seed, layer_generator
 
 
@@ -46,9 +46,10 @@ def _is_num(v: Any) -> bool:
 
 @dataclass
 class CompensationConfig:
-    """Chip-agnostic training of the compensators. ``lr`` is Adam's; one chip per batch."""
+    """Chip-agnostic training of the compensators: ``steps`` Adam steps (cosine schedule), one fresh chip
+    per step; the training split is reshuffled at each pass over it."""
 
-    epochs: int = 1
+    steps: int = 500
     batch_size: int = 128
     lr: float = 3e-3
     distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
@@ -57,7 +58,7 @@ class CompensationConfig:
 
     def __post_init__(self) -> None:
         o = "compensation"
-        _need(_is_int(self.epochs) and self.epochs >= 1, o, "epochs", "an integer >= 1", self.epochs)
+        _need(_is_int(self.steps) and self.steps >= 1, o, "steps", "an integer >= 1", self.steps)
         _need(_is_int(self.batch_size) and self.batch_size >= 1, o, "batch_size", "an integer >= 1", self.batch_size)
         _need(_is_num(self.lr) and self.lr > 0, o, "lr", "a number > 0", self.lr)
         _need(_is_num(self.distill) and 0 <= self.distill <= 1, o, "distill", "a number in [0, 1]", self.distill)
@@ -147,46 +148,47 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     t_start = time.perf_counter()
     teacher = teacher_logits(model, x) if cfg.distill > 0 else torch.zeros(len(x), 0)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
+    steps_per_pass = math.ceil(len(x) / cfg.batch_size)
     seeds: list[int] = []
     history: list[dict[str, Any]] = []
     flags = {m: m.training for m in model.modules()}
     with only_compensators_trainable(model) as params:
         opt = torch.optim.Adam(params, lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * steps_per_epoch)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
         model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout off
         try:
-            for epoch in range(1, cfg.epochs + 1):
-                t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-                order = torch.randperm(len(x), generator=shuffle)
-                bar = tqdm(range(steps_per_epoch), desc=f"{stage} {epoch}/{cfg.epochs}", disable=not progress,
-                           leave=False, dynamic_ncols=True)
-                for step in bar:
-                    idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                    xb, yb = x[idx].to(dev), y[idx].to(dev)
-                    s = chip_seed(Stream.COMPENSATION, cfg.seed, len(seeds))
-                    seeds.append(s)
-                    with chip(model, s):
-                        out = model(xb)
-                    loss = torch.zeros((), device=dev)
-                    if cfg.distill > 0:
-                        loss = loss + cfg.distill * distillation_loss(out, teacher[idx].to(dev), cfg.temperature)
-                    if cfg.distill < 1:
-                        loss = loss + (1 - cfg.distill) * F.cross_entropy(out, yb)
-                    if not torch.isfinite(loss):
-                        raise ConfigError(f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; "
-                                          f"lower compensation.lr")
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    loss_sum += loss.item() * len(yb)
-                    correct += (out.argmax(1) == yb).sum().item()
-                    seen += len(yb)
-                    if step % 20 == 0:
-                        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-                history.append({"epoch": epoch, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
-                                "seconds": time.perf_counter() - t0})
+            t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            bar = tqdm(range(cfg.steps), desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
+            for step in bar:
+                pos = step % steps_per_pass
+                if pos == 0:
+                    order = torch.randperm(len(x), generator=shuffle)
+                idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+                xb, yb = x[idx].to(dev), y[idx].to(dev)
+                s = chip_seed(Stream.COMPENSATION, cfg.seed, step)
+                seeds.append(s)
+                with chip(model, s):
+                    out = model(xb)
+                loss = torch.zeros((), device=dev)
+                if cfg.distill > 0:
+                    loss = loss + cfg.distill * distillation_loss(out, teacher[idx].to(dev), cfg.temperature)
+                if cfg.distill < 1:
+                    loss = loss + (1 - cfg.distill) * F.cross_entropy(out, yb)
+                if not torch.isfinite(loss):
+                    raise ConfigError(f"{stage}: loss became {loss.item()} at step {step}; lower compensation.lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.item() * len(yb)
+                correct += (out.argmax(1) == yb).sum().item()
+                seen += len(yb)
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                if pos == steps_per_pass - 1 or step == cfg.steps - 1:  # one record per pass over the data
+                    history.append({"step": step + 1, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
+                                    "seconds": time.perf_counter() - t0})
+                    t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         finally:
             for m, t in flags.items():
                 m.training = t

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import torch
 from torch import nn
 
-from .analog import AnalogLayer, analog_layers
+from .analog import analog_layers
 from .errors import ConfigError
 from .seeding import layer_generator
 

@@ -1,7 +1,9 @@
 """``python -m correctnet.train``: the Hydra entry point that strings the stages together.
 
-Stages so far: train (plain or noise-aware) -> clean and Monte-Carlo evaluation on the test split ->
-checkpoint + ``metrics.json`` in the Hydra run directory. This is the only module that reads config.
+Stages: train (plain, noise-aware and/or Lipschitz-suppressed) -> clean and Monte-Carlo evaluation on the
+test split -> optionally compensation modules trained on sampled chips (stage ``compensated``) -> optionally
+per-chip calibration of every evaluation chip (stage ``calibrated``) -> checkpoint + ``metrics.json`` in
+the Hydra run directory. This is the only module that reads config.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .analog import analogize, set_variation
+from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
+                          train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
+from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import load_dataset
 from .errors import ConfigError, CorrectNetError
 from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
@@ -64,6 +70,48 @@ def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | No
     return reg if reg.strength > 0 else None
 
 
+_ATTACH_KEYS = ("kind", "rank", "affine")
+
+
+def _compensation_config(cfg: DictConfig) -> tuple[Any, dict[str, Any], CompensationConfig | None]:
+    """(placement or None, attach kwargs, training config) from ``cfg.compensation``."""
+    params = OmegaConf.to_container(cfg.compensation, resolve=True) if cfg.get("compensation") is not None else {}
+    assert isinstance(params, dict)
+    placement = params.pop("placement", None)
+    attach = {k: params.pop(k) for k in _ATTACH_KEYS if k in params}
+    known = set(CompensationConfig.__dataclass_fields__) - {"seed"}
+    unknown = set(params) - known
+    if unknown:
+        raise ConfigError(f"unknown compensation keys {sorted(unknown)}; accepted: "
+                          f"{sorted(known | set(_ATTACH_KEYS) | {'placement'})}")
+    kind, rank, affine = attach.get("kind", "output"), attach.get("rank", 4), attach.get("affine", True)
+    if kind not in KINDS:
+        raise ConfigError(f"compensation.kind must be one of {list(KINDS)}, got {kind!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise ConfigError(f"compensation.rank must be an integer >= 0, got {rank!r}")
+    if not isinstance(affine, bool):
+        raise ConfigError(f"compensation.affine must be true or false, got {affine!r}")
+    if placement is None:
+        return None, attach, None
+    if not isinstance(placement, (str, list, dict)):
+        raise ConfigError(f"compensation.placement must be 'all', a list of layer names or a mapping "
+                          f"{{layer: rank}}, got {placement!r}")
+    return placement, attach, CompensationConfig(seed=cfg.seed, **params)
+
+
+def _calibration_config(cfg: DictConfig) -> CalibrationConfig | None:
+    params = OmegaConf.to_container(cfg.calibration, resolve=True) if cfg.get("calibration") is not None else {}
+    assert isinstance(params, dict)
+    enabled = params.pop("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"calibration.enabled must be true or false, got {enabled!r}")
+    known = set(CalibrationConfig.__dataclass_fields__) - {"seed"}
+    unknown = set(params) - known
+    if unknown:
+        raise ConfigError(f"unknown calibration keys {sorted(unknown)}; accepted: {sorted(known | {'enabled'})}")
+    return CalibrationConfig(seed=cfg.seed, **params) if enabled else None
+
+
 def _positive_int(cfg: DictConfig, key: str) -> int:
     v = OmegaConf.select(cfg, key)
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -80,6 +128,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     tcfg, noise_sigma, lip_params = _train_config(cfg)
     regularizer = _regularizer(lip_params, cfg.seed)
     train_variation = _variation(cfg, noise_sigma) if noise_sigma is not None else variation
+    placement, attach_kw, comp_cfg = _compensation_config(cfg)
+    cal_cfg = _calibration_config(cfg)
     n_chips = _positive_int(cfg, "evaluation.n_chips")
     profile_chips = _positive_int(cfg, "evaluation.profile_chips")
     profile_samples = _positive_int(cfg, "evaluation.profile_samples")
@@ -98,6 +148,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     model = build_model(model_name, data.input_shape, data.num_classes, **model_kwargs)
     include = list(cfg.analog.include) if cfg.analog.include is not None else None
     model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True).to(device)
+    if placement is not None:
+        placement = resolve_placement(model, placement, attach_kw.get("rank", 4))  # bad names fail before training
+    if cal_cfg is not None and cal_cfg.n_images > len(data.train):
+        raise ConfigError(f"calibration.n_images={cal_cfg.n_images} exceeds the {len(data.train)} training images")
+    if cal_cfg is not None and placement is None and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                                                             for m in model.modules()):
+        raise ConfigError("calibration=per_chip needs compensation modules (compensation=all or "
+                          "compensation.placement=[...]) or a model with BatchNorm to re-estimate")
     n_params = sum(p.numel() for p in model.parameters())
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_name, data.name,
              len(data.train), len(data.val), len(data.test), n_params, device)
@@ -119,22 +177,48 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     plot = plot_layer_profile(lipschitz, profile, out_dir / f"layer_profile_{stage}.png",
                               title=f"{model_name} on {data.name}, {stage}, {variation.name} sigma={variation.sigma:g}")
 
+    stages: dict[str, Any] = {stage: {"clean_accuracy": clean, "mc": mc.to_dict(),
+                                      "training": {"noise_aware": tcfg.noise_aware,
+                                                   "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
+                                                   "lipschitz": lip_params if regularizer else None,
+                                                   "epochs": tcfg.epochs, "seconds": train_seconds, "history": history},
+                                      "eval_seconds": eval_seconds,
+                                      "lipschitz": lipschitz,
+                                      "error_profile": {"n_chips": profile_chips, "n_samples": profile_samples,
+                                                        "seed": eval_seed, "relative_error": profile},
+                                      "plot": plot.name}}
+    cost = None
+    if placement is not None:
+        assert comp_cfg is not None
+        stage = "compensated"
+        attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
+        cost = overhead(model, data.test.tensors[0][:1].to(device))
+        log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(placement),
+                 cost["total"]["params_pct"], cost["total"]["macs_pct"])
+        result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage)
+        t0 = time.perf_counter()
+        mc_c = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
+                           progress=progress, desc=stage)
+        stages[stage] = {"clean_accuracy": clean_accuracy(model, data.test, batch_size=eval_batch), "mc": mc_c.to_dict(),
+                         "training": {**asdict(comp_cfg), **result.to_dict()}, "placement": compensation_spec(model),
+                         "overhead": cost, "eval_seconds": time.perf_counter() - t0}
+    if cal_cfg is not None:
+        t0 = time.perf_counter()
+        images = calibration_images(data.train, cal_cfg.n_images, cal_cfg.seed).to(device)
+        calibrator = ChipCalibrator(model, images, cal_cfg)
+        mc_cal = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
+                             progress=progress, desc="calibrated", calibrate=calibrator)
+        stages["calibrated"] = {"clean_accuracy": stages[stage]["clean_accuracy"], "mc": mc_cal.to_dict(),
+                                "calibration": calibrator.stats(), "eval_seconds": time.perf_counter() - t0}
+
     resolved = OmegaConf.to_container(cfg, resolve=True)
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     metrics: dict[str, Any] = {
         "dataset": data.name,
         "model": model_name,
         "variation": variation.to_dict(),
-        "stages": {stage: {"clean_accuracy": clean, "mc": mc.to_dict(),
-                           "training": {"noise_aware": tcfg.noise_aware,
-                                        "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
-                                        "lipschitz": lip_params if regularizer else None,
-                                        "epochs": tcfg.epochs, "seconds": train_seconds, "history": history},
-                           "eval_seconds": eval_seconds,
-                           "lipschitz": lipschitz,
-                           "error_profile": {"n_chips": profile_chips, "n_samples": profile_samples,
-                                             "seed": eval_seed, "relative_error": profile},
-                           "plot": plot.name}},
+        "stages": stages,
+        "overhead": cost,
         "config": resolved,
         "versions": vers,
         "device": str(device),
@@ -155,6 +239,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
     rows = [(name, s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
     print("\n" + format_summary(metrics["model"], metrics["dataset"], metrics["variation"], rows)
+          + (f"\n  compensation: +{metrics['overhead']['total']['params_pct']:.2f}% parameters, "
+             f"+{metrics['overhead']['total']['macs_pct']:.2f}% MACs (digital)" if metrics.get("overhead") else "")
           + f"\n  checkpoint:  {metrics['checkpoint']}"
           + f"\n  metrics:     {out_dir / 'metrics.json'}   ({metrics['seconds']:.1f} s)"
           + f"\n  re-evaluate: {evaluate_command(metrics['checkpoint'])}", flush=True)

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import TensorDataset
 
 import correctnet as cn
 from correctnet.calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
@@ -75,16 +74,17 @@ def base_model(name: str, sigma: float, args, data, cache: Path) -> tuple[torch.
     return model, info
 
 
-def compensated(model: torch.nn.Module, placement: Any, args, data, train_images: int | None = None
-                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+def compensated(model: torch.nn.Module, placement: Any, args, data, train_images: int | None = None,
+                steps: int | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     m = copy.deepcopy(model)
     attach_compensation(m, placement, kind=args.kind, rank=args.rank, seed=args.seed)
     x, y = data.train.tensors
-    res = train_compensation(m, (x[:train_images], y[:train_images]), CompensationConfig(epochs=args.comp_epochs, lr=args.comp_lr,
+    res = train_compensation(m, (x[:train_images], y[:train_images]), CompensationConfig(steps=steps or args.comp_steps, lr=args.comp_lr,
                                                                distill=args.distill, seed=args.seed),
                              progress=args.progress)
     ov = overhead(m, data.test.tensors[0][:1])
-    return m, {"compensation_seconds": res.seconds, "overhead": ov["total"], "overhead_layers": ov["layers"]}
+    return m, {"compensation_seconds": res.seconds, "compensation_steps": res.steps, "distill": args.distill,
+               "kind": args.kind, "rank": args.rank, "overhead": ov["total"], "overhead_layers": ov["layers"]}
 
 
 def measure(model, test, args, desc: str, calibrator=None, n_chips=None, seed=None, stream=Stream.EVAL) -> dict:
@@ -102,7 +102,7 @@ def search_placement(model, base_key: str, args, data, val, record) -> dict[str,
         key = "+".join(names) if len(names) < len(layers) else "all"
         if key in scores:
             return
-        m, info = compensated(model, names, args, data, args.search_train)
+        m, info = compensated(model, names, args, data, args.search_train, args.search_steps)
         mc = measure(m, val, args, f"search {key}", n_chips=args.search_chips, seed=args.seed, stream=Stream.SEARCH)
         scores[key] = {"layers": names, "val_mean": mc["mean"], "params_pct": info["overhead"]["params_pct"],
                        "macs_pct": info["overhead"]["macs_pct"]}
@@ -118,7 +118,7 @@ def search_placement(model, base_key: str, args, data, val, record) -> dict[str,
     ok = {k: v for k, v in scores.items() if v["params_pct"] <= args.max_params_pct}
     best = max(ok, key=lambda k: ok[k]["val_mean"])
     record["search"] = {"scores": scores, "best": best, "max_params_pct": args.max_params_pct,
-                        "train_images": args.search_train or len(data.train),
+                        "train_images": args.search_train or len(data.train), "steps": args.search_steps,
                         "chips": args.search_chips, "val_images": len(val[0])}
     return scores[best]
 
@@ -137,7 +137,7 @@ def main() -> None:
     p.add_argument("--lip-strength", type=float, default=0.02)
     p.add_argument("--kind", default="output", choices=["input", "output"])
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--comp-epochs", type=int, default=1)
+    p.add_argument("--comp-steps", type=int, default=422, help="chip-agnostic steps (422 = one pass over the FMNIST training split at batch 128)")
     p.add_argument("--comp-lr", type=float, default=1e-2)
     p.add_argument("--distill", type=float, default=1.0)
     p.add_argument("--no-distill-check", action="store_true", help="skip the distill=0 comparison")
@@ -149,6 +149,7 @@ def main() -> None:
     p.add_argument("--search-sigmas", nargs="+", type=float, default=None, help="default: every sigma")
     p.add_argument("--search-train", type=int, default=None,
                    help="training images for the compensators trained during the search (default: all)")
+    p.add_argument("--search-steps", type=int, default=200, help="chip-agnostic steps during the search")
     p.add_argument("--search-chips", type=int, default=20)
     p.add_argument("--search-val", type=int, default=2000, help="validation images used by the placement search")
     p.add_argument("--max-params-pct", type=float, default=5.0)

@@ -155,7 +155,7 @@ def test_chip_agnostic_training_touches_only_the_compensators_and_uses_held_out_
     before = _nominal_state(model)
     comp_before = {k: v.clone() for k, v in model.state_dict().items() if ".compensator." in k}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    res = train_compensation(model, _data(), CompensationConfig(epochs=2, batch_size=64, seed=0), progress=False)
+    res = train_compensation(model, _data(), CompensationConfig(steps=8, batch_size=64, seed=0), progress=False)
     after = model.state_dict()
     for k, v in before.items():  # nominal weights and BatchNorm statistics: bit-identical
         assert torch.equal(after[k], v), k
@@ -231,7 +231,7 @@ def test_compensation_recovers_accuracy_on_held_out_chips(digits_lenet):
     none = cn.monte_carlo(base, data.test, n_chips=20, seed=0, progress=False)
     model = copy.deepcopy(base)
     attach_compensation(model, "all", rank=4)
-    train_compensation(model, data.train, CompensationConfig(epochs=3, lr=1e-2, batch_size=64), progress=False)
+    train_compensation(model, data.train, CompensationConfig(steps=500, lr=1e-2, batch_size=64), progress=False)
     agnostic = cn.monte_carlo(model, data.test, n_chips=20, seed=0, progress=False)
     cal = ChipCalibrator(model, calibration_images(data.train, 500, 0), CalibrationConfig(steps=40, lr=1e-2))
     calibrated = cn.monte_carlo(model, data.test, n_chips=20, seed=0, progress=False, calibrate=cal)

@@ -57,6 +57,28 @@ def test_suppression_stage_reports_constants_profile_and_plot(tmp_path):
     assert (tmp_path / stage["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_compensation_and_calibration_stages(tmp_path):
+    out = tmp_path / "run"
+    r = run_cli(*FAST, "compensation=all", "compensation.placement=[fc1,fc2]", "compensation.rank=2",
+                "compensation.steps=30", "calibration=per_chip", "calibration.steps=5", "calibration.n_images=200",
+                f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert list(m["stages"]) == ["baseline", "compensated", "calibrated"]
+    comp, cal = m["stages"]["compensated"], m["stages"]["calibrated"]
+    assert comp["placement"] == {n: {"kind": "output", "rank": 2, "affine": True} for n in ("fc1", "fc2")}
+    assert comp["training"]["steps"] == 30 and comp["training"]["chip_stream"] == "COMPENSATION"
+    assert set(m["overhead"]["layers"]) == {"fc1", "fc2"} and 0 < m["overhead"]["total"]["params_pct"] < 100
+    assert cal["calibration"]["steps"] == 5 and cal["calibration"]["chips"] == 4
+    assert cal["mc"]["n_chips"] == 4 and "calibrated" in r.stdout and "MACs" in r.stdout
+    # the checkpoint holds the compensated model and reproduces its stage exactly
+    model, meta = cn.load_checkpoint(out / "model.safetensors")
+    assert meta["stage"] == "compensated" and set(meta["compensation"]) == {"fc1", "fc2"}
+    test = load_dataset("digits", val_fraction=0.2, seed=0).test
+    again = cn.monte_carlo(model, test, n_chips=4, seed=0, progress=False)
+    assert again.accuracies == comp["mc"]["accuracies"]
+
+
 def test_multirun_sweeps_sigma(tmp_path):
     r = run_cli("-m", "variation.sigma=0.1,0.5", "training.epochs=1", "evaluation.n_chips=2", "progress=false",
                 f"hydra.sweep.dir={tmp_path}")
@@ -76,6 +98,12 @@ def test_multirun_sweeps_sigma(tmp_path):
     (["evaluation.n_chips=0"], "evaluation.n_chips"),
     (["training=lipschitz", "training.lipschitz.kind=frobenius"], "training.lipschitz.kind"),
     (["training=lipschitz", "training.lipschitz.strength=-1"], "training.lipschitz.strength"),
+    (["compensation=all", "compensation.placement=[fc9]"], "fc9"),
+    (["compensation=all", "compensation.rank=-1"], "compensation.rank"),
+    (["compensation=all", "compensation.kind=sideways"], "compensation.kind"),
+    (["compensation=all", "compensation.lr=0"], "compensation.lr"),
+    (["calibration=per_chip"], "needs compensation modules"),
+    (["compensation=all", "calibration=per_chip", "calibration.n_images=5000"], "calibration.n_images"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needle):
     r = run_cli(*FAST, *args, f"hydra.run.dir={tmp_path}")
