@@ -245,3 +245,23 @@ def test_compensation_recovers_accuracy_on_held_out_chips(digits_lenet):
     assert g_agn > 0, (none.summary(), agnostic.summary())
     assert g_cal > 3 * se_cal and g_cal > 0.05, (none.summary(), calibrated.summary())
     assert calibrated.p5 > none.p5 + 0.05
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv1d(3, 4, 3, stride=2, padding=1), torch.randn(2, 3, 9)),
+    (nn.Conv2d(3, 4, (3, 5), stride=(2, 1), padding=(1, 2), padding_mode="circular"), torch.randn(2, 3, 7, 6)),
+    (nn.Conv2d(4, 4, 3, groups=4, dilation=2), torch.randn(2, 4, 9, 9)),
+    (nn.Conv3d(2, 4, 3, padding=1), torch.randn(2, 2, 4, 4, 4)),
+    (nn.Linear(5, 3), torch.randn(2, 7, 5)),  # extra leading dims
+])
+@pytest.mark.parametrize("kind", ["input", "output"])
+def test_every_layer_geometry_gets_a_matching_branch(layer, x, kind):
+    model = cn.analogize(nn.Sequential(layer), cn.LogNormal(0.3))
+    with torch.no_grad():
+        y = model(x)
+        comp = attach_compensation(model, "all", kind=kind, rank=2)["0"]
+        assert torch.equal(model(x), y)
+        for p in comp.parameters():
+            p.add_(0.05)
+        z = model(x)
+    assert z.shape == y.shape and not torch.equal(z, y)
