@@ -249,10 +249,14 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     try:
         run(cfg, HydraConfig.get().runtime.output_dir)
     except CorrectNetError as e:
+        log.error("%s", e)  # into the job's log file
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the job as failed and the sweep goes on with the other jobs
         print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
