@@ -3,7 +3,7 @@
 Walks ``DIR`` (a Hydra multirun directory, a parent of several, or a single run directory) for run
 directories written by ``python -m correctnet.train``: each with ``metrics.json`` (a finished run) or only
 ``.hydra/overrides.yaml`` (a run that started and failed, or has not finished). Jobs that a sweep listed
-in its ``multirun.yaml`` but never started (the basic launcher stops at the first failed job) are
+in its ``multirun.yaml`` but never started (an interrupted sweep) are
 reported as ``not run``. Runs are grouped by (method, setting, stage, sigma) across seeds, where the
 method is ``config.method.name`` (``method=`` presets) and the setting is every override that differs
 between the runs other than ``method``, ``seed`` and ``variation.sigma``. Writes into ``out`` (default
