@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -96,11 +97,23 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
                     reduction="batchmean") * (t * t)
 
 
-def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Logits ``[N, classes]`` of the clean network: nominal weights, compensators bypassed, eval mode."""
+def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+                   batchnorm_images: int = 10_000) -> torch.Tensor:
+    """Logits ``[N, classes]`` of the clean network: nominal weights, compensators bypassed, eval mode.
+
+    A model with BatchNorm is distilled from a copy whose BatchNorm statistics are re-estimated on the
+    first ``batchnorm_images`` of ``x`` with nominal weights: after noise-aware training the running
+    statistics describe noisy chips, and the nominal network with them is no clean teacher (VGG11 on
+    Fashion-MNIST: 63.9% clean accuracy instead of about 90%).
+    """
     dev = model_device(model)
-    with nominal(model), bypass(model), eval_mode(model):
-        return torch.cat([model(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
+    teacher = model
+    if _batchnorms(model):
+        teacher = copy.deepcopy(model)
+        with nominal(teacher), bypass(teacher):
+            reestimate_batchnorm(teacher, x[:batchnorm_images], batch_size)
+    with nominal(teacher), bypass(teacher), eval_mode(teacher):
+        return torch.cat([teacher(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
 
 
 @contextlib.contextmanager

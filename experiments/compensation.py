@@ -84,7 +84,8 @@ def compensated(model: torch.nn.Module, placement: Any, args, data, train_images
                              progress=args.progress)
     ov = overhead(m, data.test.tensors[0][:1])
     return m, {"compensation_seconds": res.seconds, "compensation_steps": res.steps, "distill": args.distill,
-               "kind": args.kind, "rank": args.rank, "overhead": ov["total"], "overhead_layers": ov["layers"]}
+               "kind": args.kind, "rank": args.rank, "teacher_batchnorm": "re-estimated on nominal weights",
+               "overhead": ov["total"], "overhead_layers": ov["layers"]}
 
 
 def measure(model, test, args, desc: str, calibrator=None, n_chips=None, seed=None, stream=Stream.EVAL) -> dict:
@@ -249,6 +250,9 @@ def table(results: dict[str, Any]) -> str:
                 f"| {rec['sigma']} | {rec['base']} | {row} | {100 * rec['clean']:.2f}% | {100 * r['mean']:.2f}% ± {100 * r['sem']:.2f} "
                 f"| {100 * r['p5']:.2f}% | {100 * r['mean'] / orig:.1f}% | {100 * r['p5'] / orig:.1f}% "
                 f"| {pp} | {pm} | {t} |")
+    for name, rows in results.get("superseded", {}).items():
+        lines += ["", f"Superseded ({name}): " + "; ".join(
+            f"{row} mean {100 * r['mean']:.2f}%, p5 {100 * r['p5']:.2f}%" for row, r in rows.items())]
     searches = [(rec["base"], rec["sigma"], rec["search"]) for rec in results["entries"].values() if "search" in rec]
     if searches:
         lines += ["", "Placement search (validation images, SEARCH-stream chips, chip-agnostic training):", ""]

@@ -265,3 +265,22 @@ def test_every_layer_geometry_gets_a_matching_branch(layer, x, kind):
             p.add_(0.05)
         z = model(x)
     assert z.shape == y.shape and not torch.equal(z, y)
+
+
+def test_the_teacher_is_the_clean_network_with_clean_batchnorm_statistics():
+    from correctnet.calibration import teacher_logits
+
+    model = _tiny()  # running statistics that do not describe the nominal network (as after noise-aware training)
+    attach_compensation(model, "all", rank=2)
+    x, _ = _data(128)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = teacher_logits(model, x, batch_size=128)
+    ref = copy.deepcopy(model)
+    detach_compensation(ref)
+    with torch.no_grad():
+        h = ref.conv(x)
+        ref.bn.running_mean.copy_(h.mean((0, 2, 3)))
+        ref.bn.running_var.copy_(h.var((0, 2, 3), unbiased=True))
+        expected = ref(x)
+    assert torch.allclose(t, expected, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the student is untouched
