@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import yaml
 
-from .errors import ConfigError, CorrectNetError
+from .errors import ConfigError, run_command
 
 USAGE = """\
 usage: python -m correctnet.aggregate DIR [key=value ...]
@@ -187,15 +187,23 @@ def _error_from(text: str) -> str | None:
     return found
 
 
-def _job_error(run_dir: Path, root: Path, hydra_cfg: Any) -> str | None:
-    """The error a failed job left behind: its job log (``train.log``) or its submitit stderr/stdout."""
-    for log in sorted(run_dir.glob("*.log")):
+def _first_error(logs: list[Path]) -> str | None:
+    """The first error message found in ``logs`` (unreadable files skipped)."""
+    for log in logs:
         try:
             err = _error_from(log.read_text(errors="replace"))
         except OSError:
             continue
         if err:
             return err
+    return None
+
+
+def _job_error(run_dir: Path, root: Path, hydra_cfg: Any) -> str | None:
+    """The error a failed job left behind: its job log (``train.log``) or its submitit stderr/stdout."""
+    err = _first_error(sorted(run_dir.glob("*.log")))
+    if err:
+        return err
     job_id = str(_select(hydra_cfg, "hydra.job.id") or "")
     if not job_id or not re.fullmatch(r"[\w.-]+", job_id):
         return None
@@ -205,13 +213,9 @@ def _job_error(run_dir: Path, root: Path, hydra_cfg: Any) -> str | None:
         folders.insert(0, Path(configured.replace("%j", job_id)))
     for folder in folders:
         logs = sorted(folder.glob(f"{job_id}_*_log.err")) + sorted(folder.glob(f"{job_id}_*_log.out"))
-        for log in logs:
-            try:
-                err = _error_from(log.read_text(errors="replace"))
-            except OSError:
-                continue
-            if err:
-                return err
+        err = _first_error(logs)
+        if err:
+            return err
         if logs and not any(folder.glob(f"{job_id}_*_result.pkl")):
             return f"no metrics.json and no result yet: submitit job {job_id} is still running or was killed ({folder})"
     return None
@@ -572,18 +576,20 @@ def parse_args(argv: Sequence[str]) -> dict[str, str] | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0, or 2 after one ``correctnet: error:`` line)."""
-    try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    found: dict[str, Any] = {}
+
+    def action() -> None:
+        opts = parse_args(argv)
         if opts is None:
             print(USAGE, end="")
-            return 0
-        res = aggregate(opts["dir"], opts.get("out"), opts.get("stages", "final"))
-    except CorrectNetError as e:
-        print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("correctnet: interrupted", file=sys.stderr, flush=True)
-        return 130
+            return
+        found["res"] = aggregate(opts["dir"], opts.get("out"), opts.get("stages", "final"))
+
+    status = run_command(action)
+    if "res" not in found:
+        return status
+    res = found["res"]
     runs = res["runs"]
     bad = [r for r in runs if r.status != "ok"]
     print(f"{len(runs)} runs ({len(runs) - len(bad)} finished, {len(bad)} failed or not run), "

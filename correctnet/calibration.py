@@ -27,22 +27,9 @@ from tqdm.auto import tqdm
 
 from .analog import chip, nominal
 from .compensation import bypass, compensation_parameters, compensators
-from .errors import ConfigError
+from .errors import ConfigError, is_int, is_number, require
 from .evaluate import Data, eval_mode, model_device
 from .seeding import Stream, chip_seed, layer_generator
-
-
-def _need(ok: bool, owner: str, key: str, what: str, value: Any) -> None:
-    if not ok:
-        raise ConfigError(f"{owner}.{key} must be {what}, got {value!r}")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass
@@ -59,12 +46,12 @@ class CompensationConfig:
 
     def __post_init__(self) -> None:
         o = "compensation"
-        _need(_is_int(self.steps) and self.steps >= 1, o, "steps", "an integer >= 1", self.steps)
-        _need(_is_int(self.batch_size) and self.batch_size >= 1, o, "batch_size", "an integer >= 1", self.batch_size)
-        _need(_is_num(self.lr) and self.lr > 0, o, "lr", "a number > 0", self.lr)
-        _need(_is_num(self.distill) and 0 <= self.distill <= 1, o, "distill", "a number in [0, 1]", self.distill)
-        _need(_is_num(self.temperature) and self.temperature > 0, o, "temperature", "a number > 0", self.temperature)
-        _need(_is_int(self.seed) and self.seed >= 0, o, "seed", "an integer >= 0", self.seed)
+        require(is_int(self.steps) and self.steps >= 1, f"{o}.steps", "an integer >= 1", self.steps)
+        require(is_int(self.batch_size) and self.batch_size >= 1, f"{o}.batch_size", "an integer >= 1", self.batch_size)
+        require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
+        require(is_number(self.distill) and 0 <= self.distill <= 1, f"{o}.distill", "a number in [0, 1]", self.distill)
+        require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
+        require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
 
 
 @dataclass
@@ -81,13 +68,13 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         o = "calibration"
-        _need(_is_int(self.steps) and self.steps >= 0, o, "steps", "an integer >= 0", self.steps)
-        _need(_is_int(self.n_images) and self.n_images >= 1, o, "n_images", "an integer >= 1", self.n_images)
-        _need(_is_int(self.batch_size) and self.batch_size >= 1, o, "batch_size", "an integer >= 1", self.batch_size)
-        _need(_is_num(self.lr) and self.lr > 0, o, "lr", "a number > 0", self.lr)
-        _need(_is_num(self.temperature) and self.temperature > 0, o, "temperature", "a number > 0", self.temperature)
-        _need(isinstance(self.batchnorm, bool), o, "batchnorm", "true or false", self.batchnorm)
-        _need(_is_int(self.seed) and self.seed >= 0, o, "seed", "an integer >= 0", self.seed)
+        require(is_int(self.steps) and self.steps >= 0, f"{o}.steps", "an integer >= 0", self.steps)
+        require(is_int(self.n_images) and self.n_images >= 1, f"{o}.n_images", "an integer >= 1", self.n_images)
+        require(is_int(self.batch_size) and self.batch_size >= 1, f"{o}.batch_size", "an integer >= 1", self.batch_size)
+        require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
+        require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
+        require(isinstance(self.batchnorm, bool), f"{o}.batchnorm", "true or false", self.batchnorm)
+        require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

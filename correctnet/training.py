@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .analog import analog_layers, noise_aware, nominal
-from .errors import ConfigError, CorrectNetError
+from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import Data, clean_accuracy, iter_batches
 from .seeding import Stream, chip_seed
 
@@ -50,21 +50,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def need(ok: bool, key: str, accepted: str) -> None:
-            if not ok:
-                raise ConfigError(f"training.{key} must be {accepted}, got {getattr(self, key)!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            require(ok, f"training.{key}", accepted, getattr(self, key))
 
         need(is_int(self.epochs) and self.epochs >= 1, "epochs", "an integer >= 1")
         need(is_int(self.batch_size) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {list(OPTIMIZERS)}")
-        need(is_num(self.lr) and self.lr > 0, "lr", "a number > 0")
-        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(is_num(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
+        need(is_number(self.lr) and self.lr > 0, "lr", "a number > 0")
+        need(is_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
         need(isinstance(self.noise_aware, bool), "noise_aware", "true or false")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..checkpoint import atomic_write
-from ..errors import ConfigError, CorrectNetError
+from ..errors import ConfigError, run_command
 from . import evaluate_checkpoint, format_summary
 
 USAGE = """\
@@ -143,16 +143,13 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0, or 2 after one ``correctnet: error:`` line)."""
-    try:
-        opts = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+
+    def action() -> None:
+        opts = parse_args(argv)
         if opts is None:
             print(USAGE, end="")
-            return 0
-        run(opts)
-    except CorrectNetError as e:
-        print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("correctnet: interrupted", file=sys.stderr, flush=True)
-        return 130
-    return 0
+        else:
+            run(opts)
+
+    return run_command(action)
