@@ -17,7 +17,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -141,12 +141,19 @@ def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool = True,
-                       stage: str = "compensation") -> CompensationResult:
-    """Train the compensators of ``model`` in place on sampled chips; returns the history and chip seeds."""
+                       stage: str = "compensation", on_step: Callable[[int], None] | None = None,
+                       teacher: torch.Tensor | None = None) -> CompensationResult:
+    """Train the compensators of ``model`` in place on sampled chips; returns the history and chip seeds.
+
+    ``on_step(step)`` runs before each step's forward (the placement search uses it to switch random
+    subsets of compensators on and off). ``teacher``: precomputed :func:`teacher_logits` of the training
+    images, ``[N, classes]`` (computed here when None).
+    """
     x, y = _tensors(train_data)
     dev = model_device(model)
     t_start = time.perf_counter()
-    teacher = teacher_logits(model, x) if cfg.distill > 0 else torch.zeros(len(x), 0)
+    if teacher is None:
+        teacher = teacher_logits(model, x) if cfg.distill > 0 else torch.zeros(len(x), 0)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     steps_per_pass = math.ceil(len(x) / cfg.batch_size)
     seeds: list[int] = []
@@ -167,6 +174,8 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                 xb, yb = x[idx].to(dev), y[idx].to(dev)
                 s = chip_seed(Stream.COMPENSATION, cfg.seed, step)
                 seeds.append(s)
+                if on_step is not None:
+                    on_step(step)
                 with chip(model, s):
                     out = model(xb)
                 loss = torch.zeros((), device=dev)

@@ -1,7 +1,8 @@
 """``python -m correctnet.train``: the Hydra entry point that strings the stages together.
 
 Stages: train (plain, noise-aware and/or Lipschitz-suppressed) -> clean and Monte-Carlo evaluation on the
-test split -> optionally compensation modules trained on sampled chips (stage ``compensated``) -> optionally
+test split -> optionally a placement search (``placement=ppo|exhaustive|greedy|...``) that chooses the layers
+to compensate -> optionally compensation modules trained on sampled chips (stage ``compensated``) -> optionally
 per-chip calibration of every evaluation chip (stage ``calibrated``) -> checkpoint + ``metrics.json`` in
 the Hydra run directory. This is the only module that reads config.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .analog import analogize, set_variation
+from .analog import analog_layers, analogize, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
                           train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
@@ -31,6 +32,8 @@ from .errors import ConfigError, CorrectNetError
 from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import build_model
+from .placement import PlacementEvaluator, PPOConfig, SearchConfig, search
+from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .evaluate import resolve_device
 from .training import TrainConfig, train
@@ -91,12 +94,30 @@ def _compensation_config(cfg: DictConfig) -> tuple[Any, dict[str, Any], Compensa
         raise ConfigError(f"compensation.rank must be an integer >= 0, got {rank!r}")
     if not isinstance(affine, bool):
         raise ConfigError(f"compensation.affine must be true or false, got {affine!r}")
+    attach = {"kind": kind, "rank": rank, "affine": affine}
     if placement is None:
         return None, attach, None
     if not isinstance(placement, (str, list, dict)):
         raise ConfigError(f"compensation.placement must be 'all', a list of layer names or a mapping "
                           f"{{layer: rank}}, got {placement!r}")
     return placement, attach, CompensationConfig(seed=cfg.seed, **params)
+
+
+def _placement_config(cfg: DictConfig) -> tuple[str | None, SearchConfig | None, PPOConfig | None]:
+    """(strategy or None, scoring settings, PPO settings) from ``cfg.placement``."""
+    params = OmegaConf.to_container(cfg.placement, resolve=True) if cfg.get("placement") is not None else {}
+    assert isinstance(params, dict)
+    strategy = params.pop("strategy", None)
+    if strategy is None:
+        return None, None, None
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"placement.strategy must be one of {list(STRATEGIES)} or null, got {strategy!r}")
+    ppo = params.pop("ppo", None) or {}
+    known, known_ppo = set(SearchConfig.__dataclass_fields__), set(PPOConfig.__dataclass_fields__)
+    for keys, ok, where in ((set(params), known, "placement"), (set(ppo), known_ppo, "placement.ppo")):
+        if keys - ok:
+            raise ConfigError(f"unknown {where} keys {sorted(keys - ok)}; accepted: {sorted(ok)}")
+    return strategy, SearchConfig(**params), PPOConfig(**ppo)
 
 
 def _calibration_config(cfg: DictConfig) -> CalibrationConfig | None:
@@ -130,6 +151,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     train_variation = _variation(cfg, noise_sigma) if noise_sigma is not None else variation
     placement, attach_kw, comp_cfg = _compensation_config(cfg)
     cal_cfg = _calibration_config(cfg)
+    strategy, search_cfg, ppo_cfg = _placement_config(cfg)
+    if strategy is not None and comp_cfg is None:
+        raise ConfigError(f"placement.strategy={strategy} searches where compensation goes, but no compensation is "
+                          f"configured: add compensation=all (its kind, rank and training settings are used)")
     n_chips = _positive_int(cfg, "evaluation.n_chips")
     profile_chips = _positive_int(cfg, "evaluation.profile_chips")
     profile_samples = _positive_int(cfg, "evaluation.profile_samples")
@@ -150,6 +175,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True).to(device)
     if placement is not None:
         placement = resolve_placement(model, placement, attach_kw.get("rank", 4))  # bad names fail before training
+    if strategy is not None and len(data.val) == 0:
+        raise ConfigError("the placement search scores placements on the validation split, which is empty; "
+                          "set dataset.val_fraction > 0")
     if cal_cfg is not None and cal_cfg.n_images > len(data.train):
         raise ConfigError(f"calibration.n_images={cal_cfg.n_images} exceeds the {len(data.train)} training images")
     if cal_cfg is not None and placement is None and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
@@ -188,10 +216,21 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                                                         "seed": eval_seed, "relative_error": profile},
                                       "plot": plot.name}}
     cost = None
+    placement_record = None
+    shared: dict[str, Any] = {}
+    if strategy is not None:
+        assert search_cfg is not None and comp_cfg is not None
+        placement, shared, placement_record = _search(model, data, strategy, search_cfg, ppo_cfg, attach_kw,
+                                                      comp_cfg, progress)
+        if not placement:
+            log.info("the search chose no compensation: no compensated stage")
+            placement = None
     if placement is not None:
         assert comp_cfg is not None
         stage = "compensated"
         attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
+        for name, state in shared.items():  # fine-tune the search's shared compensators
+            analog_layers(model)[name].compensator.load_state_dict(state)
         cost = overhead(model, data.test.tensors[0][:1].to(device))
         log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(placement),
                  cost["total"]["params_pct"], cost["total"]["macs_pct"])
@@ -202,6 +241,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         stages[stage] = {"clean_accuracy": clean_accuracy(model, data.test, batch_size=eval_batch), "mc": mc_c.to_dict(),
                          "training": {**asdict(comp_cfg), **result.to_dict()}, "placement": compensation_spec(model),
                          "overhead": cost, "eval_seconds": time.perf_counter() - t0}
+    if cal_cfg is not None and placement is None and strategy is not None and not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage")
+        cal_cfg = None
     if cal_cfg is not None:
         t0 = time.perf_counter()
         images = calibration_images(data.train, cal_cfg.n_images, cal_cfg.seed).to(device)
@@ -219,6 +262,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "variation": variation.to_dict(),
         "stages": stages,
         "overhead": cost,
+        "placement": placement_record,
         "config": resolved,
         "versions": vers,
         "device": str(device),
@@ -234,6 +278,28 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)), overwrite=True)
     _print_summary(metrics, out_dir)
     return metrics
+
+
+def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: SearchConfig, ppo_cfg: PPOConfig | None,
+            attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool
+            ) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
+    """The placement search stage: (placement {layer: rank}, shared compensator weights, metrics record)."""
+    t0 = time.perf_counter()
+    log.info("placement search (%s): training shared compensators (%d steps), scoring on %d search chips x %d "
+             "validation images", strategy, search_cfg.shared_steps, search_cfg.chips,
+             min(search_cfg.val_images, len(data.val)))
+    evaluator = PlacementEvaluator(model, data.train, data.val.tensors, search_cfg, attach=attach_kw,
+                                   comp_cfg=comp_cfg, progress=progress)
+    result = search(evaluator, strategy, seed=search_cfg.seed, ppo=ppo_cfg, progress=progress)
+    b = result.best
+    msg = (f"placement search ({strategy}): {result.chosen or 'no layer'}, objective {b.objective:.2f} pp "
+           f"(recovers {100 * (b.accuracy - evaluator.base_accuracy):.2f} pp at +{b.cost:.2f}% {search_cfg.cost}, "
+           f"price {search_cfg.price:g}), {result.evaluations} of {result.n_placements} placements evaluated "
+           f"in {result.seconds:.1f} s")
+    log.info("%s", msg)
+    print(msg, flush=True)
+    record = {**result.to_dict(), "evaluator": evaluator.summary(), "seconds_total": time.perf_counter() - t0}
+    return evaluator.to_placement(b.placement), evaluator.shared_state(b.placement), record
 
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:

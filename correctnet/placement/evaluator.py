@@ -1,0 +1,272 @@
+"""Cheap, honest evaluation of compensation placements: shared compensators, search chips, a cache.
+
+A *placement* is a tuple of booleans, one per candidate analog layer in module order (``True``: the layer
+gets a compensator). Its **objective**, in percentage points (pp), is
+
+    objective(p) = 100 * (acc(p) - acc(none)) - price * cost(p)
+
+* ``acc(p)``: mean accuracy over ``chips`` search chips (``Stream.SEARCH``, never evaluation chips) on
+  ``val_images`` images of the *validation* split, with the compensators of ``p`` switched on;
+* ``cost(p)``: the compensators' overhead in % of the network's parameters (``cost="params"``) or MACs
+  (``cost="macs"``), the sum of the per-layer overheads of :func:`correctnet.compensation.overhead`;
+* ``price``: pp of accuracy one % of overhead is worth. With ``budget`` (in % as well), placements
+  costing more are infeasible: their objective is ``-inf`` and they are never evaluated.
+
+``objective(none) = 0`` by construction. **Weight sharing**: every candidate layer gets a compensator once,
+and they are trained together on sampled chips (``Stream.COMPENSATION``) while a random subset is
+switched on at each step (each layer with probability ``active_prob``), so that any subset works without
+retraining (the "one-shot" supernet idea of neural architecture search, Bender et al. 2018). Evaluating
+a placement is then forwards only: ``chips`` forwards over the validation images. Results are cached by
+placement: a placement is never evaluated twice, and :attr:`PlacementEvaluator.evaluations` counts the
+distinct ones.
+
+The estimate is chip-agnostic. A run that deploys per-chip calibration is searched with this estimate
+too (calibrating every search chip for every placement would cost ``chips x calibration`` per
+placement); ``experiments/placement.py --check-estimates`` measures it against the real values.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..analog import analog_layers, chip, nominal
+from ..calibration import CompensationConfig, train_compensation
+from ..compensation import attach_compensation, compensators, overhead
+from ..errors import ConfigError, is_int, is_number, require
+from ..evaluate import eval_mode, model_device
+from ..lipschitz import lipschitz_constants
+from ..seeding import Stream, chip_seed
+
+Placement = tuple[bool, ...]
+COSTS = ("params", "macs")
+
+
+@dataclass
+class SearchConfig:
+    """How placements are scored (see the module docstring for the objective)."""
+
+    price: float = 1.0          # pp of accuracy per 1% of overhead
+    cost: str = "params"        # params | macs: the overhead the price applies to
+    budget: float | None = None  # hard overhead limit in %, or None
+    chips: int = 10             # search chips (Stream.SEARCH)
+    val_images: int = 1000      # validation images per chip
+    shared_steps: int = 500     # training steps of the shared compensators
+    active_prob: float = 0.5    # probability that a compensator is on at a shared training step
+    batch_size: int = 1000      # evaluation batch
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        o = "placement"
+        require(is_number(self.price) and self.price >= 0, f"{o}.price", "a number >= 0", self.price)
+        require(self.cost in COSTS, f"{o}.cost", f"one of {list(COSTS)}", self.cost)
+        require(self.budget is None or (is_number(self.budget) and self.budget >= 0), f"{o}.budget",
+                "null or a number >= 0 (% of the network)", self.budget)
+        for key in ("chips", "val_images", "shared_steps", "batch_size"):
+            v = getattr(self, key)
+            require(is_int(v) and v >= 1, f"{o}.{key}", "an integer >= 1", v)
+        require(is_number(self.active_prob) and 0 < self.active_prob <= 1, f"{o}.active_prob",
+                "a number in (0, 1]", self.active_prob)
+        require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
+
+
+@dataclass
+class Evaluation:
+    """One evaluated placement: accuracies in [0, 1], cost in %, objective in pp."""
+
+    placement: Placement
+    accuracy: float
+    cost: float
+    objective: float
+    index: int            # 0 for the first distinct placement evaluated
+    seconds: float        # since the evaluator was built
+
+    def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
+        return {"layers": [n for n, on in zip(names, self.placement) if on], "accuracy": self.accuracy,
+                "cost": self.cost, "objective": self.objective, "index": self.index, "seconds": self.seconds}
+
+
+class PlacementEvaluator:
+    """Scores placements over the analog layers of ``model`` with shared compensators (module docstring).
+
+    Works on a deep copy of ``model`` (which is left untouched). ``train_data``: the training split (x, y)
+    the shared compensators learn on (distillation from the clean network); ``val``: ``(x [N, ...], y [N])``
+    validation images, of which the first ``cfg.val_images`` are used. ``attach``: ``kind``, ``rank``,
+    ``affine`` of the compensators; ``comp_cfg``: their training (``steps`` is replaced by
+    ``cfg.shared_steps``). ``layers``: candidate layer names (default: every analog layer).
+    """
+
+    def __init__(self, model: nn.Module, train_data: Any, val: tuple[torch.Tensor, torch.Tensor],
+                 cfg: SearchConfig, *, attach: dict[str, Any] | None = None,
+                 comp_cfg: CompensationConfig | None = None, layers: Sequence[str] | None = None,
+                 progress: bool = False) -> None:
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.model = copy.deepcopy(model)
+        if compensators(self.model):
+            raise ConfigError("the placement search needs a model without compensation modules; detach them first")
+        analog = analog_layers(self.model)
+        self.names: list[str] = list(layers) if layers is not None else list(analog)
+        unknown = [n for n in self.names if n not in analog]
+        if unknown or not self.names:
+            raise ConfigError(f"placement layers {unknown or '[]'} are not analog layers; analog layers: {list(analog)}")
+        dev = model_device(self.model)
+        self.val_x = val[0][:cfg.val_images].to(dev)
+        self.val_y = val[1][:cfg.val_images].to(dev)
+        self.chip_seeds = [chip_seed(Stream.SEARCH, cfg.seed, i) for i in range(cfg.chips)]
+        self.attach = {"kind": "output", "rank": 4, "affine": True, **(attach or {})}
+        example = self.val_x[:1]
+
+        self.lipschitz = {n: c for n, c in lipschitz_constants(self.model, example).items() if n in self.names}
+        self.layer_info = self._layer_info(example)
+        self.base_accuracy = self._accuracy()  # no compensator exists yet: the uncompensated network
+        self.sensitivity = self._sensitivities()
+
+        self.comps = attach_compensation(self.model, self.names, seed=cfg.seed, **self.attach)
+        cost = overhead(self.model, example)
+        self.layer_cost = [cost["layers"][n][f"{cfg.cost}_pct"] for n in self.names]
+        self.overhead = cost
+        gen = torch.Generator().manual_seed(cfg.seed)
+        comps = list(self.comps.values())
+
+        def random_subset(step: int) -> None:
+            on = torch.rand(len(comps), generator=gen) < cfg.active_prob
+            if not on.any():  # a step with nothing to train: switch one on
+                on[torch.randint(len(comps), (1,), generator=gen)] = True
+            for c, a in zip(comps, on.tolist()):
+                c.active = a
+
+        tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
+        tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
+        self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
+                                           stage="shared compensators", on_step=random_subset).to_dict()
+        self.cache: dict[Placement, Evaluation] = {}
+        self.history: list[Evaluation] = []
+        self.requests = 0
+        self._t0 = time.perf_counter()
+        self.setup_seconds = self._t0 - t0
+
+    # ------------------------------------------------------------------ layer facts
+    def _layer_info(self, example: torch.Tensor) -> list[dict[str, Any]]:
+        """Position, type, share of the analog weights and of the analog MACs of every candidate layer."""
+        layers = analog_layers(self.model)
+        macs: dict[str, int] = {}
+        hooks = [layers[n].register_forward_hook(
+            lambda m, a, out, n=n: macs.__setitem__(n, out[0].numel() * m.weight[0].numel())) for n in self.names]
+        try:
+            with eval_mode(self.model):
+                self.model(example)
+        finally:
+            for h in hooks:
+                h.remove()
+        params = {n: layers[n].weight.numel() for n in self.names}
+        tp, tm = sum(params.values()), max(sum(macs.values()), 1)
+        return [{"name": n, "position": i, "conv": not isinstance(layers[n], nn.Linear),
+                 "params_share": params[n] / tp, "macs_share": macs[n] / tm}
+                for i, n in enumerate(self.names)]
+
+    def _sensitivities(self) -> list[float]:
+        """Accuracy lost (pp) on the search chips when only this layer has variations, uncompensated."""
+        layers = analog_layers(self.model)
+        out = []
+        for n in self.names:
+            others = [l for m, l in layers.items() if m != n]
+            out.append(100 * (self._clean() - self._accuracy(nominal_layers=others)))
+        return out
+
+    def _clean(self) -> float:
+        if not hasattr(self, "_clean_acc"):
+            with eval_mode(self.model), nominal(self.model):
+                self._clean_acc = (self.model(self.val_x).argmax(1) == self.val_y).float().mean().item()
+        return self._clean_acc
+
+    # ------------------------------------------------------------------ scoring
+    def _accuracy(self, nominal_layers: Sequence[nn.Module] = ()) -> float:
+        """Mean accuracy over the search chips as the model is now; ``nominal_layers`` get no variation."""
+        bs = self.cfg.batch_size
+        accs = []
+        with eval_mode(self.model):
+            for s in self.chip_seeds:
+                with chip(self.model, s):
+                    for layer in nominal_layers:
+                        layer.set_off()
+                    correct = sum((self.model(self.val_x[i:i + bs]).argmax(1) == self.val_y[i:i + bs]).sum().item()
+                                  for i in range(0, len(self.val_x), bs))
+                    accs.append(correct / len(self.val_x))
+        return float(np.mean(accs))
+
+    def cost(self, placement: Placement) -> float:
+        """Overhead of ``placement`` in % (``cfg.cost``)."""
+        return float(sum(c for c, on in zip(self.layer_cost, placement) if on))
+
+    def feasible(self, placement: Placement) -> bool:
+        return self.cfg.budget is None or self.cost(placement) <= self.cfg.budget + 1e-9
+
+    def check(self, placement: Sequence[bool]) -> Placement:
+        p = tuple(bool(v) for v in placement)
+        if len(p) != len(self.names):
+            raise ConfigError(f"a placement has one entry per layer {self.names}, got {len(p)} entries")
+        return p
+
+    def evaluate(self, placement: Sequence[bool]) -> Evaluation:
+        """Score ``placement`` (cached); an infeasible one scores ``-inf`` without being evaluated."""
+        p = self.check(placement)
+        self.requests += 1
+        if p in self.cache:
+            return self.cache[p]
+        cost = self.cost(p)
+        if not self.feasible(p):
+            return Evaluation(p, float("nan"), cost, -math.inf, -1, time.perf_counter() - self._t0)
+        for c, on in zip(self.comps.values(), p):
+            c.active = on
+        acc = self._accuracy()
+        ev = Evaluation(p, acc, cost, 100 * (acc - self.base_accuracy) - self.cfg.price * cost, len(self.history),
+                        time.perf_counter() - self._t0)
+        self.cache[p] = ev
+        self.history.append(ev)
+        return ev
+
+    @property
+    def evaluations(self) -> int:
+        """Distinct placements evaluated so far."""
+        return len(self.history)
+
+    @property
+    def n_placements(self) -> int:
+        return 2 ** len(self.names)
+
+    def best(self) -> Evaluation:
+        """The best placement evaluated so far (ties: the earlier one)."""
+        if not self.history:
+            raise ConfigError("no placement has been evaluated yet")
+        return max(self.history, key=lambda e: (e.objective, -e.index))
+
+    def to_placement(self, placement: Sequence[bool]) -> dict[str, int]:
+        """``{layer: rank}`` for :func:`correctnet.compensation.attach_compensation`."""
+        return {n: self.attach["rank"] for n, on in zip(self.names, self.check(placement)) if on}
+
+    def shared_state(self, placement: Sequence[bool]) -> dict[str, dict[str, torch.Tensor]]:
+        """The shared compensators' weights of the layers in ``placement`` (to fine-tune from)."""
+        return {n: {k: v.detach().clone() for k, v in self.comps[n].state_dict().items()}
+                for n, on in zip(self.names, self.check(placement)) if on}
+
+    def summary(self) -> dict[str, Any]:
+        return {"layers": self.names, "config": asdict(self.cfg), "attach": self.attach,
+                "base_accuracy": self.base_accuracy, "clean_accuracy": self._clean(),
+                "layer_cost": dict(zip(self.names, self.layer_cost)),
+                "sensitivity": dict(zip(self.names, self.sensitivity)), "lipschitz": self.lipschitz,
+                "chip_seeds": self.chip_seeds, "setup_seconds": self.setup_seconds,
+                "shared_training": {k: v for k, v in self.training.items() if k != "history"}}
+
+
+def enumerate_placements(n: int) -> list[Placement]:
+    """All ``2**n`` placements over ``n`` layers, ``none`` first, in binary counting order."""
+    return [tuple(bool(i >> (n - 1 - j) & 1) for j in range(n)) for i in range(2 ** n)]
+
+__all__ = ["COSTS", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "enumerate_placements"]

@@ -1,0 +1,190 @@
+"""Placement search strategies behind one function: ``search(evaluator, strategy, ...)``.
+
+* ``ppo`` (default): a PPO agent (stable-baselines3) learns in :class:`PlacementEnv`; training stops after
+  ``max_evaluations`` distinct placements or ``episodes`` episodes, then the deterministic policy's
+  placement is evaluated too. The result is the best placement evaluated (the cache makes revisits free).
+* ``exhaustive``: every feasible placement (``2**L``); the reference optimum for small ``L``.
+* ``greedy``: layers by decreasing sensitivity; a layer is added when it raises the objective (``<= L + 1``
+  evaluations).
+* ``all`` / ``none``: every layer / no layer (infeasible ``all`` under a budget scores ``-inf``).
+
+All are seeded and reproducible: the same evaluator settings and seed give the same search.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import is_int, require
+from .env import PlacementEnv
+from .evaluator import Evaluation, Placement, PlacementEvaluator, enumerate_placements
+
+STRATEGIES = ("ppo", "exhaustive", "greedy", "all", "none")
+
+
+@dataclass
+class PPOConfig:
+    """PPO settings for the placement agent (stable-baselines3 names)."""
+
+    max_evaluations: int | None = None  # distinct placements; None: max(16, 25% of 2**L), capped at 2**L
+    episodes: int = 2000                # upper bound on training episodes
+    episodes_per_update: int = 16       # rollout length n_steps = episodes_per_update * L
+    learning_rate: float = 3e-3
+    n_epochs: int = 10
+    ent_coef: float = 0.01
+    net_arch: tuple[int, ...] = (64, 64)
+    reward_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        o = "placement.ppo"
+        require(self.max_evaluations is None or (is_int(self.max_evaluations) and self.max_evaluations >= 1),
+                f"{o}.max_evaluations", "null or an integer >= 1", self.max_evaluations)
+        for key in ("episodes", "episodes_per_update", "n_epochs"):
+            require(is_int(getattr(self, key)) and getattr(self, key) >= 1, f"{o}.{key}", "an integer >= 1",
+                    getattr(self, key))
+        self.net_arch = tuple(self.net_arch)
+
+
+@dataclass
+class SearchResult:
+    """The chosen placement and what finding it cost."""
+
+    strategy: str
+    layers: list[str]             # candidate layers, in order
+    best: Evaluation
+    evaluations: int              # distinct placements this search asked for (the uncompensated one included)
+    n_placements: int             # 2 ** len(layers)
+    seconds: float                # search time (the shared compensators' training excluded)
+    history: list[dict[str, Any]]  # every distinct placement asked for, in order, with seconds since the start
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def placement(self) -> Placement:
+        return self.best.placement
+
+    @property
+    def chosen(self) -> list[str]:
+        return [n for n, on in zip(self.layers, self.best.placement) if on]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "chosen": self.chosen, "objective": self.best.objective,
+                "accuracy": self.best.accuracy, "cost": self.best.cost, "evaluations": self.evaluations,
+                "n_placements": self.n_placements, "seconds": self.seconds, "history": self.history, **self.extra}
+
+
+class _Session:
+    """The evaluator as one search sees it: counts the distinct placements *this* search asks for, so a
+    strategy's cost does not depend on what an earlier search left in the shared cache."""
+
+    def __init__(self, evaluator: PlacementEvaluator) -> None:
+        self.evaluator = evaluator
+        self.seen: dict[Placement, tuple[Evaluation, float]] = {}
+        self.t0 = time.perf_counter()
+
+    def __getattr__(self, name: str) -> Any:  # names, cfg, layer_cost, sensitivity, ... of the evaluator
+        return getattr(self.evaluator, name)
+
+    def evaluate(self, placement: Placement) -> Evaluation:
+        ev = self.evaluator.evaluate(placement)
+        if math.isfinite(ev.objective) and ev.placement not in self.seen:
+            self.seen[ev.placement] = (ev, time.perf_counter() - self.t0)
+        return ev
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.seen)
+
+    def best(self) -> Evaluation:
+        # ties: the placement asked for first
+        return max(self.seen.values(), key=lambda e: e[0].objective)[0]
+
+
+def _default_max_evaluations(n_layers: int) -> int:
+    return min(2 ** n_layers, max(16, math.ceil(0.25 * 2 ** n_layers)))
+
+
+def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 0, ppo: PPOConfig | None = None,
+           progress: bool = False) -> SearchResult:
+    """Run ``strategy`` on ``evaluator`` and return the best placement it found.
+
+    Several searches may share one evaluator (and its cache); each reports the distinct placements it
+    asked for as its own ``evaluations``, as if it had run alone.
+    """
+    require(strategy in STRATEGIES, "placement.strategy", f"one of {list(STRATEGIES)}", strategy)
+    require(is_int(seed) and seed >= 0, "placement.seed", "an integer >= 0", seed)
+    session = _Session(evaluator)
+    n = len(evaluator.names)
+    extra: dict[str, Any] = {}
+    none = (False,) * n
+    best = session.evaluate(none)  # the reference point (objective 0)
+    if strategy == "all":
+        best = session.evaluate((True,) * n)
+    elif strategy == "exhaustive":
+        todo = [p for p in enumerate_placements(n) if evaluator.feasible(p)]
+        for p in tqdm(todo, desc="exhaustive search", disable=not progress, leave=False, dynamic_ncols=True):
+            session.evaluate(p)
+        best = session.best()
+        extra["feasible"] = len(todo)
+    elif strategy == "greedy":
+        order = sorted(range(n), key=lambda i: -evaluator.sensitivity[i])
+        for i in order:
+            cand = tuple(on or j == i for j, on in enumerate(best.placement))
+            if evaluator.feasible(cand):
+                ev = session.evaluate(cand)
+                if ev.objective > best.objective:
+                    best = ev
+        extra["order"] = [evaluator.names[i] for i in order]
+    elif strategy == "ppo":
+        extra["ppo"] = _ppo(session, ppo or PPOConfig(), seed, progress)
+        best = session.best()
+    names = list(evaluator.names)
+    history = [{**ev.to_dict(names), "seconds": t} for ev, t in session.seen.values()]
+    for h in history:
+        h.pop("index")
+    return SearchResult(strategy, names, best, session.evaluations, evaluator.n_placements,
+                        time.perf_counter() - session.t0, history, extra)
+
+
+def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict[str, Any]:
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    n = len(evaluator.names)
+    cap = cfg.max_evaluations or _default_max_evaluations(n)
+    env = PlacementEnv(evaluator, reward_scale=cfg.reward_scale)  # type: ignore[arg-type]
+    n_steps = cfg.episodes_per_update * n
+    bar = tqdm(total=cap, desc="PPO placement search", disable=not progress, leave=False, dynamic_ncols=True)
+
+    class Stop(BaseCallback):
+        def _on_step(self) -> bool:
+            bar.update(evaluator.evaluations - bar.n)
+            if self.locals.get("dones") is not None and self.locals["dones"][0]:
+                bar.set_postfix(best=f"{evaluator.best().objective:.2f}")
+            return evaluator.evaluations < cap
+
+    rng_state = torch.get_rng_state()  # SB3 seeds torch's global generator; leave the caller's untouched
+    try:
+        agent = PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, n_epochs=cfg.n_epochs,
+                    learning_rate=cfg.learning_rate, gamma=1.0, gae_lambda=1.0, ent_coef=cfg.ent_coef,
+                    policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed, device="cpu", verbose=0)
+        agent.learn(total_timesteps=cfg.episodes * n, callback=Stop())
+        steps = agent.num_timesteps
+        obs, _ = env.reset()
+        for _ in range(n):
+            action, _ = agent.predict(obs, deterministic=True)
+            obs, _, _, _, info = env.step(int(action))
+        policy = info["placement"]
+    finally:
+        torch.set_rng_state(rng_state)
+        bar.close()
+    return {"timesteps": steps, "episodes": steps // n, "max_evaluations": cap, "n_steps": n_steps,
+            "policy_placement": [name for name, on in zip(evaluator.names, policy) if on],
+            "policy_objective": evaluator.evaluate(policy).objective}
+
+
+__all__ = ["PPOConfig", "STRATEGIES", "SearchResult", "search"]
