@@ -8,6 +8,7 @@ the Hydra run directory. This is the only module that reads config.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -35,7 +36,7 @@ from .models import build_model
 from .placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
-from .evaluate import resolve_device
+from .evaluate import first_samples, resolve_device
 from .training import TrainConfig, train
 from .variation import make_variation
 
@@ -169,6 +170,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     model_name = model_kwargs.pop("name", None)
 
     data = load_dataset(cfg.dataset.name, cfg.dataset.get("root"), val_fraction=cfg.dataset.val_fraction, seed=cfg.seed)
+    data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, data.input_shape, data.num_classes, **model_kwargs)
     include = list(cfg.analog.include) if cfg.analog.include is not None else None

@@ -12,6 +12,7 @@ optionally other variation models); ``python -m correctnet.evaluate`` is its com
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shlex
@@ -57,6 +58,15 @@ def iter_batches(data: Data, batch_size: int, device: torch.device | str | None 
             idx = order[i:i + batch_size]
             xb, yb = x[idx], y[idx]
         yield (xb.to(device), yb.to(device)) if device else (xb, yb)
+
+
+def first_samples(data: TensorDataset, n: int | None, key: str = "evaluation.test_samples") -> TensorDataset:
+    """The first ``n`` samples of ``data`` (all of them when ``n`` is None)."""
+    if n is None:
+        return data
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(data):
+        raise ConfigError(f"{key} must be null or an integer in [1, {len(data)}] (the split's size), got {n!r}")
+    return TensorDataset(*(t[:n] for t in data.tensors))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -235,6 +245,7 @@ def _exported(meta: Mapping[str, Any], stage: str) -> dict[str, Any] | None:
 def evaluate_checkpoint(path: str | os.PathLike, *,
                         variations: Sequence[VariationModel | Mapping[str, Any]] | None = None,
                         n_chips: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                        test_samples: int | None = None,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
                         progress: bool = False) -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
@@ -251,9 +262,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
     cfg = _section(meta, "config")
-    ev = {"n_chips": 100, "seed": 0, "batch_size": 1000}
+    ev: dict[str, Any] = {"n_chips": 100, "seed": 0, "batch_size": 1000, "test_samples": None}
     ev.update({k: v for k, v in _section(cfg, "evaluation").items() if k in ev})
-    ev.update({k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size)) if v is not None})
+    ev.update({k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size),
+                                 ("test_samples", test_samples)) if v is not None})
     for key, low in (("n_chips", 1), ("seed", 0), ("batch_size", 1)):
         v = ev[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -277,6 +289,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         raise ConfigError(f"dataset {data.name!r} has inputs {list(data.input_shape)} and {data.num_classes} classes; "
                           f"the checkpoint's model expects {spec['input_shape']} and {spec['num_classes']}")
 
+    data = dataclasses.replace(data, test=first_samples(data.test, ev["test_samples"]))
     stage = meta.get("stage", "model")
     exported = _exported(meta, stage)
     clean = clean_accuracy(model, data.test, batch_size=ev["batch_size"])

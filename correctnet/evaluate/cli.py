@@ -28,6 +28,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   evaluation.n_chips=N      number of simulated chips
   evaluation.seed=S         chip i is seeding.chip_seed(Stream.EVAL, S, i)
   evaluation.batch_size=B
+  evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
   dataset.root=DIR          where the dataset is on this machine
   dataset.name=NAME  dataset.val_fraction=F  seed=S   only for checkpoints that do not record them
   device=auto|cpu|cuda|cuda:N   (default auto)
@@ -36,7 +37,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 """
 
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "evaluation.n_chips", "evaluation.seed",
-        "evaluation.batch_size", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
+        "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite")
 
 
@@ -109,7 +110,7 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     if "seed" in opts:
         dataset["seed"] = _number("seed", opts["seed"], int)
     ints = {k: _number(f"evaluation.{k}", opts[f"evaluation.{k}"], int)
-            for k in ("n_chips", "seed", "batch_size") if f"evaluation.{k}" in opts}
+            for k in ("n_chips", "seed", "batch_size", "test_samples") if f"evaluation.{k}" in opts}
     res = evaluate_checkpoint(opts["checkpoint"], variations=variations, dataset=dataset, device=opts.get("device", "auto"),
                               progress=_bool("progress", opts.get("progress", "true")), **ints)
     if out is not None:
