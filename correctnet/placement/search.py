@@ -156,6 +156,8 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
 
     n = len(evaluator.names)
     cap = cfg.max_evaluations or _default_max_evaluations(n)
+    if n <= 16:  # under a budget fewer placements may exist than the cap: stop when all were seen
+        cap = min(cap, sum(evaluator.feasible(p) for p in enumerate_placements(n)))
     env = PlacementEnv(evaluator, reward_scale=cfg.reward_scale)  # type: ignore[arg-type]
     n_steps = cfg.episodes_per_update * n
     bar = tqdm(total=cap, desc="PPO placement search", disable=not progress, leave=False, dynamic_ncols=True)
