@@ -232,6 +232,12 @@ class PlacementEvaluator:
         self.history.append(ev)
         return ev
 
+    def clear_cache(self) -> None:
+        """Forget every evaluation (e.g. to time strategies independently, or after changing ``cfg.price``)."""
+        self.cache.clear()
+        self.history.clear()
+        self._t0 = time.perf_counter()
+
     @property
     def evaluations(self) -> int:
         """Distinct placements evaluated so far."""
