@@ -8,6 +8,13 @@ An analog layer computes with ``variation.apply(weight, noise)`` instead of ``we
 * ``"noisy"``: noise-aware training: a fresh sample at every forward; gradients flow to the nominal
   weights through the perturbed ones.
 
+Per-read noise (``VariationModel.apply_read``, e.g. ``rram`` with ``read_noise``) is drawn at every forward
+in ``chip`` and ``noisy`` modes, on top of the static sample: in ``chip`` mode from a generator seeded by
+``(chip seed, layer name + ":read")`` when the chip is programmed, so a chip's sequence of reads is
+reproducible; in ``noisy`` mode from the training stream. Converters (``VariationModel.dac``/``adc``) quantize
+the layer's input and its analog output (the bias is digital, added after) in those modes too; ``off``
+mode is exact and applies neither.
+
 The nominal parameters are never written. Layers are converted by swapping their class for an analog
 subclass (the technique ``torch.nn.utils.parametrize`` uses), so parameter names, and therefore
 ``state_dict()`` keys, are unchanged: an analog model's state_dict loads into the plain model and back.
@@ -49,6 +56,7 @@ class AnalogLayer(nn.Module):
         self.chip_seed = None
         self._noise_seed: int | None = None
         self._noise_gen: torch.Generator | None = None
+        self._read_gen: torch.Generator | None = None
         self._digital_class = digital_class
         self.register_buffer("_chip_noise", None, persistent=False)
 
@@ -58,6 +66,7 @@ class AnalogLayer(nn.Module):
         with torch.no_grad():
             gen = layer_generator(seed, self.analog_name, self.weight.device)
             self._chip_noise = self.variation.sample(self.weight, gen)
+        self._read_gen = layer_generator(seed, self.analog_name + ":read", self.weight.device)
         self.chip_seed = seed
         self.analog_mode = "chip"
 
@@ -68,7 +77,7 @@ class AnalogLayer(nn.Module):
 
     def set_off(self) -> None:
         self.analog_mode, self.chip_seed, self._chip_noise = "off", None, None
-        self._noise_seed, self._noise_gen = None, None
+        self._noise_seed, self._noise_gen, self._read_gen = None, None, None
 
     def analog_weight(self) -> torch.Tensor:
         """The weight the hardware computes with in the current mode (differentiable in ``weight``)."""
@@ -76,10 +85,33 @@ class AnalogLayer(nn.Module):
         if self.analog_mode == "off":
             return w
         if self.analog_mode == "chip":
-            return self.variation.apply(w, self._chip_noise)
+            if self._read_gen is not None and self._read_gen.device != w.device:
+                self._read_gen = layer_generator(self.chip_seed or 0, self.analog_name + ":read", w.device)
+            return self.variation.apply_read(w, self._chip_noise, self._read_gen)
         if self._noise_gen is None or self._noise_gen.device != w.device:
             self._noise_gen = layer_generator(self._noise_seed or 0, self.analog_name, w.device)
-        return self.variation.apply(w, self.variation.sample(w, self._noise_gen))
+        return self.variation.apply_read(w, self.variation.sample(w, self._noise_gen), self._noise_gen)
+
+    # -- forward (subclasses give the operation, its bias broadcast and the vector dims) --------------
+    def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _bias_view(self) -> torch.Tensor:
+        return self.bias
+
+    def _vector_dims(self) -> tuple[int, ...]:
+        """Trailing dimensions of one input/output vector (the converters take their range over them)."""
+        return (-1,)
+
+    def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = self.variation
+        if self.analog_mode == "off" or not v.converts:
+            return self._compensate(x, self._mvm(x, self.analog_weight(), self.bias))
+        dims = self._vector_dims()
+        y = v.adc(self._mvm(v.dac(x, dims), self.analog_weight(), None), dims)
+        if self.bias is not None:  # the bias is digital: added after the ADC
+            y = y + self._bias_view()
+        return self._compensate(x, y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, analog={self.variation.name}(sigma={self.variation.sigma:g}), mode={self.analog_mode}"
@@ -92,13 +124,25 @@ class AnalogLayer(nn.Module):
 
 
 class AnalogLinear(AnalogLayer, nn.Linear):
+    def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compensate(x, F.linear(x, self.analog_weight(), self.bias))
+        return self._analog_forward(x)
 
 
 class _AnalogConv(AnalogLayer):
+    def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+
+    def _bias_view(self) -> torch.Tensor:
+        return self.bias.view(-1, *[1] * len(self.kernel_size))  # type: ignore[attr-defined]
+
+    def _vector_dims(self) -> tuple[int, ...]:  # one sample: channels and spatial dims
+        return tuple(range(-1 - len(self.kernel_size), 0))  # type: ignore[attr-defined]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compensate(x, self._conv_forward(x, self.analog_weight(), self.bias))  # type: ignore[attr-defined]
+        return self._analog_forward(x)
 
 
 class AnalogConv1d(_AnalogConv, nn.Conv1d):
@@ -190,7 +234,7 @@ def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     for layer in analog_layers(model).values():
         layer.set_off()
-        for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen"):
+        for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen", "_read_gen"):
             layer.__dict__.pop(attr, None)
         layer._buffers.pop("_chip_noise", None)
         layer._non_persistent_buffers_set.discard("_chip_noise")
@@ -238,12 +282,13 @@ def set_variation(model: nn.Module, variation: VariationModel) -> None:
 @contextlib.contextmanager
 def _restoring(model: nn.Module) -> Iterator[None]:
     layers = analog_layers(model)
-    saved = {n: (l.analog_mode, l.chip_seed, l._chip_noise, l._noise_seed, l._noise_gen) for n, l in layers.items()}
+    saved = {n: (l.analog_mode, l.chip_seed, l._chip_noise, l._noise_seed, l._noise_gen, l._read_gen)
+             for n, l in layers.items()}
     try:
         yield
     finally:
         for n, l in layers.items():
-            l.analog_mode, l.chip_seed, l._chip_noise, l._noise_seed, l._noise_gen = saved[n]
+            l.analog_mode, l.chip_seed, l._chip_noise, l._noise_seed, l._noise_gen, l._read_gen = saved[n]
 
 
 @contextlib.contextmanager

@@ -14,12 +14,20 @@ Models:
   ``eps ~ N(0, 1)`` per weight (``max|w|`` is treated as a constant of the chip, not differentiated).
 
 Both act on weights only; biases are taken as digital (exact).
+
+* ``rram`` (:mod:`correctnet.devices`): an RRAM crossbar: weights mapped onto differential conductance
+  pairs, conductance-dependent programming noise (Wan et al., Nature 2022), read noise drawn at every
+  forward, stuck cells, finite levels, DAC/ADC converters. Presets: ``conf/variation/rram_*.yaml``.
+
+Per-read noise and converters are optional hooks of the base class: :meth:`VariationModel.apply_read`
+(the weight seen by one read, given a generator advanced at every forward) and ``dac``/``adc`` with
+``converts``; the defaults do nothing, so ``lognormal`` and ``gaussian`` are static weight models.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -48,6 +56,26 @@ class VariationModel:
     def apply(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def apply_read(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The weight seen by one read (one forward): ``apply`` plus per-read noise drawn from ``generator``.
+
+        The base models have no read noise; ``generator`` is None when only the static chip is wanted.
+        """
+        return self.apply(weight, noise)
+
+    @property
+    def converts(self) -> bool:
+        """Whether ``dac``/``adc`` quantize the analog layer's input/output (off by default)."""
+        return False
+
+    def dac(self, x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+        """Input converter; ``dims``: the dimensions of one input vector. Identity by default."""
+        return x
+
+    def adc(self, y: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+        """Output converter (before the digital bias); ``dims`` as for ``dac``. Identity by default."""
+        return y
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sigma": self.sigma}
 
@@ -73,7 +101,9 @@ class Gaussian(VariationModel):
         return weight + (self.sigma * scale) * noise
 
 
-VARIATIONS: dict[str, type[VariationModel]] = {m.name: m for m in (LogNormal, Gaussian)}
+from .devices import RRAM  # noqa: E402  (devices builds on VariationModel above)
+
+VARIATIONS: dict[str, type[VariationModel]] = {m.name: m for m in (LogNormal, Gaussian, RRAM)}
 
 
 def make_variation(name: str, sigma: float, **kwargs: Any) -> VariationModel:
