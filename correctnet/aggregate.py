@@ -4,7 +4,8 @@ Walks ``DIR`` (a Hydra multirun directory, a parent of several, or a single run 
 directories written by ``python -m correctnet.train``: each with ``metrics.json`` (a finished run) or only
 ``.hydra/overrides.yaml`` (a run that started and failed, or has not finished). Jobs that a sweep listed
 in its ``multirun.yaml`` but never started (an interrupted sweep) are
-reported as ``not run``. Runs are grouped by (method, setting, stage, sigma) across seeds, where the
+reported as ``not run``, unless a run with the same overrides finished elsewhere under ``DIR`` (the
+sweep was resumed: re-run the missing jobs into a sibling directory). Runs are grouped by (method, setting, stage, sigma) across seeds, where the
 method is ``config.method.name`` (``method=`` presets) and the setting is every override that differs
 between the runs other than ``method``, ``seed`` and ``variation.sigma``. Writes into ``out`` (default
 ``DIR``): ``results.md``, ``results.csv`` and ``accuracy_vs_sigma.png``. No Hydra app, nothing re-run;
@@ -286,6 +287,10 @@ def find_runs(root: str | Path) -> list[Run]:
                 cfg.pop("hydra", None)
                 runs.append(Run(sweep / str(i), "not run", overrides, config=cfg,
                                 error="never started: the sweep stopped before this job (or is still running)"))
+    # a sweep resumed under the same root: a failed or never-started job whose overrides also finished
+    # in another run is superseded by it (overrides compared as sets; launcher options are not task overrides)
+    done = {frozenset(r.overrides) for r in runs if r.status == "ok"}
+    runs = [r for r in runs if r.status == "ok" or frozenset(r.overrides) not in done]
     _label(runs)
     return runs
 

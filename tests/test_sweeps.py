@@ -1,5 +1,6 @@
 """Sweeps: method presets, the joblib and submitit launchers, failed jobs, python -m correctnet.aggregate."""
 import csv
+import shutil
 import json
 import struct
 import subprocess
@@ -120,6 +121,20 @@ def test_a_failed_job_keeps_the_finished_runs_and_is_reported(tmp_path):
     md = (tmp_path / "report" / "results.md").read_text()
     assert "**failed**" in md and "`variation.sigma=-1 " in md
     assert png_size(tmp_path / "report" / "accuracy_vs_sigma.png")[0] > 0
+
+
+def test_an_interrupted_sweep_resumed_beside_it_has_no_gaps(tmp_path):
+    first = tmp_path / "first"
+    assert run_cli("-m", "variation.sigma=0.3,0.5", *TINY, f"hydra.sweep.dir={first}").returncode == 0
+
+    shutil.rmtree(first / "1")  # as if the sweep had been stopped before its second job
+    res = aggregate(tmp_path, tmp_path / "report")
+    assert sorted(r.status for r in res["runs"]) == ["not run", "ok"]
+    # the missing job re-run into a sibling directory (the same task overrides, in another order)
+    r = run_cli("-m", *reversed(TINY), "variation.sigma=0.5", f"hydra.sweep.dir={tmp_path / 'rest'}")
+    assert r.returncode == 0, r.stderr
+    res = aggregate(tmp_path, tmp_path / "report")
+    assert sorted((r.status, r.sigma) for r in res["runs"]) == [("ok", 0.3), ("ok", 0.5)]
 
 
 @pytest.mark.parametrize("args, needle", [
