@@ -287,6 +287,23 @@ def test_evaluate_sigma_sweep(trained, tmp_path, capsys):
     assert "overwrite=true" in capsys.readouterr().err
 
 
+def test_evaluate_under_another_variation_model_and_on_fewer_test_images(trained, tmp_path):
+    path, _ = trained
+    from correctnet.evaluate import evaluate_checkpoint
+    res = evaluate_checkpoint(path, variations=[{"name": "rram", "read_noise": 0.01}], n_chips=2, test_samples=50)
+    v = res["results"][0]["variation"]
+    assert v["name"] == "rram" and v["sigma"] == 0.5 and v["read_noise"] == 0.01
+    assert res["evaluation"]["test_samples"] == 50 and res["results"][0]["reproduces_export"] is None
+    # a checkpoint stored with the rram model is evaluated under lognormal: rram's own keys are dropped
+    model, meta = ckpt.load_checkpoint(path)
+    meta["variation"] = cn.make_variation("rram", 1.0, read_noise=0.01).to_dict()
+    p = ckpt.save_checkpoint(tmp_path / "rram.safetensors", model, meta)
+    res = evaluate_checkpoint(p, variations=[{"name": "lognormal"}], n_chips=2)
+    assert res["results"][0]["variation"] == {"name": "lognormal", "sigma": 1.0}
+    with pytest.raises(cn.ConfigError, match="evaluation.test_samples"):
+        evaluate_checkpoint(path, test_samples=10**6)
+
+
 @pytest.mark.parametrize("args, needle", [
     (["checkpoint=/nonexistent/m.safetensors"], "no checkpoint at /nonexistent/m.safetensors"),
     (["variation.sigma=-0.5"], "variation.sigma"),

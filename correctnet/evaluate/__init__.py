@@ -281,7 +281,12 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         raise ConfigError(f"{path} does not record its dataset settings {lacking}; pass "
                           + " ".join(f"{'seed' if k == 'seed' else 'dataset.' + k}=..." for k in lacking))
     stored_var = meta["variation"]
-    models = [v if isinstance(v, VariationModel) else make_variation(**{**stored_var, **v})
+    def _merged(v: Mapping[str, Any]) -> VariationModel:
+        # another model keeps only the stored sigma: the stored model's own keys (e.g. g_max) do not apply
+        same = v.get("name", stored_var.get("name")) == stored_var.get("name")
+        return make_variation(**{**(stored_var if same else {"sigma": stored_var.get("sigma")}), **v})
+
+    models = [v if isinstance(v, VariationModel) else _merged(v)
               for v in (variations if variations is not None else [{}])]
     data = load_dataset(ds["name"], ds["root"], val_fraction=ds["val_fraction"], seed=ds["seed"])
     spec = meta["model"]
