@@ -29,7 +29,9 @@ from .analog import chip, nominal
 from .compensation import bypass, compensation_parameters, compensators
 from .errors import ConfigError, is_int, is_number, require
 from .evaluate import Data, eval_mode, model_device
+from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
+from .training import TrainingDivergedError
 
 
 @dataclass
@@ -142,12 +144,17 @@ def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool = True,
                        stage: str = "compensation", on_step: Callable[[int], None] | None = None,
-                       teacher: torch.Tensor | None = None) -> CompensationResult:
+                       teacher: torch.Tensor | None = None, resume: ResumeStore | None = None) -> CompensationResult:
     """Train the compensators of ``model`` in place on sampled chips; returns the history and chip seeds.
 
     ``on_step(step)`` runs before each step's forward (the placement search uses it to switch random
     subsets of compensators on and off). ``teacher``: precomputed :func:`teacher_logits` of the training
-    images, ``[N, classes]`` (computed here when None).
+    images, ``[N, classes]`` (computed here when None). Raises :class:`TrainingDivergedError` naming the
+    stage and step when the loss or a compensator parameter becomes NaN or infinite.
+
+    ``resume``: a snapshot goes to ``resume.path("compensation")`` at most every ``resume.interval_s``
+    seconds and at the end; one found there at the start is continued from, bit-identically (the
+    caller makes sure it belongs to the same model, data and config; ``on_step`` is not resumable).
     """
     x, y = _tensors(train_data)
     dev = model_device(model)
@@ -160,12 +167,40 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     history: list[dict[str, Any]] = []
     flags = {m: m.training for m in model.modules()}
     with only_compensators_trainable(model) as params:
+        names = {id(p): n for n, p in model.named_parameters()}
         opt = torch.optim.Adam(params, lr=cfg.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
         model.eval()  # BatchNorm uses (and keeps) its running statistics; dropout off
         try:
             t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            bar = tqdm(range(cfg.steps), desc=stage, disable=not progress, leave=False, dynamic_ncols=True)
+            start, order = 0, torch.arange(0)
+            saved = resume.load("compensation") if resume is not None else None
+            if saved is not None:
+                if (saved["steps"], saved["n"], sorted(saved["params"])) != (cfg.steps, len(x),
+                                                                              sorted(names[id(p)] for p in params)):
+                    raise ResumeError(f"{resume.path('compensation')} was written for another compensation "  # type: ignore[union-attr]
+                                      f"stage ({saved['steps']} steps on {saved['n']} images, compensators "
+                                      f"{sorted(saved['params'])[:4]} ...)")
+                with torch.no_grad():
+                    for p in params:
+                        p.copy_(saved["params"][names[id(p)]])
+                opt.load_state_dict(saved["optimizer"])
+                sched.load_state_dict(saved["scheduler"])
+                start, order, seeds, history = saved["step"], saved["order"], saved["seeds"], saved["history"]
+                loss_sum, correct, seen = saved["sums"]
+                shuffle.set_state(saved["shuffle"])
+                torch.set_rng_state(saved["torch_rng"])
+
+            def snapshot(done: int) -> None:
+                assert resume is not None
+                resume.save("compensation", {
+                    "step": done, "steps": cfg.steps, "n": len(x), "order": order, "seeds": seeds,
+                    "history": history, "sums": [loss_sum, correct, seen], "shuffle": shuffle.get_state(),
+                    "torch_rng": torch.get_rng_state(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "params": {names[id(p)]: p.detach() for p in params}})
+
+            bar = tqdm(range(start, cfg.steps), total=cfg.steps, initial=start, desc=stage, disable=not progress,
+                       leave=False, dynamic_ncols=True)
             for step in bar:
                 pos = step % steps_per_pass
                 if pos == 0:
@@ -184,7 +219,8 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                 if cfg.distill < 1:
                     loss = loss + (1 - cfg.distill) * F.cross_entropy(out, yb)
                 if not torch.isfinite(loss):
-                    raise ConfigError(f"{stage}: loss became {loss.item()} at step {step}; lower compensation.lr")
+                    raise TrainingDivergedError(f"{stage}: compensation training loss became {loss.item()} at step "
+                                                f"{step} (of {cfg.steps}); lower compensation.lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -198,6 +234,12 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                     history.append({"step": step + 1, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
                                     "seconds": time.perf_counter() - t0})
                     t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+                if resume is not None and (step == cfg.steps - 1 or resume.due("compensation")):
+                    snapshot(step + 1)
+            bad = [names[id(p)] for p in params if not torch.isfinite(p).all()]
+            if bad:
+                raise TrainingDivergedError(f"{stage}: compensator parameters became NaN or infinite after step "
+                                            f"{cfg.steps} ({', '.join(bad[:4])}); lower compensation.lr")
         finally:
             for m, t in flags.items():
                 m.training = t

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import platform
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -23,21 +24,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .analog import analog_layers, analogize, set_variation
+from .analog import analog_layers, analogize, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
                           train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import load_dataset
-from .errors import ConfigError, CorrectNetError
-from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
+from .errors import ConfigError, CorrectNetError, DataNotFoundError, is_int
+from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import build_model
 from .placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .evaluate import first_samples, resolve_device
-from .training import TrainConfig, train
+from .resume import MODES as RESUME_MODES
+from .resume import open_store
+from .training import TrainConfig, TrainingDivergedError, train
 from .variation import make_variation
 
 log = logging.getLogger("correctnet")
@@ -141,11 +144,35 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
     return v
 
 
-def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run the pipeline described by ``cfg``, writing the checkpoint and ``metrics.json`` into ``out_dir``."""
+def _resume_record(resolved: dict[str, Any], vers: dict[str, str]) -> dict[str, Any]:
+    """What identifies a run for resuming: its resolved config (minus ``progress`` and ``resume``) and versions."""
+    return {"config": {k: v for k, v in resolved.items() if k not in ("progress", "resume")}, "versions": vers}
+
+
+def _prefixed(key: str, error: CorrectNetError) -> CorrectNetError:
+    """``error`` of the same class with ``key`` in front of its message (when it does not name it yet)."""
+    return error if str(error).startswith(key) else type(error)(f"{key}: {error}")
+
+
+def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
+    """Run the pipeline described by ``cfg``, writing the checkpoint and ``metrics.json`` into ``out_dir``.
+
+    Everything is validated before any work starts (a :class:`ConfigError` naming the key, its value and
+    what is accepted). ``cfg.resume`` (``auto`` | ``fresh`` | ``require`` | ``off``, see
+    :func:`correctnet.resume.open_store`) decides whether snapshots in ``<out_dir>/resume/`` are continued
+    from; they are removed once ``metrics.json`` is written. ``command`` (the command line) is recorded.
+    """
     out_dir = Path(out_dir)
     t_start = time.perf_counter()
     # validate everything before any work starts
+    seed = cfg.get("seed")
+    if not is_int(seed) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    resume_mode = cfg.get("resume", "auto")
+    if resume_mode not in RESUME_MODES:
+        raise ConfigError(f"resume must be one of {list(RESUME_MODES)}, got {resume_mode!r}")
+    if not isinstance(cfg.progress, bool):
+        raise ConfigError(f"progress must be true or false, got {cfg.progress!r}")
     variation = _variation(cfg)
     tcfg, noise_sigma, lip_params = _train_config(cfg)
     regularizer = _regularizer(lip_params, cfg.seed)
@@ -164,19 +191,31 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
         raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
     device = resolve_device(cfg.device)
-    progress = bool(cfg.progress)
+    progress = cfg.progress
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_kwargs, dict)
     model_name = model_kwargs.pop("name", None)
 
-    data = load_dataset(cfg.dataset.name, cfg.dataset.get("root"), val_fraction=cfg.dataset.val_fraction, seed=cfg.seed)
+    try:
+        data = load_dataset(cfg.dataset.name, cfg.dataset.get("root"), val_fraction=cfg.dataset.val_fraction,
+                            seed=cfg.seed)
+    except DataNotFoundError as e:
+        raise _prefixed(f"dataset.root={cfg.dataset.get('root')}", e) from None
     data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
     model = build_model(model_name, data.input_shape, data.num_classes, **model_kwargs)
     include = list(cfg.analog.include) if cfg.analog.include is not None else None
-    model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True).to(device)
+    try:
+        model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)
+    except ConfigError as e:
+        key = "analog.include" if include and any(repr(p) in str(e) for p in include) else "analog.exclude"
+        raise _prefixed(key if "pattern" in str(e) else "analog", e) from None
+    model = model.to(device)
     if placement is not None:
-        placement = resolve_placement(model, placement, attach_kw.get("rank", 4))  # bad names fail before training
+        try:  # bad names fail before training
+            placement = resolve_placement(model, placement, attach_kw.get("rank", 4))
+        except ConfigError as e:
+            raise _prefixed("compensation.placement", e) from None
     if strategy is not None and len(data.val) == 0:
         raise ConfigError("the placement search scores placements on the validation split, which is empty; "
                           "set dataset.val_fraction > 0")
@@ -190,12 +229,19 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_name, data.name,
              len(data.train), len(data.val), len(data.test), n_params, device)
 
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
+    store = open_store(out_dir / "resume", resume_mode, _resume_record(resolved, vers))
+
     if regularizer is not None:  # conv layers need their input shapes for the spectral form
         regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(device))
     stage = "suppressed" if regularizer else "noise_aware" if tcfg.noise_aware else "baseline"
     t0 = time.perf_counter()
-    history = train(model, data.train, data.val, tcfg, regularizer=regularizer, progress=progress, stage=stage)
+    history = train(model, data.train, data.val, tcfg, regularizer=regularizer, progress=progress, stage=stage,
+                    resume=store)
     train_seconds = time.perf_counter() - t0
+    _check_outputs(model, data.test, stage)
     set_variation(model, variation)
 
     t0 = time.perf_counter()
@@ -236,7 +282,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         cost = overhead(model, data.test.tensors[0][:1].to(device))
         log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(placement),
                  cost["total"]["params_pct"], cost["total"]["macs_pct"])
-        result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage)
+        result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store)
+        _check_outputs(model, data.test, stage)
         t0 = time.perf_counter()
         mc_c = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
                            progress=progress, desc=stage)
@@ -256,8 +303,6 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         stages["calibrated"] = {"clean_accuracy": stages[stage]["clean_accuracy"], "mc": mc_cal.to_dict(),
                                 "calibration": calibrator.stats(), "eval_seconds": time.perf_counter() - t0}
 
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     metrics: dict[str, Any] = {
         "dataset": data.name,
         "model": model_name,
@@ -268,6 +313,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         "config": resolved,
         "versions": vers,
         "device": str(device),
+        "environment": {"torch_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "command": command,
         "seconds": time.perf_counter() - t_start,
     }
     meta = {"model": {"name": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
@@ -278,8 +325,21 @@ def run(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     meta["metrics"] = metrics
     save_checkpoint(out_dir / cfg.checkpoint.name, model, meta, overwrite=True)
     atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)), overwrite=True)
+    if store is not None:
+        store.clear()  # the results are written: the snapshots are no longer needed
     _print_summary(metrics, out_dir)
     return metrics
+
+
+def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) -> None:
+    """Stop with :class:`TrainingDivergedError` if the nominal network outputs NaN/inf on ``n`` test images
+    (accuracies measured on such outputs would be meaningless, e.g. a silent 10%)."""
+    x = test.tensors[0][:n].to(next(model.parameters()).device)
+    with torch.no_grad(), nominal(model), eval_mode(model):
+        out = model(x)
+    if not torch.isfinite(out).all():
+        raise TrainingDivergedError(f"{stage}: after training, the network outputs NaN or infinite values on test "
+                                    f"images; lower the learning rate or check the data")
 
 
 def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: SearchConfig, ppo_cfg: PPOConfig | None,
@@ -320,7 +380,9 @@ def main(cfg: DictConfig) -> None:
     from hydra.types import RunMode
 
     try:
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        command = " ".join(["python -m correctnet.train", *map(shlex.quote, hc.overrides.task)])
+        run(cfg, hc.runtime.output_dir, command=command)
     except CorrectNetError as e:
         log.error("%s", e)  # into the job's log file
         if HydraConfig.get().mode == RunMode.MULTIRUN:

@@ -7,6 +7,7 @@ the perturbed ones. Validation accuracy is measured on the nominal weights.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import Data, clean_accuracy, iter_batches
+from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ SCHEDULES = ("cosine", "step", "none")
 
 
 class TrainingDivergedError(CorrectNetError):
-    """The loss became NaN or infinite."""
+    """The loss, a parameter or an output became NaN or infinite; the message names the stage and step."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,47 @@ def make_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig, steps: int) -> t
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def _rng_state(model: nn.Module, shuffle: torch.Generator | None, device: torch.device,
+               regularizer: Any) -> dict[str, Any]:
+    """Every random state the rest of training depends on (torch, shuffle, noise generators, regularizer)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(),
+                             "shuffle": shuffle.get_state() if shuffle is not None else None,
+                             "noise": {n: l._noise_gen.get_state() for n, l in analog_layers(model).items()
+                                       if l._noise_gen is not None}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    vectors = getattr(regularizer, "_vectors", None)  # the spectral regularizer's power-iteration vectors
+    if isinstance(vectors, dict):
+        state["regularizer"] = {k: v.detach().cpu() for k, v in vectors.items()}
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], model: nn.Module, shuffle: torch.Generator | None, device: torch.device,
+                   regularizer: Any) -> None:
+    torch.set_rng_state(state["torch"])
+    if shuffle is not None and state["shuffle"] is not None:
+        shuffle.set_state(state["shuffle"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    layers = analog_layers(model)
+    for name, gen_state in state["noise"].items():
+        layer = layers[name]
+        layer._noise_gen = torch.Generator(device=layer.weight.device)
+        layer._noise_gen.set_state(gen_state)
+    vectors = getattr(regularizer, "_vectors", None)
+    if isinstance(vectors, dict) and "regularizer" in state:
+        vectors.clear()
+        vectors.update({k: v.to(device) for k, v in state["regularizer"].items()})
+
+
+def check_finite_parameters(model: nn.Module, stage: str, where: str) -> None:
+    """Raise :class:`TrainingDivergedError` naming ``stage`` and ``where`` if a parameter holds NaN or inf."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDivergedError(f"{stage}: parameters became NaN or infinite {where} ({', '.join(bad[:4])}"
+                                    f"{' ...' if len(bad) > 4 else ''}); lower the learning rate or check the data")
+
+
 def train(
     model: nn.Module,
     train_data: Data,
@@ -88,11 +131,18 @@ def train(
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
     progress: bool = True,
     stage: str = "training",
+    resume: ResumeStore | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on its current device; returns one metrics dict per epoch.
 
     ``regularizer(model)`` (optional) is added to the cross-entropy loss. With ``cfg.noise_aware`` the
-    model must have analog layers. Raises :class:`TrainingDivergedError` on a non-finite loss.
+    model must have analog layers. Raises :class:`TrainingDivergedError` naming the stage, epoch and
+    step when the loss or a parameter becomes NaN or infinite.
+
+    ``resume``: snapshots go to ``resume.path("training")`` after every epoch and, inside an epoch, at most
+    every ``resume.interval_s`` seconds; a snapshot found there at the start is continued from, and
+    the result is bit-identical to an uninterrupted run (per-epoch ``seconds`` aside). The caller
+    makes sure the snapshot belongs to the same model, data and config (:func:`correctnet.resume.open_store`).
     """
     if cfg.noise_aware and not analog_layers(model):
         raise ConfigError("training.noise_aware=true needs a model with analog layers (correctnet.analogize)")
@@ -101,9 +151,11 @@ def train(
     shuffle = torch.Generator().manual_seed(cfg.seed)
     if isinstance(train_data, DataLoader):
         steps_per_epoch = len(train_data)
+        order_gen = train_data.generator  # the loader's own shuffle generator (None: no shuffling)
     else:
         n = len(train_data.tensors[0] if isinstance(train_data, TensorDataset) else train_data[0])
         steps_per_epoch = math.ceil(n / cfg.batch_size)
+        order_gen = shuffle
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
@@ -114,20 +166,59 @@ def train(
     with ctx, contextlib.ExitStack() as cleanup:
         if attach is not None:
             cleanup.callback(regularizer.detach)  # type: ignore[union-attr]
-        for epoch in range(1, cfg.epochs + 1):
+        start_epoch, skip, sums = 1, 0, (0.0, 0, 0)
+        epoch_rng = order_gen.get_state() if order_gen is not None else None
+        saved = resume.load("training") if resume is not None else None
+        if saved is not None:
+            if (saved["epochs"], saved["steps_per_epoch"]) != (cfg.epochs, steps_per_epoch):
+                raise ResumeError(f"{resume.path('training')} was written for {saved['epochs']} epochs of "
+                                  f"{saved['steps_per_epoch']} steps, not {cfg.epochs} of {steps_per_epoch}")
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            sched.load_state_dict(saved["scheduler"])
+            history = saved["history"]
+            start_epoch, skip, sums = saved["epoch"] + 1, saved["step"], tuple(saved["sums"])
+            epoch_rng = saved["epoch_rng"]
+            _set_rng_state(saved["rng"], model, order_gen, device, regularizer)
+            log.info("%s: resuming from %s at epoch %d, step %d", stage, resume.path("training"),  # type: ignore[union-attr]
+                     start_epoch, skip)
+
+        def snapshot(epoch: int, step: int, sums: tuple[float, int, int]) -> None:
+            assert resume is not None
+            resume.save("training", {
+                "epoch": epoch, "step": step, "sums": list(sums), "epochs": cfg.epochs,
+                "steps_per_epoch": steps_per_epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "history": history, "epoch_rng": epoch_rng,
+                "rng": _rng_state(model, order_gen, device, regularizer)})
+
+        for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
-            t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            bar = tqdm(iter_batches(train_data, cfg.batch_size, device, generator=shuffle), total=steps_per_epoch,
-                       desc=f"{stage} {epoch}/{cfg.epochs}", disable=not progress, leave=False, dynamic_ncols=True)
-            for step, (x, y) in enumerate(bar):
+            t0 = time.perf_counter()
+            loss_sum, correct, seen = sums
+            if skip:  # mid-epoch resume: replay this epoch's batch order from its start, skip the done steps
+                rng_now = order_gen.get_state() if order_gen is not None else None
+                if order_gen is not None:
+                    order_gen.set_state(epoch_rng)
+            else:
+                epoch_rng = order_gen.get_state() if order_gen is not None else None
+            batches = iter_batches(train_data, cfg.batch_size, device, generator=shuffle)
+            if skip:
+                batches = itertools.islice(batches, skip, None)
+                next_batch = next(batches, None)  # draws the order; then put the saved generator state back
+                if order_gen is not None:
+                    order_gen.set_state(rng_now)
+                batches = itertools.chain([] if next_batch is None else [next_batch], batches)
+            bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch}/{cfg.epochs}",
+                       disable=not progress, leave=False, dynamic_ncols=True)
+            for step, (x, y) in enumerate(bar, start=skip):
                 out = model(x)
                 loss = F.cross_entropy(out, y)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
-                        f"{stage}: loss became {loss.item()} at epoch {epoch}, step {step}; lower training.lr "
-                        f"or check the data")
+                        f"{stage}: training loss became {loss.item()} at epoch {epoch}, step {step} "
+                        f"(of {steps_per_epoch}); lower training.lr or check the data")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -137,6 +228,10 @@ def train(
                 seen += len(y)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                if resume is not None and step + 1 < steps_per_epoch and resume.due("training"):
+                    snapshot(epoch - 1, step + 1, (loss_sum, correct, seen))
+            skip, sums = 0, (0.0, 0, 0)
+            check_finite_parameters(model, stage, f"after epoch {epoch}")
             rec: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             if val_data is not None:
@@ -145,8 +240,10 @@ def train(
             log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%%s (%.1fs)", stage, epoch, cfg.epochs,
                      rec["train_loss"], 100 * rec["train_accuracy"],
                      f", val acc {100 * rec['val_accuracy']:.2f}%" if "val_accuracy" in rec else "", rec["seconds"])
+            if resume is not None:
+                snapshot(epoch, 0, sums)
     model.eval()
     return history
 
 
-__all__ = ["TrainConfig", "TrainingDivergedError", "train"]
+__all__ = ["TrainConfig", "TrainingDivergedError", "check_finite_parameters", "train"]
