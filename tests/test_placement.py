@@ -175,6 +175,26 @@ def test_same_seed_same_search(setup):
     assert strip(a) == strip(b) and a.chosen == b.chosen and a.extra["ppo"]["timesteps"] == b.extra["ppo"]["timesteps"]
 
 
+def test_surrogate_learns_an_additive_objective_from_few_placements():
+    from correctnet.placement.evaluator import Evaluation
+    from correctnet.placement.search import _Surrogate
+    w = np.array([3.0, -1.0, 0.5, 2.0, -0.2])
+    f = lambda p: 1.0 + float(w @ np.asarray(p, float))  # noqa: E731
+    seen = enumerate_placements(5)[::3]  # 11 of 32 placements
+    sur = _Surrogate(5)
+    sur.fit([Evaluation(p, 0.0, 0.0, f(p), i, 0.0) for i, p in enumerate(seen)])
+    for p in enumerate_placements(5):  # unseen ones included
+        assert sur.predict(p) == pytest.approx(f(p), abs=0.05)
+
+
+def test_model_based_ppo_stays_within_its_evaluation_budget(evaluator):
+    r = search(evaluator, "ppo", seed=0, ppo=PPOConfig(surrogate=True, max_evaluations=12))
+    assert r.extra["ppo"]["surrogate"] and r.extra["ppo"]["explore"] == 7
+    assert r.evaluations <= 13  # the cap, plus the final policy's own placement
+    every = max(evaluator.evaluate(p).objective for p in enumerate_placements(5))
+    assert r.best.objective <= every
+
+
 @pytest.mark.parametrize("kw, key", [(dict(price=-1), "placement.price"), (dict(cost="energy"), "placement.cost"),
                                      (dict(budget=-2), "placement.budget"), (dict(chips=0), "placement.chips"),
                                      (dict(active_prob=0), "placement.active_prob")])
@@ -190,6 +210,8 @@ def test_bad_strategy_and_placement_shapes_are_refused(evaluator):
         evaluator.evaluate((True, False))
     with pytest.raises(ConfigError, match="placement.ppo.episodes"):
         PPOConfig(episodes=0)
+    with pytest.raises(ConfigError, match="placement.ppo.explore"):
+        PPOConfig(explore=0)
 
 
 def test_pipeline_runs_the_search_and_fine_tunes_the_chosen_placement(tmp_path):

@@ -265,7 +265,7 @@ class PlacementEvaluator:
     def summary(self) -> dict[str, Any]:
         return {"layers": self.names, "config": asdict(self.cfg), "attach": self.attach,
                 "base_accuracy": self.base_accuracy, "clean_accuracy": self._clean(),
-                "layer_cost": dict(zip(self.names, self.layer_cost)),
+                "layer_cost": dict(zip(self.names, self.layer_cost)), "layer_info": self.layer_info,
                 "sensitivity": dict(zip(self.names, self.sensitivity)), "lipschitz": self.lipschitz,
                 "chip_seeds": self.chip_seeds, "setup_seconds": self.setup_seconds,
                 "shared_training": {k: v for k, v in self.training.items() if k != "history"}}

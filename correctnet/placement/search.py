@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import is_int, require
+from ..errors import is_int, is_number, require
 from .env import PlacementEnv
 from .evaluator import Evaluation, Placement, PlacementEvaluator, enumerate_placements
 
@@ -39,9 +41,16 @@ class PPOConfig:
     ent_coef: float = 0.01
     net_arch: tuple[int, ...] = (64, 64)
     reward_scale: float = 0.1
+    surrogate: bool = False             # model-based: after `explore`, unseen placements get a learned estimate
+    explore: float = 0.5                # share of max_evaluations spent on real rewards before the surrogate
+    per_update: int = 2                 # real evaluations per rollout in the surrogate phase
 
     def __post_init__(self) -> None:
         o = "placement.ppo"
+        require(isinstance(self.surrogate, bool), f"{o}.surrogate", "true or false", self.surrogate)
+        require(is_number(self.explore) and 0 < self.explore <= 1, f"{o}.explore", "a number in (0, 1]", self.explore)
+        require(is_int(self.per_update) and self.per_update >= 1, f"{o}.per_update", "an integer >= 1",
+                self.per_update)
         require(self.max_evaluations is None or (is_int(self.max_evaluations) and self.max_evaluations >= 1),
                 f"{o}.max_evaluations", "null or an integer >= 1", self.max_evaluations)
         for key in ("episodes", "episodes_per_update", "n_epochs"):
@@ -150,6 +159,74 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
                         time.perf_counter() - session.t0, history, extra)
 
 
+class _Surrogate:
+    """Ridge regression of the objective on a placement's bits and their pairwise products (a learned
+    reward model): ``objective ~ b + sum_i w_i x_i + sum_{i<j} v_ij x_i x_j``, the pairwise terms
+    penalised more, so that few evaluations give a nearly additive model."""
+
+    def __init__(self, n: int, l2_linear: float = 1e-2, l2_pair: float = 1.0) -> None:
+        self.pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        self.penalty = np.diag([0.0] + [l2_linear] * n + [l2_pair] * len(self.pairs))
+        self.w = np.zeros(1 + n + len(self.pairs))
+
+    def _features(self, p: Placement) -> np.ndarray:
+        x = np.asarray(p, dtype=np.float64)
+        return np.concatenate([[1.0], x, [x[i] * x[j] for i, j in self.pairs]])
+
+    def fit(self, evaluations: list[Evaluation]) -> None:
+        X = np.stack([self._features(e.placement) for e in evaluations])
+        y = np.asarray([e.objective for e in evaluations])
+        self.w = np.linalg.solve(X.T @ X + self.penalty, X.T @ y)
+
+    def predict(self, p: Placement) -> float:
+        return float(self._features(p) @ self.w)
+
+
+@dataclass
+class _Estimate:
+    placement: Placement
+    objective: float
+    accuracy: float
+    cost: float
+
+
+class _ModelBased:
+    """What the environment evaluates through in the surrogate phase: seen placements score their real
+    objective, unseen ones the surrogate's estimate (and are queued for real evaluation)."""
+
+    def __init__(self, session: _Session) -> None:
+        self.session = session
+        self.surrogate = _Surrogate(len(session.names))
+        self.active = False
+        self.queued: Counter[Placement] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def evaluate(self, placement: Placement) -> Any:
+        p = tuple(bool(v) for v in placement)
+        if not self.active or p in self.session.seen or not self.session.feasible(p):
+            return self.session.evaluate(p)
+        self.queued[p] += 1
+        return _Estimate(p, self.surrogate.predict(p), float("nan"), self.session.cost(p))
+
+    def start(self) -> None:
+        self.active = True
+        self.refit()
+
+    def refit(self) -> None:
+        self.surrogate.fit([e for e, _ in self.session.seen.values()])
+
+    def evaluate_queued(self, k: int) -> None:
+        """Evaluate for real the ``k`` queued placements the surrogate rates highest, then refit."""
+        best = sorted(self.queued, key=lambda p: (-self.surrogate.predict(p), -self.queued[p]))[:k]
+        for p in best:
+            self.session.evaluate(p)
+        self.queued.clear()
+        if best:
+            self.refit()
+
+
 def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict[str, Any]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -158,16 +235,24 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
     cap = cfg.max_evaluations or _default_max_evaluations(n)
     if n <= 16:  # under a budget fewer placements may exist than the cap: stop when all were seen
         cap = min(cap, sum(evaluator.feasible(p) for p in enumerate_placements(n)))
-    env = PlacementEnv(evaluator, reward_scale=cfg.reward_scale)  # type: ignore[arg-type]
+    explore = max(n + 2, math.ceil(cfg.explore * cap)) if cfg.surrogate else cap
+    model = _ModelBased(evaluator)
+    env = PlacementEnv(model, reward_scale=cfg.reward_scale)  # type: ignore[arg-type]
     n_steps = cfg.episodes_per_update * n
     bar = tqdm(total=cap, desc="PPO placement search", disable=not progress, leave=False, dynamic_ncols=True)
 
     class Stop(BaseCallback):
         def _on_step(self) -> bool:
+            if not model.active and evaluator.evaluations >= explore and explore < cap:
+                model.start()
             bar.update(evaluator.evaluations - bar.n)
             if self.locals.get("dones") is not None and self.locals["dones"][0]:
                 bar.set_postfix(best=f"{evaluator.best().objective:.2f}")
             return evaluator.evaluations < cap
+
+        def _on_rollout_end(self) -> None:
+            if model.active:
+                model.evaluate_queued(min(cfg.per_update, cap - evaluator.evaluations))
 
     rng_state = torch.get_rng_state()  # SB3 seeds torch's global generator; leave the caller's untouched
     try:
@@ -176,6 +261,7 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
                     policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed, device="cpu", verbose=0)
         agent.learn(total_timesteps=cfg.episodes * n, callback=Stop())
         steps = agent.num_timesteps
+        model.active = False  # the policy's own choice is evaluated for real
         obs, _ = env.reset()
         for _ in range(n):
             action, _ = agent.predict(obs, deterministic=True)
@@ -185,6 +271,7 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
         torch.set_rng_state(rng_state)
         bar.close()
     return {"timesteps": steps, "episodes": steps // n, "max_evaluations": cap, "n_steps": n_steps,
+            "surrogate": cfg.surrogate, "explore": explore if cfg.surrogate else None,
             "policy_placement": [name for name, on in zip(evaluator.names, policy) if on],
             "policy_objective": evaluator.evaluate(policy).objective}
 
