@@ -130,6 +130,7 @@ def make_loader(ds: TensorDataset, batch_size: int, *, shuffle: bool, seed: int 
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _MAX_IDX_BYTES = 1 << 30  # 1 GiB; MNIST's train images are 47 MB
+_MAX_IDX_DIMS = 32  # numpy < 2 supports 32 dimensions, numpy 2 64
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
@@ -147,6 +148,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                 magic = head.hex(" ") or "(none)"
                 raise DataFormatError(f"{path}: not an IDX file: magic bytes {magic}, expected 00 00 <type> <ndim>")
             dtype, ndim = np.dtype(_IDX_DTYPES[head[2]]), head[3]
+            if ndim > _MAX_IDX_DIMS:
+                raise DataFormatError(f"{path}: IDX header announces {ndim} dimensions; at most {_MAX_IDX_DIMS} "
+                                      f"are supported (numpy's limit; datasets use 1 to 4)")
             raw_dims = _read_at_most(f, 4 * ndim)
             if len(raw_dims) < 4 * ndim:
                 raise DataFormatError(f"{path}: truncated IDX header ({ndim} dimensions announced)")
