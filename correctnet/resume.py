@@ -102,11 +102,12 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty dicts stay values)."""
+    if not isinstance(d, dict) or not d:
+        return {prefix.rstrip("."): d}
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) and v else f"{prefix}{k}"))
+        out.update(_flatten(v, f"{prefix}{k}."))
     return out
 
 
