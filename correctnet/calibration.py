@@ -144,7 +144,8 @@ def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool = True,
                        stage: str = "compensation", on_step: Callable[[int], None] | None = None,
-                       teacher: torch.Tensor | None = None, resume: ResumeStore | None = None) -> CompensationResult:
+                       teacher: torch.Tensor | None = None, resume: ResumeStore | None = None,
+                       resume_key: str = "compensation") -> CompensationResult:
     """Train the compensators of ``model`` in place on sampled chips; returns the history and chip seeds.
 
     ``on_step(step)`` runs before each step's forward (the placement search uses it to switch random
@@ -152,9 +153,10 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     images, ``[N, classes]`` (computed here when None). Raises :class:`TrainingDivergedError` naming the
     stage and step when the loss or a compensator parameter becomes NaN or infinite.
 
-    ``resume``: a snapshot goes to ``resume.path("compensation")`` at most every ``resume.interval_s``
+    ``resume``: a snapshot goes to ``resume.path(resume_key)`` at most every ``resume.interval_s``
     seconds and at the end; one found there at the start is continued from, bit-identically (the
-    caller makes sure it belongs to the same model, data and config; ``on_step`` is not resumable).
+    caller makes sure it belongs to the same model, data and config; ``on_step`` must be a function of
+    the step index, or fast-forward its own state to it, as the placement search's does).
     """
     x, y = _tensors(train_data)
     dev = model_device(model)
@@ -174,11 +176,11 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
         try:
             t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
             start, order = 0, torch.arange(0)
-            saved = resume.load("compensation") if resume is not None else None
+            saved = resume.load(resume_key) if resume is not None else None
             if saved is not None:
                 if (saved["steps"], saved["n"], sorted(saved["params"])) != (cfg.steps, len(x),
                                                                               sorted(names[id(p)] for p in params)):
-                    raise ResumeError(f"{resume.path('compensation')} was written for another compensation "  # type: ignore[union-attr]
+                    raise ResumeError(f"{resume.path(resume_key)} was written for another compensation "  # type: ignore[union-attr]
                                       f"stage ({saved['steps']} steps on {saved['n']} images, compensators "
                                       f"{sorted(saved['params'])[:4]} ...)")
                 with torch.no_grad():
@@ -193,7 +195,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
 
             def snapshot(done: int) -> None:
                 assert resume is not None
-                resume.save("compensation", {
+                resume.save(resume_key, {
                     "step": done, "steps": cfg.steps, "n": len(x), "order": order, "seeds": seeds,
                     "history": history, "sums": [loss_sum, correct, seen], "shuffle": shuffle.get_state(),
                     "torch_rng": torch.get_rng_state(), "optimizer": opt.state_dict(),
@@ -234,7 +236,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                     history.append({"step": step + 1, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
                                     "seconds": time.perf_counter() - t0})
                     t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-                if resume is not None and (step == cfg.steps - 1 or resume.due("compensation")):
+                if resume is not None and (step == cfg.steps - 1 or resume.due(resume_key)):
                     snapshot(step + 1)
             bad = [names[id(p)] for p in params if not torch.isfinite(p).all()]
             if bad:

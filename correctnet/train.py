@@ -269,7 +269,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if strategy is not None:
         assert search_cfg is not None and comp_cfg is not None
         placement, shared, placement_record = _search(model, data, strategy, search_cfg, ppo_cfg, attach_kw,
-                                                      comp_cfg, progress)
+                                                      comp_cfg, progress, store)
         if not placement:
             log.info("the search chose no compensation: no compensated stage")
             placement = None
@@ -343,7 +343,7 @@ def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) 
 
 
 def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: SearchConfig, ppo_cfg: PPOConfig | None,
-            attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool
+            attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool, store: Any = None
             ) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
     """The placement search stage: (placement {layer: rank}, shared compensator weights, metrics record)."""
     t0 = time.perf_counter()
@@ -351,8 +351,9 @@ def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: Search
              "validation images", strategy, search_cfg.shared_steps, search_cfg.chips,
              min(search_cfg.val_images, len(data.val)))
     evaluator = PlacementEvaluator(model, data.train, data.val.tensors, search_cfg, attach=attach_kw,
-                                   comp_cfg=comp_cfg, progress=progress)
+                                   comp_cfg=comp_cfg, progress=progress, resume=store)
     result = search(evaluator, strategy, seed=search_cfg.seed, ppo=ppo_cfg, progress=progress)
+    evaluator.save_cache()
     b = result.best
     msg = (f"placement search ({strategy}): {result.chosen or 'no layer'}, objective {b.objective:.2f} pp "
            f"(recovers {100 * (b.accuracy - evaluator.base_accuracy):.2f} pp at +{b.cost:.2f}% {search_cfg.cost}, "

@@ -32,10 +32,11 @@ def setup():
     return model, data
 
 
-def _evaluator(setup, **kw) -> PlacementEvaluator:
+def _evaluator(setup, resume=None, **kw) -> PlacementEvaluator:
     model, data = setup
     cfg = SearchConfig(**{**SMALL, **kw})
-    return PlacementEvaluator(model, data.train, data.val.tensors, cfg, comp_cfg=CompensationConfig(lr=0.01))
+    return PlacementEvaluator(model, data.train, data.val.tensors, cfg, comp_cfg=CompensationConfig(lr=0.01),
+                              resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,40 @@ def test_model_based_ppo_stays_within_its_evaluation_budget(evaluator):
     assert r.evaluations <= 13  # the cap, plus the final policy's own placement
     every = max(evaluator.evaluate(p).objective for p in enumerate_placements(5))
     assert r.best.objective <= every
+
+
+def test_an_interrupted_search_resumes_bit_identically_without_repeating_evaluations(setup, tmp_path, monkeypatch):
+    import correctnet.placement.evaluator as pe
+    from correctnet.resume import ResumeStore
+    store = ResumeStore(tmp_path, interval_s=0)  # a snapshot at every chance
+    real = pe.train_compensation
+
+    def killed_at_step_12(*a, on_step, **k):
+        def hook(step):
+            if step == 12:
+                raise KeyboardInterrupt
+            on_step(step)
+        return real(*a, on_step=hook, **k)
+
+    monkeypatch.setattr(pe, "train_compensation", killed_at_step_12)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluator(setup, resume=store)
+    monkeypatch.undo()
+    first = _evaluator(setup, resume=store)  # shared training continues at step 12
+    for p in enumerate_placements(5)[:10]:
+        first.evaluate(p)
+    # killed again during the search: a new evaluator repeats none of the 10 evaluations
+    again = _evaluator(setup, resume=store)
+    calls = []
+    measure = again._accuracy
+    again._accuracy = lambda *a, **k: calls.append(1) or measure(*a, **k)
+    resumed = search(again, "exhaustive")
+    assert len(calls) == 22
+    ref = _evaluator(setup)
+    for n in ref.names:
+        for k, v in ref.comps[n].state_dict().items():
+            assert torch.equal(v, again.comps[n].state_dict()[k])
+    assert [h["objective"] for h in resumed.history] == [h["objective"] for h in search(ref, "exhaustive").history]
 
 
 @pytest.mark.parametrize("kw, key", [(dict(price=-1), "placement.price"), (dict(cost="energy"), "placement.cost"),

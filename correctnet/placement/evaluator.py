@@ -42,6 +42,7 @@ from ..compensation import attach_compensation, compensators, overhead
 from ..errors import ConfigError, is_int, is_number, require
 from ..evaluate import eval_mode, model_device
 from ..lipschitz import lipschitz_constants
+from ..resume import ResumeStore
 from ..seeding import Stream, chip_seed
 
 Placement = tuple[bool, ...]
@@ -100,12 +101,15 @@ class PlacementEvaluator:
     validation images, of which the first ``cfg.val_images`` are used. ``attach``: ``kind``, ``rank``,
     ``affine`` of the compensators; ``comp_cfg``: their training (``steps`` is replaced by
     ``cfg.shared_steps``). ``layers``: candidate layer names (default: every analog layer).
+    ``resume``: the shared training and the evaluated accuracies are saved there (``placement_shared``,
+    ``placement_cache``) and continued from, so an interrupted search repeats no evaluation; the search
+    itself is deterministic, so it ends as an uninterrupted one would.
     """
 
     def __init__(self, model: nn.Module, train_data: Any, val: tuple[torch.Tensor, torch.Tensor],
                  cfg: SearchConfig, *, attach: dict[str, Any] | None = None,
                  comp_cfg: CompensationConfig | None = None, layers: Sequence[str] | None = None,
-                 progress: bool = False) -> None:
+                 progress: bool = False, resume: ResumeStore | None = None) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.model = copy.deepcopy(model)
@@ -134,21 +138,35 @@ class PlacementEvaluator:
         self.overhead = cost
         gen = torch.Generator().manual_seed(cfg.seed)
         comps = list(self.comps.values())
+        drawn = [0]  # steps drawn so far: a resumed training fast-forwards the generator to its step
 
-        def random_subset(step: int) -> None:
+        def draw() -> torch.Tensor:
             on = torch.rand(len(comps), generator=gen) < cfg.active_prob
             if not on.any():  # a step with nothing to train: switch one on
                 on[torch.randint(len(comps), (1,), generator=gen)] = True
-            for c, a in zip(comps, on.tolist()):
+            drawn[0] += 1
+            return on
+
+        def random_subset(step: int) -> None:
+            while drawn[0] < step:
+                draw()
+            for c, a in zip(comps, draw().tolist()):
                 c.active = a
 
         tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
         tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
         self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
-                                           stage="shared compensators", on_step=random_subset).to_dict()
+                                           stage="shared compensators", on_step=random_subset, resume=resume,
+                                           resume_key="placement_shared").to_dict()
         self.cache: dict[Placement, Evaluation] = {}
         self.history: list[Evaluation] = []
         self.requests = 0
+        self.resume = resume
+        self._saved: dict[Placement, float] = {}
+        if resume is not None:
+            state = resume.load("placement_cache") or {}
+            self._saved = {tuple(bool(b) for b in p): a for p, a in zip(state.get("placements", []),
+                                                                       state.get("accuracies", []))}
         self._t0 = time.perf_counter()
         self.setup_seconds = self._t0 - t0
 
@@ -223,19 +241,32 @@ class PlacementEvaluator:
         cost = self.cost(p)
         if not self.feasible(p):
             return Evaluation(p, float("nan"), cost, -math.inf, -1, time.perf_counter() - self._t0)
-        for c, on in zip(self.comps.values(), p):
-            c.active = on
-        acc = self._accuracy()
+        if p in self._saved:  # evaluated before an interruption
+            acc = self._saved[p]
+        else:
+            for c, on in zip(self.comps.values(), p):
+                c.active = on
+            acc = self._accuracy()
+            self._saved[p] = acc
+            if self.resume is not None and self.resume.due("placement_cache"):
+                self.save_cache()
         ev = Evaluation(p, acc, cost, 100 * (acc - self.base_accuracy) - self.cfg.price * cost, len(self.history),
                         time.perf_counter() - self._t0)
         self.cache[p] = ev
         self.history.append(ev)
         return ev
 
+    def save_cache(self) -> None:
+        """Write every accuracy measured so far to the resume store (if any)."""
+        if self.resume is not None:
+            self.resume.save("placement_cache", {"placements": [list(p) for p in self._saved],
+                                                 "accuracies": list(self._saved.values())})
+
     def clear_cache(self) -> None:
         """Forget every evaluation (e.g. to time strategies independently, or after changing ``cfg.price``)."""
         self.cache.clear()
         self.history.clear()
+        self._saved.clear()
         self._t0 = time.perf_counter()
 
     @property
