@@ -13,5 +13,5 @@ for MODEL in lenet5 vgg16; do
       method=vanilla,noise_aware,suppression,correctnet,correctnet_noise_aware \
       dataset=$SET dataset.root="$DATA" model=$MODEL $WIDTH training.epochs=60 \
       progress=false hydra.sweep.dir=multirun/${SET}_${MODEL}
-  python -m correctnet.aggregate multirun/${SET}_${MODEL} stages=all
+  python -m correctnet.aggregate multirun/${SET}_${MODEL}
 done

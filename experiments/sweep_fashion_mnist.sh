@@ -8,4 +8,4 @@ python -m correctnet.train -m seed=0,1,2 variation.sigma=0.3,0.5,0.8 \
     method=vanilla,noise_aware,suppression,correctnet,correctnet_noise_aware \
     dataset=fashion_mnist training.epochs=3 ++compensation.steps=200 evaluation.test_samples=2000 \
     progress=false hydra.sweep.dir="$OUT"
-python -m correctnet.aggregate "$OUT" stages=all
+python -m correctnet.aggregate "$OUT"
