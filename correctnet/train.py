@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .analog import analog_layers, analogize, nominal, set_variation
+from .analog import analogize, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
                           train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
@@ -34,12 +34,12 @@ from .errors import ConfigError, CorrectNetError, DataNotFoundError, is_int
 from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import build_model
-from .placement import PlacementEvaluator, PPOConfig, SearchConfig, search
+from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .evaluate import first_samples, resolve_device
 from .resume import MODES as RESUME_MODES
-from .resume import open_store
+from .resume import ResumeStore, open_store
 from .training import TrainConfig, TrainingDivergedError, train
 from .variation import make_variation
 
@@ -265,24 +265,25 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
                                       "plot": plot.name}}
     cost = None
     placement_record = None
-    shared: dict[str, Any] = {}
+    evaluator: PlacementEvaluator | None = None
     if strategy is not None:
         assert search_cfg is not None and comp_cfg is not None
-        placement, shared, placement_record = _search(model, data, strategy, search_cfg, ppo_cfg, attach_kw,
+        evaluator, chosen, placement_record = _search(model, data, strategy, search_cfg, ppo_cfg, attach_kw,
                                                       comp_cfg, progress, store)
-        if not placement:
+        placement = evaluator.to_placement(chosen) or None
+        if placement is None:
             log.info("the search chose no compensation: no compensated stage")
-            placement = None
     if placement is not None:
         assert comp_cfg is not None
         stage = "compensated"
         attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
-        for name, state in shared.items():  # fine-tune the search's shared compensators
-            analog_layers(model)[name].compensator.load_state_dict(state)
+        if evaluator is not None:  # fine-tune the search's shared compensators
+            evaluator.load_shared(model, chosen)
         cost = overhead(model, data.test.tensors[0][:1].to(device))
         log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(placement),
                  cost["total"]["params_pct"], cost["total"]["macs_pct"])
-        result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store)
+        result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store,
+                                    teacher=evaluator.teacher if evaluator is not None else None)
         _check_outputs(model, data.test, stage)
         t0 = time.perf_counter()
         mc_c = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
@@ -343,9 +344,9 @@ def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) 
 
 
 def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: SearchConfig, ppo_cfg: PPOConfig | None,
-            attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool, store: Any = None
-            ) -> tuple[dict[str, int], dict[str, Any], dict[str, Any]]:
-    """The placement search stage: (placement {layer: rank}, shared compensator weights, metrics record)."""
+            attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool,
+            store: ResumeStore | None = None) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
+    """The placement search stage: (the evaluator, the chosen placement, its metrics record)."""
     t0 = time.perf_counter()
     log.info("placement search (%s): training shared compensators (%d steps), scoring on %d search chips x %d "
              "validation images", strategy, search_cfg.shared_steps, search_cfg.chips,
@@ -362,7 +363,7 @@ def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: Search
     log.info("%s", msg)
     print(msg, flush=True)
     record = {**result.to_dict(), "evaluator": evaluator.summary(), "seconds_total": time.perf_counter() - t0}
-    return evaluator.to_placement(b.placement), evaluator.shared_state(b.placement), record
+    return evaluator, b.placement, record
 
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:

@@ -45,6 +45,18 @@ from correctnet.training import TrainConfig, train
 BASES = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
 
 
+def add_base_args(p: argparse.ArgumentParser) -> None:
+    """The options :func:`base_model` reads (data, architecture, training), shared by the benchmarks."""
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lip-strength", type=float, default=0.02)
+
+
 def base_model(name: str, sigma: float, args, data, cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train (or load from the cache) one base model; noise-aware bases are trained at ``sigma``."""
     noisy = "noise_aware" in name
@@ -126,16 +138,9 @@ def search_placement(model, base_key: str, args, data, val, record) -> dict[str,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--model", default="lenet5")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    add_base_args(p)
     p.add_argument("--sigmas", nargs="+", type=float, default=[0.5, 0.8])
     p.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
-    p.add_argument("--lip-strength", type=float, default=0.02)
     p.add_argument("--kind", default="output", choices=["input", "output"])
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--comp-steps", type=int, default=422, help="chip-agnostic steps (422 = one pass over the FMNIST training split at batch 128)")

@@ -38,7 +38,7 @@ from correctnet.data import load_dataset
 from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compensation import BASES, base_model  # noqa: E402  (the same cached base models)
+from compensation import BASES, add_base_args, base_model  # noqa: E402  (the same cached base models)
 
 
 def final_test(model, evaluator: PlacementEvaluator, layers: list[str], args, train_data, test) -> dict[str, Any]:
@@ -48,10 +48,10 @@ def final_test(model, evaluator: PlacementEvaluator, layers: list[str], args, tr
     info: dict[str, Any] = {"layers": layers}
     if layers:
         attach_compensation(m, evaluator.to_placement(p), seed=args.seed, **evaluator.attach)
-        for name, state in evaluator.shared_state(p).items():
-            cn.analog_layers(m)[name].compensator.load_state_dict(state)
+        evaluator.load_shared(m, p)
         res = train_compensation(m, train_data, CompensationConfig(steps=args.finetune_steps, lr=args.comp_lr,
-                                                                   seed=args.seed), progress=args.progress)
+                                                                   seed=args.seed), progress=args.progress,
+                                 teacher=evaluator.teacher)
         info["finetune_seconds"] = res.seconds
         info["overhead"] = overhead(m, test[0][:1])["total"]
     r = cn.monte_carlo(m, test, n_chips=args.chips, seed=args.eval_seed, progress=args.progress, desc=str(layers))
@@ -90,16 +90,9 @@ def table(res: dict[str, Any]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--model", default="lenet5")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    add_base_args(p)
     p.add_argument("--sigma", type=float, default=0.5)
     p.add_argument("--base", default="lipschitz", choices=BASES)
-    p.add_argument("--lip-strength", type=float, default=0.02)
     p.add_argument("--price", default="auto", help="pp per %% of overhead, or 'auto' (break-even of all layers)")
     p.add_argument("--cost", default="params", choices=["params", "macs"])
     p.add_argument("--budget", type=float, default=None)

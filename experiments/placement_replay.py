@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from correctnet.placement.evaluator import Evaluation, Placement
+from correctnet.placement.evaluator import Evaluation, Placement, layer_info
 from correctnet.placement.search import PPOConfig, search
 
 
@@ -49,7 +49,6 @@ class RecordedEvaluator:
                     for h in record["runs"]["exhaustive"]["history"]}
         self.n_placements = 2 ** len(self.names)
         self.cache: dict[Placement, Evaluation] = {}
-        self.history: list[Evaluation] = []
 
     def cost(self, p: Placement) -> float:
         return float(sum(c for c, on in zip(self.layer_cost, p) if on))
@@ -61,14 +60,12 @@ class RecordedEvaluator:
         p = tuple(bool(v) for v in p)
         if p not in self.cache:
             c = self.cost(p)
-            self.cache[p] = Evaluation(p, self.acc[p], c, 100 * (self.acc[p] - self.base) - self.cfg.price * c,
-                                       len(self.history), 0.0)
-            self.history.append(self.cache[p])
+            self.cache[p] = Evaluation(p, self.acc[p], c, 100 * (self.acc[p] - self.base) - self.cfg.price * c)
         return self.cache[p]
 
     @property
     def evaluations(self) -> int:
-        return len(self.history)
+        return len(self.cache)
 
 
 def _layer_info(setup: dict[str, Any], names: list[str]) -> list[dict[str, Any]]:
@@ -76,17 +73,7 @@ def _layer_info(setup: dict[str, Any], names: list[str]) -> list[dict[str, Any]]
     import correctnet as cn
     kw = {"width": setup["width"]} if setup["model"].startswith("vgg") else {}
     model = cn.analogize(cn.build_model(setup["model"], (1, 28, 28), 10, **kw), cn.LogNormal(0.5))
-    layers, macs = cn.analog_layers(model), {}
-    hooks = [layers[n].register_forward_hook(lambda m, a, out, n=n: macs.__setitem__(n, out[0].numel() * m.weight[0].numel()))
-             for n in names]
-    model.eval()
-    with torch.no_grad():
-        model(torch.zeros(1, 1, 28, 28))
-    for h in hooks:
-        h.remove()
-    tp, tm = sum(layers[n].weight.numel() for n in names), sum(macs.values())
-    return [{"name": n, "position": i, "conv": not isinstance(layers[n], torch.nn.Linear),
-             "params_share": layers[n].weight.numel() / tp, "macs_share": macs[n] / tm} for i, n in enumerate(names)]
+    return layer_info(model, names, torch.zeros(1, 1, 28, 28))
 
 
 def main() -> None:
@@ -103,7 +90,6 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         ev.cache.clear()
-        ev.history.clear()
         t0 = time.perf_counter()
         r = search(ev, "ppo", seed=seed, ppo=PPOConfig(**kw))  # type: ignore[arg-type]
         rows.append({"seed": seed, "of_optimum": r.best.objective / opt, "evaluations": r.evaluations,

@@ -5,7 +5,6 @@ CORRECTNET_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py"""
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import pickle
@@ -20,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import correctnet as cn
-from correctnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_digest
+from correctnet.checkpoint import load_checkpoint, save_checkpoint, tensor_digest
 from correctnet.data import read_cifar_batch, read_idx
 from correctnet.errors import CorrectNetError, DataFormatError
 from correctnet.resume import ResumeError, ResumeStore, load_state

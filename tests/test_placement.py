@@ -183,7 +183,7 @@ def test_surrogate_learns_an_additive_objective_from_few_placements():
     f = lambda p: 1.0 + float(w @ np.asarray(p, float))  # noqa: E731
     seen = enumerate_placements(5)[::3]  # 11 of 32 placements
     sur = _Surrogate(5)
-    sur.fit([Evaluation(p, 0.0, 0.0, f(p), i, 0.0) for i, p in enumerate(seen)])
+    sur.fit([Evaluation(p, 0.0, 0.0, f(p)) for p in seen])
     for p in enumerate_placements(5):  # unseen ones included
         assert sur.predict(p) == pytest.approx(f(p), abs=0.05)
 

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analog import analog_layers, chip, nominal
-from ..calibration import CompensationConfig, train_compensation
-from ..compensation import attach_compensation, compensators, overhead
+from ..analog import analog_layers, chip
+from ..calibration import CompensationConfig, _tensors, teacher_logits, train_compensation
+from ..compensation import _macs, attach_compensation, compensators, overhead
 from ..errors import ConfigError, is_int, is_number, require
-from ..evaluate import eval_mode, model_device
+from ..evaluate import accuracy, clean_accuracy, eval_mode, model_device
 from ..lipschitz import lipschitz_constants
 from ..resume import ResumeStore
 from ..seeding import Stream, chip_seed
@@ -85,12 +85,10 @@ class Evaluation:
     accuracy: float
     cost: float
     objective: float
-    index: int            # 0 for the first distinct placement evaluated
-    seconds: float        # since the evaluator was built
 
     def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
         return {"layers": [n for n, on in zip(names, self.placement) if on], "accuracy": self.accuracy,
-                "cost": self.cost, "objective": self.objective, "index": self.index, "seconds": self.seconds}
+                "cost": self.cost, "objective": self.objective}
 
 
 class PlacementEvaluator:
@@ -128,7 +126,8 @@ class PlacementEvaluator:
         example = self.val_x[:1]
 
         self.lipschitz = {n: c for n, c in lipschitz_constants(self.model, example).items() if n in self.names}
-        self.layer_info = self._layer_info(example)
+        self.layer_info = layer_info(self.model, self.names, example)
+        self.clean_accuracy = clean_accuracy(self.model, (self.val_x, self.val_y), batch_size=cfg.batch_size)
         self.base_accuracy = self._accuracy()  # no compensator exists yet: the uncompensated network
         self.sensitivity = self._sensitivities()
 
@@ -155,68 +154,39 @@ class PlacementEvaluator:
 
         tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
         tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
+        # the clean network's logits on the training images: also the teacher of the final fine-tuning
+        self.teacher = teacher_logits(self.model, _tensors(train_data)[0]) if tcfg.distill > 0 else None
         self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
                                            stage="shared compensators", on_step=random_subset, resume=resume,
-                                           resume_key="placement_shared").to_dict()
-        self.cache: dict[Placement, Evaluation] = {}
-        self.history: list[Evaluation] = []
-        self.requests = 0
+                                           resume_key="placement_shared", teacher=self.teacher).to_dict()
+        self.cache: dict[Placement, Evaluation] = {}  # in evaluation order
         self.resume = resume
         self._saved: dict[Placement, float] = {}
         if resume is not None:
             state = resume.load("placement_cache") or {}
             self._saved = {tuple(bool(b) for b in p): a for p, a in zip(state.get("placements", []),
                                                                        state.get("accuracies", []))}
-        self._t0 = time.perf_counter()
-        self.setup_seconds = self._t0 - t0
+        self.setup_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ layer facts
-    def _layer_info(self, example: torch.Tensor) -> list[dict[str, Any]]:
-        """Position, type, share of the analog weights and of the analog MACs of every candidate layer."""
-        layers = analog_layers(self.model)
-        macs: dict[str, int] = {}
-        hooks = [layers[n].register_forward_hook(
-            lambda m, a, out, n=n: macs.__setitem__(n, out[0].numel() * m.weight[0].numel())) for n in self.names]
-        try:
-            with eval_mode(self.model):
-                self.model(example)
-        finally:
-            for h in hooks:
-                h.remove()
-        params = {n: layers[n].weight.numel() for n in self.names}
-        tp, tm = sum(params.values()), max(sum(macs.values()), 1)
-        return [{"name": n, "position": i, "conv": not isinstance(layers[n], nn.Linear),
-                 "params_share": params[n] / tp, "macs_share": macs[n] / tm}
-                for i, n in enumerate(self.names)]
-
     def _sensitivities(self) -> list[float]:
         """Accuracy lost (pp) on the search chips when only this layer has variations, uncompensated."""
         layers = analog_layers(self.model)
         out = []
         for n in self.names:
             others = [l for m, l in layers.items() if m != n]
-            out.append(100 * (self._clean() - self._accuracy(nominal_layers=others)))
+            out.append(100 * (self.clean_accuracy - self._accuracy(nominal_layers=others)))
         return out
-
-    def _clean(self) -> float:
-        if not hasattr(self, "_clean_acc"):
-            with eval_mode(self.model), nominal(self.model):
-                self._clean_acc = (self.model(self.val_x).argmax(1) == self.val_y).float().mean().item()
-        return self._clean_acc
 
     # ------------------------------------------------------------------ scoring
     def _accuracy(self, nominal_layers: Sequence[nn.Module] = ()) -> float:
         """Mean accuracy over the search chips as the model is now; ``nominal_layers`` get no variation."""
-        bs = self.cfg.batch_size
         accs = []
-        with eval_mode(self.model):
-            for s in self.chip_seeds:
-                with chip(self.model, s):
-                    for layer in nominal_layers:
-                        layer.set_off()
-                    correct = sum((self.model(self.val_x[i:i + bs]).argmax(1) == self.val_y[i:i + bs]).sum().item()
-                                  for i in range(0, len(self.val_x), bs))
-                    accs.append(correct / len(self.val_x))
+        for s in self.chip_seeds:
+            with chip(self.model, s):
+                for layer in nominal_layers:
+                    layer.set_off()
+                accs.append(accuracy(self.model, (self.val_x, self.val_y), batch_size=self.cfg.batch_size))
         return float(np.mean(accs))
 
     def cost(self, placement: Placement) -> float:
@@ -235,12 +205,11 @@ class PlacementEvaluator:
     def evaluate(self, placement: Sequence[bool]) -> Evaluation:
         """Score ``placement`` (cached); an infeasible one scores ``-inf`` without being evaluated."""
         p = self.check(placement)
-        self.requests += 1
         if p in self.cache:
             return self.cache[p]
         cost = self.cost(p)
         if not self.feasible(p):
-            return Evaluation(p, float("nan"), cost, -math.inf, -1, time.perf_counter() - self._t0)
+            return Evaluation(p, float("nan"), cost, -math.inf)
         if p in self._saved:  # evaluated before an interruption
             acc = self._saved[p]
         else:
@@ -250,10 +219,8 @@ class PlacementEvaluator:
             self._saved[p] = acc
             if self.resume is not None and self.resume.due("placement_cache"):
                 self.save_cache()
-        ev = Evaluation(p, acc, cost, 100 * (acc - self.base_accuracy) - self.cfg.price * cost, len(self.history),
-                        time.perf_counter() - self._t0)
+        ev = Evaluation(p, acc, cost, 100 * (acc - self.base_accuracy) - self.cfg.price * cost)
         self.cache[p] = ev
-        self.history.append(ev)
         return ev
 
     def save_cache(self) -> None:
@@ -265,45 +232,67 @@ class PlacementEvaluator:
     def clear_cache(self) -> None:
         """Forget every evaluation (e.g. to time strategies independently, or after changing ``cfg.price``)."""
         self.cache.clear()
-        self.history.clear()
         self._saved.clear()
-        self._t0 = time.perf_counter()
+
+    @property
+    def history(self) -> list[Evaluation]:
+        """The distinct placements evaluated so far, in order."""
+        return list(self.cache.values())
 
     @property
     def evaluations(self) -> int:
         """Distinct placements evaluated so far."""
-        return len(self.history)
+        return len(self.cache)
 
     @property
     def n_placements(self) -> int:
         return 2 ** len(self.names)
 
-    def best(self) -> Evaluation:
-        """The best placement evaluated so far (ties: the earlier one)."""
-        if not self.history:
-            raise ConfigError("no placement has been evaluated yet")
-        return max(self.history, key=lambda e: (e.objective, -e.index))
-
     def to_placement(self, placement: Sequence[bool]) -> dict[str, int]:
         """``{layer: rank}`` for :func:`correctnet.compensation.attach_compensation`."""
         return {n: self.attach["rank"] for n, on in zip(self.names, self.check(placement)) if on}
 
-    def shared_state(self, placement: Sequence[bool]) -> dict[str, dict[str, torch.Tensor]]:
-        """The shared compensators' weights of the layers in ``placement`` (to fine-tune from)."""
-        return {n: {k: v.detach().clone() for k, v in self.comps[n].state_dict().items()}
-                for n, on in zip(self.names, self.check(placement)) if on}
+    def load_shared(self, model: nn.Module, placement: Sequence[bool]) -> None:
+        """Copy the shared compensators' weights of ``placement``'s layers into ``model``'s compensators
+        (attached with :meth:`to_placement` and ``self.attach``), to fine-tune from them."""
+        comps = compensators(model)
+        for n, on in zip(self.names, self.check(placement)):
+            if on:
+                comps[n].load_state_dict(self.comps[n].state_dict())
 
     def summary(self) -> dict[str, Any]:
         return {"layers": self.names, "config": asdict(self.cfg), "attach": self.attach,
-                "base_accuracy": self.base_accuracy, "clean_accuracy": self._clean(),
+                "base_accuracy": self.base_accuracy, "clean_accuracy": self.clean_accuracy,
                 "layer_cost": dict(zip(self.names, self.layer_cost)), "layer_info": self.layer_info,
                 "sensitivity": dict(zip(self.names, self.sensitivity)), "lipschitz": self.lipschitz,
                 "chip_seeds": self.chip_seeds, "setup_seconds": self.setup_seconds,
                 "shared_training": {k: v for k, v in self.training.items() if k != "history"}}
 
 
+def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> list[dict[str, Any]]:
+    """Position, type, share of the analog weights and of the analog MACs of the analog layers ``names``.
+
+    ``example``: one input ``[1, ...]`` (MACs per sample, as :func:`correctnet.compensation.overhead`).
+    """
+    layers = analog_layers(model)
+    macs: dict[str, int] = {}
+    hooks = [layers[n].register_forward_hook(lambda m, a, out, n=n: macs.__setitem__(n, _macs(m, out)))
+             for n in names]
+    try:
+        with eval_mode(model):
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    params = {n: layers[n].weight.numel() for n in names}
+    tp, tm = sum(params.values()), max(sum(macs.values()), 1)
+    return [{"name": n, "position": i, "conv": not isinstance(layers[n], nn.Linear),
+             "params_share": params[n] / tp, "macs_share": macs[n] / tm} for i, n in enumerate(names)]
+
+
 def enumerate_placements(n: int) -> list[Placement]:
     """All ``2**n`` placements over ``n`` layers, ``none`` first, in binary counting order."""
     return [tuple(bool(i >> (n - 1 - j) & 1) for j in range(n)) for i in range(2 ** n)]
 
-__all__ = ["COSTS", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "enumerate_placements"]
+__all__ = ["COSTS", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "enumerate_placements",
+           "layer_info"]

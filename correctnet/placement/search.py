@@ -153,8 +153,6 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
         best = session.best()
     names = list(evaluator.names)
     history = [{**ev.to_dict(names), "seconds": t} for ev, t in session.seen.values()]
-    for h in history:
-        h.pop("index")
     return SearchResult(strategy, names, best, session.evaluations, evaluator.n_placements,
                         time.perf_counter() - session.t0, history, extra)
 
@@ -182,14 +180,6 @@ class _Surrogate:
         return float(self._features(p) @ self.w)
 
 
-@dataclass
-class _Estimate:
-    placement: Placement
-    objective: float
-    accuracy: float
-    cost: float
-
-
 class _ModelBased:
     """What the environment evaluates through in the surrogate phase: seen placements score their real
     objective, unseen ones the surrogate's estimate (and are queued for real evaluation)."""
@@ -203,12 +193,12 @@ class _ModelBased:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
 
-    def evaluate(self, placement: Placement) -> Any:
+    def evaluate(self, placement: Placement) -> Evaluation:
         p = tuple(bool(v) for v in placement)
         if not self.active or p in self.session.seen or not self.session.feasible(p):
             return self.session.evaluate(p)
         self.queued[p] += 1
-        return _Estimate(p, self.surrogate.predict(p), float("nan"), self.session.cost(p))
+        return Evaluation(p, float("nan"), self.session.cost(p), self.surrogate.predict(p))  # an estimate
 
     def start(self) -> None:
         self.active = True
