@@ -5,7 +5,7 @@ from .analog import (AnalogLayer, analog_layers, analogize, chip, digitize, nois
                      program_chip, set_noise_aware, set_nominal, set_variation)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from .errors import ConfigError, CorrectNetError, DataFormatError, DataNotFoundError  # noqa: E402
-from .evaluate import MCResult, accuracy, clean_accuracy, evaluate_checkpoint, monte_carlo  # noqa: E402
+from .evaluate import MCResult, accuracy, clean_accuracy, evaluate_checkpoint, monte_carlo, chip_copy  # noqa: E402
 from .lipschitz import LipschitzRegularizer, error_profile, lipschitz_constants  # noqa: E402
 from .models import build_model  # noqa: E402
 from .seeding import Stream, chip_seed  # noqa: E402
@@ -16,6 +16,6 @@ __all__ = [
     "set_noise_aware", "set_nominal", "set_variation", "CheckpointError", "load_checkpoint", "save_checkpoint",
     "evaluate_checkpoint", "LipschitzRegularizer", "error_profile", "lipschitz_constants", "ConfigError",
     "CorrectNetError", "DataFormatError", "DataNotFoundError", "MCResult", "accuracy", "clean_accuracy",
-    "monte_carlo", "build_model", "Stream", "chip_seed", "Gaussian", "LogNormal", "VariationModel",
+    "monte_carlo", "chip_copy", "build_model", "Stream", "chip_seed", "Gaussian", "LogNormal", "VariationModel",
     "make_variation",
 ]

@@ -14,6 +14,12 @@ Both add, with ``affine=True``, a per-output-channel scale and shift ``gamma * y
 per channel), which can undo the bias of log-normal variation (``E[w'] = exp(sigma^2/2) w``).
 Every last map (``up``, ``gamma``, ``beta``) starts at zero, so a fresh compensator is an exact no-op.
 
+Without gradients (evaluation) an ``output`` compensator runs as one folded 1x1 map,
+``y -> (diag(1 + gamma) + up @ down) y + beta``: the same function (equal up to float round-off) in one
+pass over the feature map instead of five, which matters most in the channels-last layout the
+Monte-Carlo evaluation uses. Training and :func:`overhead` use the factorized modules, whose sizes are
+the hardware the overhead counts.
+
 The modules are digital: they are not stored in the RRAM array and no variation reaches them. Their cost
 is counted by :func:`overhead`. A *placement* maps layer names to ranks (``{"fc1": 4, "conv2": 2}``).
 Training on sampled chips lives in :mod:`correctnet.calibration`.
@@ -25,6 +31,7 @@ import fnmatch
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .analog import analog_layers
@@ -33,6 +40,7 @@ from .seeding import layer_generator
 
 KINDS = ("input", "output")
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_FOLDED = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class Compensator(nn.Module):
@@ -48,6 +56,7 @@ class Compensator(nn.Module):
             raise ConfigError("a compensator with rank 0 and affine=false would do nothing")
         self.kind, self.rank, self.affine = kind, rank, affine
         self.active = True
+        self._fold = True  # fold into one map when no gradients are needed (see the module docstring)
         if isinstance(layer, nn.Linear):
             out_ch, in_ch = layer.out_features, layer.in_features
             self.conv_dims = 0
@@ -92,9 +101,24 @@ class Compensator(nn.Module):
         # per-channel vector -> broadcastable against y ([N, C] or [N, C, *spatial])
         return v.view(-1, *([1] * (y.dim() - 2))) if self.conv_dims else v
 
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An ``output`` compensator as one map: weight ``[out, out, 1, ...]`` (``[out, out]`` for Linear)
+        and bias ``[out]`` (None without ``affine``), so that ``forward(x, y) = map(y)``."""
+        if self.kind != "output":
+            raise ConfigError("only output compensators fold into one map (input ones read the layer's input)")
+        w = self.up.weight.flatten(1) @ self.down.weight.flatten(1) if self.rank > 0 else None
+        eye = torch.ones(self.out_channels, device=self.gamma.device if self.affine else w.device,
+                         dtype=self.gamma.dtype if self.affine else w.dtype)
+        diag = torch.diag(eye + self.gamma if self.affine else eye)
+        w = diag if w is None else w + diag
+        return w.view(*w.shape, *([1] * self.conv_dims)), (self.beta if self.affine else None)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return y
+        if self._fold and self.kind == "output" and self.rank > 0 and not torch.is_grad_enabled():
+            w, b = self.folded()
+            return _FOLDED[self.conv_dims](y, w, b)
         out = y
         if self.affine:
             out = out + self._channel(self.gamma, y) * y + self._channel(self.beta, y)
@@ -259,6 +283,8 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
+        for c in comps.values():
+            c._fold = False  # count the factorized modules: they are the hardware
         with torch.no_grad():
             model(example)
     finally:
@@ -266,6 +292,8 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
             h.remove()
         for m, t in flags.items():
             m.training = t
+        for c in comps.values():
+            c._fold = True
     net_macs = macs.pop("network")
     layers = {}
     for n, c in comps.items():

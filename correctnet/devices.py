@@ -211,6 +211,10 @@ class RRAM(VariationModel):
 
     # -- converters ------------------------------------------------------------------------------
     @property
+    def reads(self) -> bool:
+        return self.read_noise > 0
+
+    @property
     def converts(self) -> bool:
         return self.dac_bits is not None or self.adc_bits is not None
 

@@ -64,6 +64,11 @@ class VariationModel:
         return self.apply(weight, noise)
 
     @property
+    def reads(self) -> bool:
+        """Whether ``apply_read`` draws per-read noise (off by default)."""
+        return False
+
+    @property
     def converts(self) -> bool:
         """Whether ``dac``/``adc`` quantize the analog layer's input/output (off by default)."""
         return False

@@ -102,6 +102,7 @@ def main() -> None:
     p.add_argument("--comp-lr", type=float, default=1e-2)
     p.add_argument("--ppo-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-evaluations", type=int, default=None, help="PPO cap (default: max(16, 25%% of 2^L))")
+    p.add_argument("--ppo", default="{}", help='other PPOConfig fields as JSON, e.g. \'{"ent_coef": 0.2}\'')
     p.add_argument("--finetune-steps", type=int, default=200)
     p.add_argument("--chips", type=int, default=100)
     p.add_argument("--test-samples", type=int, default=2000)
@@ -158,7 +159,8 @@ def main() -> None:
     for name, strategy, seed in plan:
         if args.cold or per_eval is None:
             ev.clear_cache()
-        r = search(ev, strategy, seed=seed, ppo=PPOConfig(max_evaluations=args.max_evaluations), progress=args.progress)
+        r = search(ev, strategy, seed=seed, ppo=PPOConfig(max_evaluations=args.max_evaluations, **json.loads(args.ppo)),
+                   progress=args.progress)
         res["runs"][name] = d = r.to_dict()
         if per_eval is None:
             per_eval = r.seconds / r.evaluations

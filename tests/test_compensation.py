@@ -284,3 +284,26 @@ def test_the_teacher_is_the_clean_network_with_clean_batchnorm_statistics():
         expected = ref(x)
     assert torch.allclose(t, expected, atol=1e-5)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the student is untouched
+
+
+@pytest.mark.parametrize("layer, x", [
+    (nn.Conv2d(3, 6, 3, padding=1), torch.randn(4, 3, 5, 5)),
+    (nn.Conv1d(3, 5, 3), torch.randn(4, 3, 9)),
+    (nn.Linear(7, 5), torch.randn(4, 7)),
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_folded_output_compensator_is_the_same_function_and_training_uses_the_factors(layer, x, affine):
+    model = cn.analogize(nn.Sequential(layer), cn.LogNormal(0.3))
+    comp = attach_compensation(model, "all", kind="output", rank=2, affine=affine)["0"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in comp.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    cn.program_chip(model, 5)
+    out = model(x)  # gradients on: the factorized modules
+    out.square().sum().backward()
+    assert comp.down.weight.grad is not None and comp.up.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        folded = model(x)
+    torch.testing.assert_close(folded, out.detach(), rtol=1e-5, atol=1e-6)
+    assert overhead(model, x[:1])["layers"]["0"]["macs"] > 0  # counted on the factors, not the folded map

@@ -48,3 +48,57 @@ def test_bad_chip_count():
     model, data = trained_mlp()
     with pytest.raises(ValueError, match="n_chips"):
         cn.monte_carlo(model, data, n_chips=0)
+
+
+def _lenet_and_images(n: int = 300):
+    torch.manual_seed(1)
+    model = cn.analogize(cn.build_model("lenet5", (1, 8, 8), 10), cn.LogNormal(0.5))
+    x = torch.randn(n, 1, 8, 8)  # one input channel: the layout case that needs forcing
+    with torch.no_grad():  # labels = the clean model's own predictions, so accuracies are far from 0 and 1
+        y = model(x).argmax(1)
+    return model, (x, y)
+
+
+@pytest.mark.parametrize("make", [_lenet_and_images, trained_mlp])
+def test_fast_path_gives_the_simple_methods_predictions_chip_by_chip(make):
+    model, (x, y) = make()
+    nominal_before = {k: v.clone() for k, v in model.state_dict().items()}
+    mc = cn.monte_carlo(model, (x, y), n_chips=4, seed=2, batch_size=128, progress=False)
+    plain_layout = cn.monte_carlo(model, (x, y), n_chips=4, seed=2, batch_size=128, progress=False, channels_last=False)
+    simple = []
+    for s in mc.chip_seeds:
+        copy = cn.chip_copy(model, s).eval()  # copy the model, write the chip's weights, forward
+        with torch.no_grad():
+            pred_simple = copy(x).argmax(1)
+            with cn.chip(model, s):
+                batches = cn.evaluate.eval_batches((x, y), 128, model)
+                pred_fast = torch.cat([model(b).argmax(1) for b, _ in batches])
+        assert torch.equal(pred_fast, pred_simple)
+        simple.append((pred_simple == y).sum().item() / len(y))
+    assert mc.accuracies == simple == plain_layout.accuracies
+    assert len(set(mc.accuracies)) > 1  # the chips differ
+    assert all(torch.equal(v, nominal_before[k]) for k, v in model.state_dict().items())
+    assert all(layer.analog_mode == "off" for layer in cn.analog_layers(model).values())
+
+
+def test_chip_copy_holds_the_chips_weights_and_refuses_what_no_copy_can_hold():
+    model, _ = trained_mlp()
+    s = chip_seed(Stream.EVAL, 0, 0)
+    copy = cn.chip_copy(model, s)
+    assert not cn.analog_layers(copy)
+    with cn.chip(model, s):
+        for name, layer in cn.analog_layers(model).items():
+            assert torch.equal(copy.get_submodule(name).weight, layer.analog_weight())
+    assert not torch.equal(copy.net[1].weight, model.net[1].weight)
+    with pytest.raises(cn.ConfigError, match="no analog layers"):
+        cn.chip_copy(copy, s)
+    cn.set_variation(model, cn.make_variation("rram", 1.0, read_noise=0.01))
+    with pytest.raises(cn.ConfigError, match="per-read noise"):
+        cn.chip_copy(model, s)
+
+
+def test_channels_last_layout_changes_values_nowhere():
+    x = torch.randn(5, 1, 6, 6)
+    cl = cn.evaluate.to_channels_last(x)
+    assert torch.equal(cl, x) and cl.stride() == (36, 1, 6, 1)
+    assert cn.evaluate.to_channels_last(torch.randn(3, 4)).stride() == (4, 1)
