@@ -34,14 +34,14 @@ class PPOConfig:
     """PPO settings for the placement agent (stable-baselines3 names)."""
 
     max_evaluations: int | None = None  # distinct placements; None: max(16, 25% of 2**L), capped at 2**L
-    episodes: int = 2000                # upper bound on training episodes
+    episodes: int = 4000                # upper bound on training episodes
     episodes_per_update: int = 16       # rollout length n_steps = episodes_per_update * L
     learning_rate: float = 3e-3
     n_epochs: int = 10
-    ent_coef: float = 0.01
+    ent_coef: float = 0.2               # high entropy: keeps exploring once a good placement is found
     net_arch: tuple[int, ...] = (64, 64)
     reward_scale: float = 0.1
-    surrogate: bool = False             # model-based: after `explore`, unseen placements get a learned estimate
+    surrogate: bool = True              # model-based: after `explore`, unseen placements get a learned estimate
     explore: float = 0.5                # share of max_evaluations spent on real rewards before the surrogate
     per_update: int = 2                 # real evaluations per rollout in the surrogate phase
 
