@@ -106,11 +106,11 @@ class Compensator(nn.Module):
         and bias ``[out]`` (None without ``affine``), so that ``forward(x, y) = map(y)``."""
         if self.kind != "output":
             raise ConfigError("only output compensators fold into one map (input ones read the layer's input)")
-        w = self.up.weight.flatten(1) @ self.down.weight.flatten(1) if self.rank > 0 else None
-        eye = torch.ones(self.out_channels, device=self.gamma.device if self.affine else w.device,
-                         dtype=self.gamma.dtype if self.affine else w.dtype)
-        diag = torch.diag(eye + self.gamma if self.affine else eye)
-        w = diag if w is None else w + diag
+        ref = next(self.parameters())
+        scale = torch.ones(self.out_channels, device=ref.device, dtype=ref.dtype)
+        w = torch.diag(scale + self.gamma if self.affine else scale)
+        if self.rank > 0:
+            w = w + self.up.weight.flatten(1) @ self.down.weight.flatten(1)
         return w.view(*w.shape, *([1] * self.conv_dims)), (self.beta if self.affine else None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,13 @@ def add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lip-strength", type=float, default=0.02)
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--threads`` (torch CPU threads), ``--progress`` (bars) and ``--out`` (result JSON), shared by the benchmarks."""
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--progress", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+
+
 def base_model(name: str, sigma: float, args, data, cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train (or load from the cache) one base model; noise-aware bases are trained at ``sigma``."""
     noisy = "noise_aware" in name
@@ -162,9 +169,7 @@ def main() -> None:
     p.add_argument("--chips", type=int, default=100)
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--eval-seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
+    add_run_args(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

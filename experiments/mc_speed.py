@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import sys
@@ -101,13 +102,12 @@ def bench_model(name: str, args: argparse.Namespace, data, device: torch.device)
     plain = cn.build_model(name, data.input_shape, data.num_classes, **kw).to(device).eval()
     batches = list(iter_batches((x, y), args.batch_size, device))
     batches_cl = [(to_channels_last(a), b) for a, b in batches]
-    var = cn.LogNormal(args.sigma)
-    model = cn.analogize(plain, var)
+    model = cn.analogize(plain, cn.LogNormal(args.sigma))
     rows: dict[str, dict[str, Any]] = {}
 
     def add(key: str, seconds: float, chips: int, mem: dict[str, float], **extra: Any) -> None:
         rows[key] = {"seconds": seconds, "chips": chips, "per_chip_s": seconds / chips, **mem, **extra}
-        print(f"{name:<7} {key:<18} {seconds / chips:8.4f} s per {'chip' if chips > 1 or key[:2] != 'cl' else 'pass'}"
+        print(f"{name:<7} {key:<18} {seconds / chips:8.4f} s per {'pass' if key.startswith('clean') else 'chip'}"
               f"  peak {mem['peak_mib']:7.0f} MiB (+{mem['growth_mib']:.0f})", flush=True)
 
     forward_predictions(plain, batches)  # warm-up
@@ -130,8 +130,7 @@ def bench_model(name: str, args: argparse.Namespace, data, device: torch.device)
         same = bool(torch.equal(forward_predictions(model, batches_cl), simple_first))
     print(f"{name:<7} chip 0: fast-path predictions identical to the simple method: {same}", flush=True)
 
-    comp = cn.analogize(cn.build_model(name, data.input_shape, data.num_classes, **kw).to(device), var)
-    comp.load_state_dict(plain.state_dict(), strict=False)
+    comp = copy.deepcopy(model)
     attach_compensation(comp, "all", kind="output", rank=4, seed=args.seed)
     n = max(args.chips)
     t, mem, _ = timed(lambda: cn.monte_carlo(comp, (x, y), n_chips=n, batch_size=args.batch_size, progress=False), device)

@@ -38,7 +38,7 @@ from correctnet.data import load_dataset
 from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compensation import BASES, add_base_args, base_model  # noqa: E402  (the same cached base models)
+from compensation import BASES, add_base_args, add_run_args, base_model  # noqa: E402  (the same cached base models)
 
 
 def final_test(model, evaluator: PlacementEvaluator, layers: list[str], args, train_data, test) -> dict[str, Any]:
@@ -111,9 +111,7 @@ def main() -> None:
                    help="run every strategy on an empty cache (default: after the exhaustive search the cache is "
                         "kept, the other strategies' searches are the same, and their cold time is estimated as "
                         "their measured time + their evaluations x the exhaustive search's seconds per evaluation)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
+    add_run_args(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

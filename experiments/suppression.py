@@ -19,6 +19,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +30,9 @@ import correctnet as cn
 from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from correctnet.training import TrainConfig, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from compensation import add_base_args  # noqa: E402  (the benchmarks' shared options)
 
 METHODS = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
 
@@ -82,13 +86,7 @@ def table(results: dict, sigmas: list[float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--model", default="lenet5")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    add_base_args(p)  # --dataset --model --width --epochs --lr --batch-size --seed --lip-strength
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--sigmas", nargs="+", type=float, default=[0.3, 0.5, 0.8])
     p.add_argument("--train-sigma", type=float, default=0.5, help="sigma of noise-aware training")
@@ -97,7 +95,6 @@ def main() -> None:
                    help="evaluate on the first N test images only (to afford large models on CPU)")
     p.add_argument("--eval-seed", type=int, default=0)
     p.add_argument("--lip-kind", default="relative")
-    p.add_argument("--lip-strength", type=float, default=0.02)
     p.add_argument("--lip-target", type=float, default=None)
     p.add_argument("--lip-samples", type=int, default=8)
     p.add_argument("--lip-per-layer", action="store_true", help="relative form over the whole layer output")
