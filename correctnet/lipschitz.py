@@ -153,12 +153,14 @@ class LipschitzRegularizer:
     ``input_shapes`` (from :func:`input_shapes`) is needed by ``"spectral"`` for conv layers;
     ``samples``: images of each batch the ``"relative"`` form is measured on; ``per_channel``: the
     relative form's ratio per output channel (mean over channels) instead of over the whole output,
-    which is what a following BatchNorm, normalizing each channel, sees.
+    which is what a following BatchNorm, normalizing each channel, sees; ``centered``: divide by each
+    channel's variance (over samples and positions) instead of its second moment, which is the signal
+    left after a following BatchNorm subtracts the channel mean (needs ``per_channel``).
     """
 
     def __init__(self, kind: str = "relative", strength: float = 1e-2, target: float | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, samples: int = 8,
-                 per_channel: bool = True):
+                 per_channel: bool = True, centered: bool = False):
         if kind not in KINDS:
             raise ConfigError(f"training.lipschitz.kind must be one of {list(KINDS)}, got {kind!r}")
         if target is None:
@@ -173,7 +175,11 @@ class LipschitzRegularizer:
         self.kind, self.strength, self.target, self.samples = kind, float(strength), float(target), samples
         if not isinstance(per_channel, bool):
             raise ConfigError(f"training.lipschitz.per_channel must be true or false, got {per_channel!r}")
-        self.per_channel = per_channel
+        if not isinstance(centered, bool):
+            raise ConfigError(f"training.lipschitz.centered must be true or false, got {centered!r}")
+        if centered and not per_channel:
+            raise ConfigError("training.lipschitz.centered=true needs per_channel=true (it centres each channel)")
+        self.per_channel, self.centered = per_channel, centered
         self.shapes = input_shapes or {}
         self.seed = seed
         self._vectors: dict[str, torch.Tensor] = {}
@@ -200,10 +206,13 @@ class LipschitzRegularizer:
         spread = F.linear(x, w2) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w2, None)
         out = output[:k].clone()  # the next op may be an in-place ReLU that would overwrite the saved output
         if self.per_channel:  # channels (dim 1 of conv maps, last dim of Linear outputs), pooled over samples
-            if isinstance(layer, nn.Linear):
-                num, den = spread.reshape(-1, spread.shape[-1]).sum(0), out.reshape(-1, out.shape[-1]).square().sum(0)
+            if isinstance(layer, nn.Linear):  # rows: samples (and positions), columns: channels
+                spread, out = spread.reshape(-1, spread.shape[-1]), out.reshape(-1, out.shape[-1])
             else:
-                num, den = spread.transpose(0, 1).flatten(1).sum(1), out.transpose(0, 1).flatten(1).square().sum(1)
+                spread, out = spread.transpose(0, 1).flatten(1).T, out.transpose(0, 1).flatten(1).T
+            if self.centered:
+                out = out - out.mean(0)
+            num, den = spread.sum(0), out.square().sum(0)
             ratio = num / (den + 1e-2 * den.mean().detach() + 1e-12)  # a near-silent channel cannot dominate
         else:
             ratio = spread.flatten(1).sum(1) / (out.flatten(1).square().sum(1) + 1e-12)

@@ -95,6 +95,33 @@ def test_relative_penalty_per_channel_matches_its_formula_on_a_conv_layer():
     assert got == pytest.approx((num / (den + 1e-2 * den.mean())).mean().item(), rel=1e-5)
 
 
+def test_centered_relative_penalty_ignores_channel_means_that_batchnorm_removes():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = cn.analogize(nn.Sequential(conv), cn.LogNormal(0.1))
+    x = torch.randn(6, 2, 5, 5)
+
+    def penalty(centered: bool) -> float:
+        reg = LipschitzRegularizer("relative", strength=1.0, samples=4, centered=centered)
+        reg.attach(model)
+        model.train()(x)
+        value = reg(model).item()
+        reg.detach()
+        return value
+
+    y = conv(x[:4]).detach()
+    spread = torch.nn.functional.conv2d(x[:4].square(), conv.weight.detach().square(), padding=1)
+    num, den = spread.sum((0, 2, 3)), (y - y.mean((0, 2, 3), keepdim=True)).square().sum((0, 2, 3))
+    assert penalty(True) == pytest.approx((num / (den + 1e-2 * den.mean())).mean().item(), rel=1e-5)
+    before = penalty(True), penalty(False)
+    with torch.no_grad():
+        model[0].bias.add_(5.0)  # a channel mean: the uncentered ratio falls, a following BatchNorm undoes it
+    assert penalty(True) == pytest.approx(before[0], rel=1e-4)
+    assert penalty(False) < 0.5 * before[1]
+    with pytest.raises(cn.ConfigError, match="per_channel"):
+        LipschitzRegularizer("relative", centered=True, per_channel=False)
+
+
 def test_relative_penalty_predicts_the_injected_error():
     """r_l * Var(e^theta) is the expected squared relative error a layer injects (first layer: exact input)."""
     torch.manual_seed(0)
