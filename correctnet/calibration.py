@@ -58,7 +58,13 @@ class CompensationConfig:
 
 @dataclass
 class CalibrationConfig:
-    """Per-chip calibration: ``steps`` Adam steps on ``n_images`` unlabeled training images."""
+    """Per-chip calibration: ``steps`` Adam steps on ``n_images`` unlabeled training images.
+
+    ``start``: the compensators' state each chip's steps start from: ``"trained"`` (the chip-agnostic
+    state), ``"zero"`` (no-op: every last map zeroed), or ``"best"`` (whichever of the two is closer to
+    the teacher on this chip's calibration images, after the BatchNorm re-estimation). A chip-agnostic
+    state learned under the nominal BatchNorm statistics can be a poor start once they are re-estimated.
+    """
 
     steps: int = 60
     n_images: int = 2000
@@ -66,6 +72,7 @@ class CalibrationConfig:
     lr: float = 3e-3
     temperature: float = 1.0
     batchnorm: bool = True     # re-estimate BatchNorm running statistics on the chip first
+    start: str = "best"        # trained | zero | best (see the class docstring)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -76,7 +83,11 @@ class CalibrationConfig:
         require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
         require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
         require(isinstance(self.batchnorm, bool), f"{o}.batchnorm", "true or false", self.batchnorm)
+        require(self.start in START, f"{o}.start", f"one of {list(START)}", self.start)
         require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
+
+
+START = ("trained", "zero", "best")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -306,6 +317,24 @@ class ChipCalibrator:
                               "(or calibration.steps=0) and no BatchNorm to re-estimate")
         self.teacher = teacher_logits(model, images) if self.has_compensators and cfg.steps > 0 else None
         self.seconds: list[float] = []
+        self.starts: list[str] = []
+
+    def _start(self, model: nn.Module) -> str:
+        """Put the compensators in the configured start state for this chip; returns the state used."""
+        start = self.cfg.start
+        if start == "best":
+            k = min(len(self.images), 1024)  # enough to rank two states, a fraction of the steps' cost
+            dev = model_device(model)
+            with eval_mode(model):
+                x, t = self.images[:k].to(dev), self.teacher[:k].to(dev)
+                trained = distillation_loss(model(x), t, self.cfg.temperature).item()
+                with bypass(model):
+                    zero = distillation_loss(model(x), t, self.cfg.temperature).item()
+            start = "zero" if zero < trained else "trained"
+        if start == "zero":
+            for comp in compensators(model).values():
+                comp.zero_()
+        return start
 
     def __call__(self, model: nn.Module, seed: int) -> None:
         t0 = time.perf_counter()
@@ -313,6 +342,7 @@ class ChipCalibrator:
         if cfg.batchnorm:
             reestimate_batchnorm(model, self.images, cfg.batch_size)
         if self.teacher is not None:
+            self.starts.append(self._start(model))
             gen = layer_generator(seed, "calibration", "cpu")  # batch order: a function of the chip only
             flags = {m: m.training for m in model.modules()}
             with torch.enable_grad(), only_compensators_trainable(model) as params:
@@ -334,7 +364,8 @@ class ChipCalibrator:
         """What calibration cost: steps, images, seconds per chip (mean over calibrated chips)."""
         mean = sum(self.seconds) / len(self.seconds) if self.seconds else 0.0
         return {**asdict(self.cfg), "compensators": self.has_compensators, "batchnorm_layers": self.has_batchnorm,
-                "chips": len(self.seconds), "seconds_per_chip": mean}
+                "chips": len(self.seconds), "seconds_per_chip": mean,
+                "started_from_zero": self.starts.count("zero")}
 
 
 __all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",

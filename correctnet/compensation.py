@@ -92,10 +92,17 @@ class Compensator(nn.Module):
                 w = self.down.weight
                 bound = (1.0 / w[0].numel()) ** 0.5  # = kaiming_uniform(a=sqrt(5)), nn.Linear's default
                 w.copy_(torch.rand(w.shape, generator=generator, device=w.device, dtype=w.dtype) * 2 * bound - bound)
+        self.zero_()
+
+    def zero_(self) -> "Compensator":
+        """Make it a no-op by zeroing its last maps (``up``, ``gamma``, ``beta``); ``down`` is kept."""
+        with torch.no_grad():
+            if self.rank > 0:
                 self.up.weight.zero_()
             if self.affine:
                 self.gamma.zero_()
                 self.beta.zero_()
+        return self
 
     def _channel(self, v: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # per-channel vector -> broadcastable against y ([N, C] or [N, C, *spatial])

@@ -307,3 +307,32 @@ def test_folded_output_compensator_is_the_same_function_and_training_uses_the_fa
         folded = model(x)
     torch.testing.assert_close(folded, out.detach(), rtol=1e-5, atol=1e-6)
     assert overhead(model, x[:1])["layers"]["0"]["macs"] > 0  # counted on the factors, not the folded map
+
+
+def test_calibration_start_state_zero_trained_or_the_better_of_the_two():
+    model = _tiny()
+    attach_compensation(model, "all", rank=2)
+    with torch.no_grad():  # a deliberately harmful chip-agnostic state
+        compensators(model)["fc"].beta.copy_(torch.linspace(-20, 20, 10))
+    images = calibration_images(_data(256, seed=0), 64, seed=0)
+    trained_state = {k: v.clone() for k, v in model.state_dict().items()}
+    starts: dict[str, dict[str, torch.Tensor]] = {}
+    for start in ("trained", "zero", "best"):
+        cal = ChipCalibrator(model, images, CalibrationConfig(steps=1, lr=1e-12, n_images=64, start=start))
+        with cn.chip(model, 5):
+            cal(model, 5)
+        starts[start] = {k: v.clone() for k, v in model.state_dict().items()}
+        assert cal.stats()["started_from_zero"] == (start != "trained")  # "best" rejects the harmful state
+        model.load_state_dict(trained_state)
+    betas = {s: st["fc.compensator.beta"] for s, st in starts.items()}
+    assert torch.allclose(betas["trained"], torch.linspace(-20, 20, 10), atol=1e-6)
+    assert torch.allclose(betas["zero"], torch.zeros(10), atol=1e-6)
+    assert all(torch.equal(starts["zero"][k], starts["best"][k]) for k in starts["zero"])
+    # a compensator zeroed this way is again an exact no-op
+    with torch.no_grad():
+        comp = compensators(model)["fc"]
+        comp.zero_()
+        y = torch.randn(4, 10)
+        assert torch.equal(comp(torch.randn(4, 128), y), y)
+    with pytest.raises(cn.ConfigError, match="start"):
+        CalibrationConfig(start="random")
