@@ -24,15 +24,6 @@ averaged over a batch and over chips: where the curve rises, a layer amplifies t
   each layer with squared weights and inputs, through hooks). Why not the plain constant: in a ReLU
   network, scaling one layer down and the next up leaves the function and every *relative* error
   unchanged while the spectral norms move freely; what accuracy sees is the error relative to the signal.
-* ``kind="network"``: the same constant for the whole network instead of layer by layer: the squared
-  Frobenius Lipschitz constant of the (class-centred) logits ``z`` with respect to *all* log-weights,
-  relative to ``||z||^2``, so that the amplification of arriving errors by the layers downstream is
-  counted too, which the per-layer form cannot see. Estimated on the first ``samples`` images of each
-  batch by one probe: ``||z(W o e^u) - z(W)||^2 / (probe^2 ||z||^2)`` with ``u ~ N(0, probe^2)`` per
-  weight (first order in ``probe``, default 0.05: a derivative, not noise-aware training). Both probe
-  forwards run with nominal weights plus the probe, in eval mode (BatchNorm on its running statistics,
-  as a programmed chip runs), so a per-channel error is not normalized away by batch statistics. Cost:
-  two extra forwards and their backward on ``samples`` images.
 * ``kind="orthogonal"``: ``strength * sum_l ||G_l - target * I||_F^2 / n_l``, ``G_l`` the *smaller* Gram
   matrix of the weight reshaped to ``[out, in * prod(kernel)]`` (Parseval networks, Cisse et al. 2017):
   all singular values pushed towards ``sqrt(target)``.
@@ -56,8 +47,8 @@ from .errors import ConfigError
 from .evaluate import eval_mode
 from .seeding import Stream, chip_seed
 
-KINDS = ("relative", "network", "orthogonal", "spectral")
-DEFAULT_TARGETS = {"relative": 0.0, "network": 0.0, "orthogonal": 1.0, "spectral": 1.0}
+KINDS = ("relative", "orthogonal", "spectral")
+DEFAULT_TARGETS = {"relative": 0.0, "orthogonal": 1.0, "spectral": 1.0}
 
 
 def _is_conv(layer: nn.Module) -> bool:
@@ -169,7 +160,7 @@ class LipschitzRegularizer:
 
     def __init__(self, kind: str = "relative", strength: float = 1e-2, target: float | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, samples: int = 8,
-                 per_channel: bool = True, centered: bool = False, probe: float = 0.05):
+                 per_channel: bool = True, centered: bool = False):
         if kind not in KINDS:
             raise ConfigError(f"training.lipschitz.kind must be one of {list(KINDS)}, got {kind!r}")
         if target is None:
@@ -189,11 +180,6 @@ class LipschitzRegularizer:
         if centered and not per_channel:
             raise ConfigError("training.lipschitz.centered=true needs per_channel=true (it centres each channel)")
         self.per_channel, self.centered = per_channel, centered
-        if isinstance(probe, bool) or not isinstance(probe, (int, float)) or not 0 < probe <= 1:
-            raise ConfigError(f"training.lipschitz.probe must be a number in (0, 1], got {probe!r}")
-        self.probe = float(probe)
-        self._input: torch.Tensor | None = None
-        self._probing = False
         self.shapes = input_shapes or {}
         self.seed = seed
         self._vectors: dict[str, torch.Tensor] = {}
@@ -206,38 +192,11 @@ class LipschitzRegularizer:
         self.detach()
         if self.kind == "relative":
             self._hooks = [layer.register_forward_hook(self._record) for layer in analog_layers(model).values()]
-        elif self.kind == "network":
-            self._hooks = [model.register_forward_pre_hook(self._record_input)]
 
     def detach(self) -> None:
         for h in self._hooks:
             h.remove()
-        self._hooks, self._terms, self._input = [], [], None
-
-    def _record_input(self, model: nn.Module, inputs: tuple) -> None:
-        if model.training and torch.is_grad_enabled() and not self._probing:
-            self._input = inputs[0][:self.samples]
-
-    def _network_term(self, model: nn.Module) -> torch.Tensor:
-        x, self._input = self._input, None
-        layers = analog_layers(model)
-        flags = {m: m.training for m in model.modules()}
-        self._probing = True
-        try:
-            model.eval()  # BatchNorm on running statistics, as a programmed chip runs
-            with nominal(model):
-                z = model(x)
-                params = {f"{n}.weight": l.weight * torch.exp(self.probe * torch.randn_like(l.weight))
-                          for n, l in layers.items()}
-                zp = torch.func.functional_call(model, params, (x,))
-        finally:
-            self._probing = False
-            for m, t in flags.items():
-                m.training = t
-        z = z - z.mean(-1, keepdim=True)  # a shift common to all classes changes no prediction
-        dz = zp - zp.mean(-1, keepdim=True) - z
-        ratio = dz.square().sum() / (self.probe ** 2 * z.square().sum() + 1e-12)  # pooled: no tiny-logit blow-ups
-        return F.relu(ratio - self.target)
+        self._hooks, self._terms = [], []
 
     def _record(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         if not (layer.training and torch.is_grad_enabled()):
@@ -289,11 +248,6 @@ class LipschitzRegularizer:
         return op(v, w).norm()
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
-        if self.kind == "network":
-            if self._input is None:
-                raise RuntimeError("the network Lipschitz regularizer reads the batch during the forward: "
-                                   "call reg.attach(model) before training (correctnet.training.train does)")
-            return self.strength * self._network_term(model)
         if self.kind == "relative":
             if not self._terms:
                 raise RuntimeError("the relative Lipschitz regularizer records its terms during the forward: "

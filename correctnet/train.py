@@ -69,7 +69,7 @@ def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
 
 def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | None:
     """The configured regularizer (validated), or None when its strength is 0."""
-    accepted = {"kind", "strength", "target", "samples", "per_channel", "centered", "probe"}
+    accepted = {"kind", "strength", "target", "samples", "per_channel", "centered"}
     unknown = set(params) - accepted
     if unknown:
         raise ConfigError(f"unknown training.lipschitz keys {sorted(unknown)}; accepted: {sorted(accepted)}")

@@ -157,6 +157,8 @@ def main() -> None:
     p.add_argument("--cal-steps", type=int, default=60)
     p.add_argument("--cal-images", type=int, default=2000)
     p.add_argument("--cal-lr", type=float, default=1e-2)
+    p.add_argument("--cal-start", default="best", choices=["trained", "zero", "best"],
+                   help="compensator state each chip's calibration starts from")
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--search-bases", nargs="+", default=["lipschitz"], choices=BASES)
     p.add_argument("--search-sigmas", nargs="+", type=float, default=None, help="default: every sigma")
@@ -233,7 +235,7 @@ def main() -> None:
                 extra = info_c | {"placement": placement}
                 run(label, lambda: measure(m, test, args, f"{key} {label}") | extra)
                 cal = ChipCalibrator(m, cal_x, CalibrationConfig(steps=args.cal_steps, n_images=args.cal_images,
-                                                                 lr=args.cal_lr, seed=args.seed))
+                                                                 lr=args.cal_lr, start=args.cal_start, seed=args.seed))
                 run(f"{label}+calibrated", lambda: measure(m, test, args, f"{key} {label}+cal", calibrator=cal)
                     | extra | {"calibration": cal.stats()})
             if base == "lipschitz" and sigma == args.sigmas[0] and not args.no_distill_check and "all/labels_only" not in rows:

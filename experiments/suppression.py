@@ -47,7 +47,7 @@ def run_method(method: str, args, data) -> dict:
         reg = LipschitzRegularizer(args.lip_kind, args.lip_strength, args.lip_target,
                                    input_shapes=input_shapes(model, data.train.tensors[0][:1]), seed=args.seed,
                                    samples=args.lip_samples, per_channel=not args.lip_per_layer,
-                                   centered=args.lip_centered, probe=args.lip_probe)
+                                   centered=args.lip_centered)
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
                       noise_aware="noise_aware" in method)
     t0 = time.perf_counter()
@@ -101,7 +101,6 @@ def main() -> None:
     p.add_argument("--lip-per-layer", action="store_true", help="relative form over the whole layer output")
     p.add_argument("--lip-centered", action="store_true",
                    help="relative form divided by each channel's variance (for layers followed by BatchNorm)")
-    p.add_argument("--lip-probe", type=float, default=0.05, help="probe log-std of --lip-kind network")
     p.add_argument("--profile-chips", type=int, default=20)
     p.add_argument("--profile-samples", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
