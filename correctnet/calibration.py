@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from .analog import chip, nominal
 from .compensation import bypass, compensation_parameters, compensators
 from .errors import ConfigError, is_int, is_number, require
-from .evaluate import Data, eval_mode, model_device
+from .evaluate import Data, eval_mode, model_device, monte_carlo
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
 from .training import TrainingDivergedError
@@ -44,6 +44,7 @@ class CompensationConfig:
     lr: float = 3e-3
     distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
     temperature: float = 1.0   # KD softmax temperature
+    check_chips: int = 8       # after training: keep the compensators only if they help on these chips (0: off)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -53,6 +54,8 @@ class CompensationConfig:
         require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
         require(is_number(self.distill) and 0 <= self.distill <= 1, f"{o}.distill", "a number in [0, 1]", self.distill)
         require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
+        require(is_int(self.check_chips) and self.check_chips >= 0, f"{o}.check_chips", "an integer >= 0",
+                self.check_chips)
         require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
 
 
@@ -259,6 +262,26 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     return CompensationResult(history, len(seeds), time.perf_counter() - t_start, seeds)
 
 
+def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int = 0,
+                       batch_size: int = 1000) -> dict[str, Any]:
+    """Keep the trained compensators only if they help: mean accuracy on validation data ``val`` over
+    ``chips`` chips of ``Stream.SEARCH`` (neither training nor evaluation chips), with the compensators
+    and bypassed, on the same chips. If they lower it, they are zeroed (an exact no-op again, and
+    per-chip calibration then starts from zero). Returns both accuracies and ``kept``."""
+    def acc() -> float:
+        return monte_carlo(model, val, n_chips=chips, seed=seed, stream=Stream.SEARCH, batch_size=batch_size,
+                           progress=False).mean
+
+    with_comp = acc()
+    with bypass(model):
+        without = acc()
+    kept = with_comp >= without
+    if not kept:
+        for comp in compensators(model).values():
+            comp.zero_()
+    return {"chips": chips, "images": len(_tensors(val)[0]), "with": with_comp, "without": without, "kept": kept}
+
+
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
@@ -369,4 +392,5 @@ class ChipCalibrator:
 
 
 __all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
+           "check_compensation",
            "distillation_loss", "reestimate_batchnorm", "teacher_logits", "train_compensation"]

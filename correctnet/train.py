@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .analog import analogize, nominal, set_variation
-from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
+from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
                           train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
@@ -285,11 +285,19 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store,
                                     teacher=evaluator.teacher if evaluator is not None else None)
         _check_outputs(model, data.test, stage)
+        check = None
+        if comp_cfg.check_chips > 0 and len(data.val) > 0:
+            check = check_compensation(model, data.val, chips=comp_cfg.check_chips, seed=comp_cfg.seed,
+                                       batch_size=eval_batch)
+            if not check["kept"]:
+                log.warning("chip-agnostic compensation lowered validation accuracy (%.2f%% -> %.2f%% on %d chips): "
+                            "compensators reset to a no-op", 100 * check["without"], 100 * check["with"], check["chips"])
         t0 = time.perf_counter()
         mc_c = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
                            progress=progress, desc=stage)
         stages[stage] = {"clean_accuracy": clean_accuracy(model, data.test, batch_size=eval_batch), "mc": mc_c.to_dict(),
-                         "training": {**asdict(comp_cfg), **result.to_dict()}, "placement": compensation_spec(model),
+                         "training": {**asdict(comp_cfg), **result.to_dict()}, "check": check,
+                         "placement": compensation_spec(model),
                          "overhead": cost, "eval_seconds": time.perf_counter() - t0}
     if cal_cfg is not None and placement is None and strategy is not None and not any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):

@@ -9,7 +9,7 @@ from torch import nn
 
 import correctnet as cn
 from correctnet.calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
-                                    reestimate_batchnorm, train_compensation)
+                                    check_compensation, reestimate_batchnorm, train_compensation)
 from correctnet.compensation import (attach_compensation, attach_from_spec, bypass, compensation_spec, compensators,
                                      detach_compensation, overhead, resolve_placement)
 from correctnet.seeding import Stream, stream_of
@@ -245,6 +245,25 @@ def test_compensation_recovers_accuracy_on_held_out_chips(digits_lenet):
     assert g_agn > 0, (none.summary(), agnostic.summary())
     assert g_cal > 3 * se_cal and g_cal > 0.05, (none.summary(), calibrated.summary())
     assert calibrated.p5 > none.p5 + 0.05
+
+
+def test_check_compensation_resets_compensators_that_hurt_on_validation_chips(digits_lenet):
+    base, data = digits_lenet
+    model = copy.deepcopy(base)
+    attach_compensation(model, "all", rank=2)
+    kept = check_compensation(model, data.val, chips=4)
+    assert kept["kept"] and kept["with"] == kept["without"]  # a no-op is kept (it cannot hurt)
+    with torch.no_grad():
+        compensators(model)["fc3"].beta.copy_(torch.linspace(-20, 20, 10))  # a harmful correction
+    rejected = check_compensation(model, data.val, chips=4)
+    assert not rejected["kept"] and rejected["with"] < rejected["without"]
+    assert rejected["images"] == len(data.val)
+    x = data.test.tensors[0][:64]
+    with torch.no_grad(), cn.chip(model, 3):
+        with bypass(model):
+            plain = model.eval()(x)
+        assert torch.equal(model(x), plain)  # zeroed: an exact no-op again
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in _nominal_state(model).items())
 
 
 @pytest.mark.parametrize("layer, x", [
