@@ -35,7 +35,7 @@ import torch
 
 import correctnet as cn
 from correctnet.calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
-                                    train_compensation)
+                                    check_compensation, train_compensation)
 from correctnet.compensation import attach_compensation, overhead
 from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, input_shapes
@@ -102,9 +102,14 @@ def compensated(model: torch.nn.Module, placement: Any, args, data, train_images
                                                                distill=args.distill, seed=args.seed),
                              progress=args.progress)
     ov = overhead(m, data.test.tensors[0][:1])
-    return m, {"compensation_seconds": res.seconds, "compensation_steps": res.steps, "distill": args.distill,
-               "kind": args.kind, "rank": args.rank, "teacher_batchnorm": "re-estimated on nominal weights",
-               "overhead": ov["total"], "overhead_layers": ov["layers"]}
+    info = {"compensation_seconds": res.seconds, "compensation_steps": res.steps, "distill": args.distill,
+            "kind": args.kind, "rank": args.rank, "teacher_batchnorm": "re-estimated on nominal weights",
+            "overhead": ov["total"], "overhead_layers": ov["layers"]}
+    if args.check_chips and steps is None:  # not during the placement search, which scores on validation itself
+        vx, vy = data.val.tensors
+        info["check"] = check_compensation(m, (vx[:args.search_val], vy[:args.search_val]), chips=args.check_chips,
+                                           seed=args.seed)
+    return m, info
 
 
 def measure(model, test, args, desc: str, calibrator=None, n_chips=None, seed=None, stream=Stream.EVAL) -> dict:
@@ -154,12 +159,15 @@ def main() -> None:
     p.add_argument("--comp-lr", type=float, default=1e-2)
     p.add_argument("--distill", type=float, default=1.0)
     p.add_argument("--no-distill-check", action="store_true", help="skip the distill=0 comparison")
+    p.add_argument("--check-chips", type=int, default=0,
+                   help="keep chip-agnostic compensators only if they help on N search chips (the pipeline uses 8)")
     p.add_argument("--cal-steps", type=int, default=60)
     p.add_argument("--cal-images", type=int, default=2000)
     p.add_argument("--cal-lr", type=float, default=1e-2)
     p.add_argument("--cal-start", default="best", choices=["trained", "zero", "best"],
                    help="compensator state each chip's calibration starts from")
     p.add_argument("--no-search", action="store_true")
+    p.add_argument("--no-calibration", action="store_true", help="chip-agnostic rows only")
     p.add_argument("--search-bases", nargs="+", default=["lipschitz"], choices=BASES)
     p.add_argument("--search-sigmas", nargs="+", type=float, default=None, help="default: every sigma")
     p.add_argument("--search-train", type=int, default=None,
@@ -171,12 +179,13 @@ def main() -> None:
     p.add_argument("--chips", type=int, default=100)
     p.add_argument("--test-samples", type=int, default=None)
     p.add_argument("--eval-seed", type=int, default=0)
+    p.add_argument("--models", type=Path, default=None, help="base-model cache folder (default: <out>_models)")
     add_run_args(p)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     out = args.out or Path(__file__).parent / "results" / f"compensation_{args.dataset}_{args.model}.json"
-    cache = out.with_suffix("") .with_name(out.stem + "_models")
+    cache = args.models or out.with_name(out.stem + "_models")
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("entries", {})
@@ -229,11 +238,13 @@ def main() -> None:
                 if best != "all":
                     placements.append(("best", rec["search"]["scores"][best]["layers"]))
             for label, placement in placements:
-                if f"{label}+calibrated" in rows:
+                if f"{label}+calibrated" in rows or (args.no_calibration and label in rows):
                     continue
                 m, info_c = compensated(model, placement, args, data)
                 extra = info_c | {"placement": placement}
                 run(label, lambda: measure(m, test, args, f"{key} {label}") | extra)
+                if args.no_calibration:
+                    continue
                 cal = ChipCalibrator(m, cal_x, CalibrationConfig(steps=args.cal_steps, n_images=args.cal_images,
                                                                  lr=args.cal_lr, start=args.cal_start, seed=args.seed))
                 run(f"{label}+calibrated", lambda: measure(m, test, args, f"{key} {label}+cal", calibrator=cal)
@@ -258,6 +269,8 @@ def table(results: dict[str, Any]) -> str:
             cal = r.get("calibration")
             pp, pm = (f"{ov['params_pct']:.2f}%", f"{ov['macs_pct']:.2f}%") if ov else ("-", "-")
             t = f"{r['seconds']:.0f} s" + (f" ({cal['seconds_per_chip']:.2f} s/chip calib.)" if cal else "")
+            if r.get("check") and not r["check"]["kept"]:
+                row += " (check: reset to no-op)"
             lines.append(
                 f"| {rec['sigma']} | {rec['base']} | {row} | {100 * rec['clean']:.2f}% | {100 * r['mean']:.2f}% ± {100 * r['sem']:.2f} "
                 f"| {100 * r['p5']:.2f}% | {100 * r['mean'] / orig:.1f}% | {100 * r['p5'] / orig:.1f}% "
