@@ -5,6 +5,8 @@
   parameter is frozen (bit-identical afterwards) and the model stays in ``eval()`` mode, so BatchNorm
   running statistics are not disturbed. The clean network (nominal weights, compensators bypassed) is
   the teacher: ``loss = distill * KD(logits, teacher) + (1 - distill) * CE(logits, labels)``.
+* :func:`check_compensation` resets the trained compensators to a no-op if they lower validation accuracy on
+  a few search-stream chips (chip-agnostic training can hurt).
 * :class:`ChipCalibrator` calibrates one programmed chip, as a real chip allows: run a small unlabeled
   set of training images through it, re-estimate BatchNorm statistics, fine-tune the compensators to
   match the clean network's logits. Pass it to ``monte_carlo(calibrate=...)``: each evaluation chip is
@@ -44,7 +46,7 @@ class CompensationConfig:
     lr: float = 3e-3
     distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
     temperature: float = 1.0   # KD softmax temperature
-    check_chips: int = 8       # after training: keep the compensators only if they help on these chips (0: off)
+    check_chips: int = 8       # after training: reset the compensators if they hurt on these chips (0: off)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -264,7 +266,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
 
 def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int = 0,
                        batch_size: int = 1000) -> dict[str, Any]:
-    """Keep the trained compensators only if they help: mean accuracy on validation data ``val`` over
+    """Keep the trained compensators unless they hurt: mean accuracy on validation data ``val`` over
     ``chips`` chips of ``Stream.SEARCH`` (neither training nor evaluation chips), with the compensators
     and bypassed, on the same chips. If they lower it, they are zeroed (an exact no-op again, and
     per-chip calibration then starts from zero). Returns both accuracies and ``kept``."""
@@ -277,9 +279,13 @@ def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int
         without = acc()
     kept = with_comp >= without
     if not kept:
-        for comp in compensators(model).values():
-            comp.zero_()
+        _zero(model)
     return {"chips": chips, "images": len(_tensors(val)[0]), "with": with_comp, "without": without, "kept": kept}
+
+
+def _zero(model: nn.Module) -> None:
+    for comp in compensators(model).values():
+        comp.zero_()
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -355,8 +361,7 @@ class ChipCalibrator:
                     zero = distillation_loss(model(x), t, self.cfg.temperature).item()
             start = "zero" if zero < trained else "trained"
         if start == "zero":
-            for comp in compensators(model).values():
-                comp.zero_()
+            _zero(model)
         return start
 
     def __call__(self, model: nn.Module, seed: int) -> None:
@@ -392,5 +397,4 @@ class ChipCalibrator:
 
 
 __all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
-           "check_compensation",
-           "distillation_loss", "reestimate_batchnorm", "teacher_logits", "train_compensation"]
+           "check_compensation", "distillation_loss", "reestimate_batchnorm", "teacher_logits", "train_compensation"]
