@@ -331,8 +331,9 @@ class ChipCalibrator:
     """Calibrates the chip a model is programmed as: ``calibrator(model, chip_seed)``.
 
     Built once per model from unlabeled calibration images ``[n, C, H, W]``; the clean teacher's logits
-    are computed then. Each call re-estimates BatchNorm statistics (if enabled and present), then runs
-    ``cfg.steps`` Adam steps on the compensators with a KD loss to the teacher. The caller restores the
+    are computed then. Each call re-estimates BatchNorm statistics (if enabled and present), puts the
+    compensators in their start state (``cfg.start``), then runs ``cfg.steps`` Adam steps on them with
+    a KD loss to the teacher. The caller restores the
     model's state between chips (``monte_carlo`` does). ``seconds`` lists the time spent per chip.
     """
 
