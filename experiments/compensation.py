@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import correctnet as cn
-from correctnet.calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
+from correctnet.calibration import (START, CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
                                     check_compensation, train_compensation)
 from correctnet.compensation import attach_compensation, overhead
 from correctnet.data import load_dataset
@@ -160,11 +160,11 @@ def main() -> None:
     p.add_argument("--distill", type=float, default=1.0)
     p.add_argument("--no-distill-check", action="store_true", help="skip the distill=0 comparison")
     p.add_argument("--check-chips", type=int, default=0,
-                   help="keep chip-agnostic compensators only if they help on N search chips (the pipeline uses 8)")
+                   help="reset chip-agnostic compensators to a no-op if they lower accuracy on N search chips (the pipeline uses 8)")
     p.add_argument("--cal-steps", type=int, default=60)
     p.add_argument("--cal-images", type=int, default=2000)
     p.add_argument("--cal-lr", type=float, default=1e-2)
-    p.add_argument("--cal-start", default="best", choices=["trained", "zero", "best"],
+    p.add_argument("--cal-start", default="best", choices=START,
                    help="compensator state each chip's calibration starts from")
     p.add_argument("--no-search", action="store_true")
     p.add_argument("--no-calibration", action="store_true", help="chip-agnostic rows only")

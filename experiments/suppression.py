@@ -32,7 +32,7 @@ from correctnet.lipschitz import LipschitzRegularizer, error_profile, input_shap
 from correctnet.training import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compensation import add_base_args  # noqa: E402  (the benchmarks' shared options)
+from compensation import add_base_args, add_run_args  # noqa: E402  (the benchmarks' shared options)
 
 METHODS = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
 
@@ -103,9 +103,7 @@ def main() -> None:
                    help="relative form divided by each channel's variance (for layers followed by BatchNorm)")
     p.add_argument("--profile-chips", type=int, default=20)
     p.add_argument("--profile-samples", type=int, default=1000)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
+    add_run_args(p)  # --threads --progress --out
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -32,7 +32,7 @@ from ..analog import _require_analog, chip, digitize, nominal, set_variation
 from ..checkpoint import load_checkpoint, versions
 from ..data import load_dataset
 from ..errors import ConfigError
-from ..seeding import Stream, chip_seed, layer_generator
+from ..seeding import Stream, chip_seed
 from ..variation import VariationModel, make_variation
 
 Data = TensorDataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
@@ -149,11 +149,9 @@ def chip_copy(model: nn.Module, seed: int) -> nn.Module:
             raise ConfigError(f"chip_copy: layer {layer.analog_name!r} has per-read noise or converters "
                               f"({layer.variation.to_dict()}), which no static copy of the weights represents")
     plain = digitize(model)
-    with torch.no_grad():
+    with torch.no_grad(), chip(model, seed):  # the same draw monte_carlo programs
         for name, layer in layers.items():
-            gen = layer_generator(seed, layer.analog_name, layer.weight.device)
-            w = layer.weight.detach()
-            plain.get_submodule(name).weight.copy_(layer.variation.apply(w, layer.variation.sample(w, gen)))
+            plain.get_submodule(name).weight.copy_(layer.analog_weight())
     return plain
 
 
