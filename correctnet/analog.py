@@ -1,6 +1,7 @@
-"""The injector: make the Linear/Conv layers of any ``nn.Module`` analog, without touching its code.
+"""The injector: make the crossbar layers of any ``nn.Module`` analog, without touching its code.
 
-An analog layer computes with ``variation.apply(weight, noise)`` instead of ``weight``. It has three modes:
+An analog layer computes with ``variation.apply(weight, noise)`` instead of each of its analog weights. It
+has three modes:
 
 * ``"off"``: exact nominal behaviour (the default after :func:`analogize`);
 * ``"chip"``: a *programmed chip*: one static noise sample per weight, drawn from a chip seed by
@@ -8,12 +9,67 @@ An analog layer computes with ``variation.apply(weight, noise)`` instead of ``we
 * ``"noisy"``: noise-aware training: a fresh sample at every forward; gradients flow to the nominal
   weights through the perturbed ones.
 
+**Layer kinds** (``SUPPORTED_TYPES``, all in ``DEFAULT_TYPES``) and what becomes analog in each:
+
+=============================== =============================================== ==========================
+layer                           analog weights (crossbar MVMs)                  digital
+=============================== =============================================== ==========================
+``nn.Linear``                   ``weight``                                      ``bias``
+``nn.Conv1d/2d/3d`` (any        ``weight``                                      ``bias``
+groups, depthwise included)
+``nn.MultiheadAttention``       ``in_proj_weight``, or ``q/k/v_proj_weight``    ``in_proj_bias``,
+                                when ``kdim``/``vdim`` differ; ``out_proj`` is  ``bias_k``/``bias_v``, the
+                                its own analog Linear (``<name>.out_proj``),    attention itself (scores,
+                                called as a module, so its variation,           softmax, weighted sum:
+                                converters and compensator run                  activation x activation)
+``nn.LSTM``/``nn.GRU``/         ``weight_ih_l*``, ``weight_hh_l*`` (``_reverse`` the biases
+``nn.RNN``                      included) and ``weight_hr_l*`` (``proj_size``)
+``nn.TransformerEncoderLayer``, through their ``nn.MultiheadAttention`` and     norms, activations
+``nn.TransformerEncoder``,      ``nn.Linear`` sub-layers; PyTorch's fused
+``nn.TransformerDecoderLayer``  inference fast path (which reads the weights
+                                directly) is switched off while any analog
+                                layer inside is active (not in ``off`` mode)
+=============================== =============================================== ==========================
+
+In ``off`` mode ``nn.MultiheadAttention`` runs PyTorch's own forward (bit-exact) and Transformer layers may
+take their fast path, unless an analog layer inside is observed (a compensator, forward hooks), where the
+module path runs: equal up to float round-off. In the other modes the analog attention runs its own
+forward: the q/k/v projections are analog MVMs exactly like a Linear's (static draw, read noise,
+converters; a packed ``in_proj_weight`` is one array, drawn as one tensor, read as three MVMs), then
+PyTorch's attention (``scaled_dot_product_attention``, or the explicit softmax when ``need_weights``),
+then ``self.out_proj(...)``. ``batch_first``, masks (bool/float, 2D/3D), ``key_padding_mask``,
+``is_causal``, ``need_weights``/``average_attn_weights``, dropout, ``kdim``/``vdim``, ``bias``,
+``add_zero_attn`` and ``bias_k``/``bias_v`` are supported. Switching the fast path off uses
+``torch.backends.mha.set_fastpath_enabled`` (a process-wide flag) during the guarded module's forward.
+
+Recurrent layers keep PyTorch's fused kernel: the forward runs with the analog weight tensors substituted
+for the nominal ones. Converters (``dac``/``adc``) cannot act inside that kernel: with a converting
+variation model the recurrent layers compute with analog weights but exact inputs and outputs, and
+:func:`analogize`/:func:`set_variation` warn about it.
+
+Compensators (:mod:`correctnet.compensation`) can only sit on layers whose forward runs them
+(``AnalogLayer.can_compensate``): Linear and Conv layers, ``out_proj`` of an attention included; not the
+attention or recurrent modules themselves.
+
 Per-read noise (``VariationModel.apply_read``, e.g. ``rram`` with ``read_noise``) is drawn at every forward
 in ``chip`` and ``noisy`` modes, on top of the static sample: in ``chip`` mode from a generator seeded by
 ``(chip seed, layer name + ":read")`` when the chip is programmed, so a chip's sequence of reads is
-reproducible; in ``noisy`` mode from the training stream. Converters (``VariationModel.dac``/``adc``) quantize
-the layer's input and its analog output (the bias is digital, added after) in those modes too; ``off``
-mode is exact and applies neither.
+reproducible; in ``noisy`` mode from the training stream. A layer with several analog weights reads them
+in a fixed order (``AnalogLayer.analog_parameters``) from that one generator. Converters
+(``VariationModel.dac``/``adc``) quantize the layer's input and its analog output (the bias is digital,
+added after) in those modes too; ``off`` mode is exact and applies neither.
+
+Seeding of the static draws: :func:`correctnet.seeding.weight_key`. **Tied weights**: a Parameter used by
+several analog layers is one set of cells: under a chip every user sees the same static draw (the key of
+its first user; per-read noise stays per use). In noise-aware mode each use draws independently.
+
+**Weights left digital** are reported: :func:`analogize` warns once (:class:`DigitalWeightsWarning`) naming
+every parameter with two or more dimensions that no analog layer computes with, and why (an
+``nn.Embedding`` lookup table, a raw parameter used by a module's own forward, an excluded layer, ...);
+biases and norm scales (one dimension) are digital by design and not listed. ``strict=True`` makes the
+list an error. Parameters meant to stay digital are declared with ``digital=("pos_embed", "*.cls_token")``
+(glob patterns on qualified parameter names) or by a ``digital_parameters`` attribute of any module class
+(patterns relative to that module), e.g. ``digital_parameters = ("pos_embed", "cls_token")`` on a ViT.
 
 The nominal parameters are never written. Layers are converted by swapping their class for an analog
 subclass (the technique ``torch.nn.utils.parametrize`` uses), so parameter names, and therefore
@@ -25,19 +81,29 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-from typing import Iterable, Iterator, Sequence
+import math
+import warnings
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .errors import ConfigError
-from .seeding import layer_generator
+from .seeding import layer_generator, weight_key
 from .variation import VariationModel
 
 MODES = ("off", "chip", "noisy")
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
+                                                nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU)
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = SUPPORTED_TYPES
+_LOOKUP_TYPES = (nn.Embedding, nn.EmbeddingBag)
+_FAST_PATH_TYPES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
+
+
+class DigitalWeightsWarning(UserWarning):
+    """:func:`analogize` left weights digital that were not declared digital (see the module docstring)."""
 
 
 class AnalogLayer(nn.Module):
@@ -48,6 +114,11 @@ class AnalogLayer(nn.Module):
     analog_mode: str
     chip_seed: int | None
     _digital_class: type[nn.Module]
+    #: whether a ``compensator`` submodule runs in this layer's forward (see :mod:`correctnet.compensation`)
+    can_compensate: bool = True
+
+    def _analog_parameter_names(self) -> tuple[str, ...]:
+        return ("weight",)
 
     def _init_analog(self, name: str, variation: VariationModel, digital_class: type[nn.Module]) -> None:
         self.analog_name = name
@@ -58,15 +129,31 @@ class AnalogLayer(nn.Module):
         self._noise_gen: torch.Generator | None = None
         self._read_gen: torch.Generator | None = None
         self._digital_class = digital_class
-        self.register_buffer("_chip_noise", None, persistent=False)
+        self.analog_parameters: tuple[str, ...] = self._analog_parameter_names()
+        self._draw_keys = {p: weight_key(name, p) for p in self.analog_parameters}
+        for p in self.analog_parameters:
+            self.register_buffer(self._noise_attr(p), None, persistent=False)
 
-    # -- state changes (never touch self.weight) -------------------------------------------------
+    @staticmethod
+    def _noise_attr(parameter: str) -> str:
+        return "_chip_noise" if parameter == "weight" else f"_chip_noise_{parameter}"
+
+    def chip_noise(self, parameter: str = "weight") -> torch.Tensor | None:
+        """The static noise sample of ``parameter`` under the programmed chip (None outside chip mode)."""
+        return getattr(self, self._noise_attr(parameter))
+
+    def _device(self) -> torch.device:
+        return getattr(self, self.analog_parameters[0]).device
+
+    # -- state changes (never touch the nominal weights) ---------------------------------------------
     def program(self, seed: int) -> None:
         """Draw this layer's static noise for chip ``seed`` and switch to chip mode."""
         with torch.no_grad():
-            gen = layer_generator(seed, self.analog_name, self.weight.device)
-            self._chip_noise = self.variation.sample(self.weight, gen)
-        self._read_gen = layer_generator(seed, self.analog_name + ":read", self.weight.device)
+            for p in self.analog_parameters:
+                w = getattr(self, p)
+                gen = layer_generator(seed, self._draw_keys[p], w.device)
+                setattr(self, self._noise_attr(p), self.variation.sample(w, gen))
+        self._read_gen = layer_generator(seed, self.analog_name + ":read", self._device())
         self.chip_seed = seed
         self.analog_mode = "chip"
 
@@ -76,46 +163,67 @@ class AnalogLayer(nn.Module):
         self.analog_mode = "noisy"
 
     def set_off(self) -> None:
-        self.analog_mode, self.chip_seed, self._chip_noise = "off", None, None
+        self.analog_mode, self.chip_seed = "off", None
+        for p in self.analog_parameters:
+            setattr(self, self._noise_attr(p), None)
         self._noise_seed, self._noise_gen, self._read_gen = None, None, None
 
-    def analog_weight(self) -> torch.Tensor:
-        """The weight the hardware computes with in the current mode (differentiable in ``weight``)."""
-        w = self.weight
+    def _analog_state(self) -> tuple:
+        return (self.analog_mode, self.chip_seed, [self.chip_noise(p) for p in self.analog_parameters],
+                self._noise_seed, self._noise_gen, self._read_gen)
+
+    def _set_analog_state(self, state: tuple) -> None:
+        self.analog_mode, self.chip_seed, noises, self._noise_seed, self._noise_gen, self._read_gen = state
+        for p, n in zip(self.analog_parameters, noises):
+            setattr(self, self._noise_attr(p), n)
+
+    def analog_weight(self, parameter: str = "weight") -> torch.Tensor:
+        """The weight the hardware computes with in the current mode (differentiable in the nominal one).
+
+        Each call is one read (it advances the read-noise / training generator where there is one).
+        """
+        w = getattr(self, parameter)
         if self.analog_mode == "off":
             return w
         if self.analog_mode == "chip":
             if self._read_gen is not None and self._read_gen.device != w.device:
                 self._read_gen = layer_generator(self.chip_seed or 0, self.analog_name + ":read", w.device)
-            return self.variation.apply_read(w, self._chip_noise, self._read_gen)
+            return self.variation.apply_read(w, self.chip_noise(parameter), self._read_gen)
         if self._noise_gen is None or self._noise_gen.device != w.device:
             self._noise_gen = layer_generator(self._noise_seed or 0, self.analog_name, w.device)
         return self.variation.apply_read(w, self.variation.sample(w, self._noise_gen), self._noise_gen)
+
+    def analog_weights(self) -> dict[str, torch.Tensor]:
+        """One read of every analog weight of the layer, in ``analog_parameters`` order."""
+        return {p: self.analog_weight(p) for p in self.analog_parameters}
 
     # -- forward (subclasses give the operation, its bias broadcast and the vector dims) --------------
     def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _bias_view(self) -> torch.Tensor:
-        return self.bias
+    def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias
 
     def _vector_dims(self) -> tuple[int, ...]:
         """Trailing dimensions of one input/output vector (the converters take their range over them)."""
         return (-1,)
 
-    def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _converted_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One crossbar MVM with the layer's converters (in chip/noisy modes); the bias is digital."""
         v = self.variation
         if self.analog_mode == "off" or not v.converts:
-            return self._compensate(x, self._mvm(x, self.analog_weight(), self.bias))
+            return self._mvm(x, weight, bias)
         dims = self._vector_dims()
-        y = v.adc(self._mvm(v.dac(x, dims), self.analog_weight(), None), dims)
-        if self.bias is not None:  # the bias is digital: added after the ADC
-            y = y + self._bias_view()
-        return self._compensate(x, y)
+        y = v.adc(self._mvm(v.dac(x, dims), weight, None), dims)
+        return y if bias is None else y + self._bias_view(bias)  # the bias is added after the ADC
+
+    def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compensate(x, self._converted_mvm(x, self.analog_weight(), self.bias))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, analog={self.variation.name}(sigma={self.variation.sigma:g}), mode={self.analog_mode}"
-
+        base = super().extra_repr()
+        own = f"analog={self.variation.name}(sigma={self.variation.sigma:g}), mode={self.analog_mode}"
+        return f"{base}, {own}" if base else own
 
     def _compensate(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # a digital compensation module (correctnet.compensation) adds its correction to the analog output
@@ -131,12 +239,16 @@ class AnalogLinear(AnalogLayer, nn.Linear):
         return self._analog_forward(x)
 
 
+class AnalogNonDynamicallyQuantizableLinear(AnalogLinear, NonDynamicallyQuantizableLinear):
+    """``out_proj`` of ``nn.MultiheadAttention``."""
+
+
 class _AnalogConv(AnalogLayer):
     def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
-    def _bias_view(self) -> torch.Tensor:
-        return self.bias.view(-1, *[1] * len(self.kernel_size))  # type: ignore[attr-defined]
+    def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias.view(-1, *[1] * len(self.kernel_size))  # type: ignore[attr-defined]
 
     def _vector_dims(self) -> tuple[int, ...]:  # one sample: channels and spatial dims
         return tuple(range(-1 - len(self.kernel_size), 0))  # type: ignore[attr-defined]
@@ -157,8 +269,195 @@ class AnalogConv3d(_AnalogConv, nn.Conv3d):
     pass
 
 
+# ----------------------------------------------------------------------------- attention
+
+def _observed(module: nn.Module) -> bool:
+    """Whether a module call of ``module`` must really happen (hooks, an active analog layer, a compensator)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return True
+    return isinstance(module, AnalogLayer) and (module.analog_mode != "off"
+                                                or module._modules.get("compensator") is not None)
+
+
+def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A bool mask (True: not allowed) as the additive float mask PyTorch uses; float masks unchanged."""
+    if mask is None or torch.is_floating_point(mask):
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
+
+
+class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` with analog in-projections and ``out_proj`` called as a module."""
+
+    can_compensate = False
+
+    def _analog_parameter_names(self) -> tuple[str, ...]:
+        if self._qkv_same_embed_dim:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+    def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.analog_mode == "off" and not _observed(self.out_proj):
+            return nn.MultiheadAttention.forward(
+                self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
+                               average_attn_weights, is_causal)
+
+    def _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                   is_causal):
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise ConfigError(f"analog attention {self.analog_name!r} got a nested tensor; correctnet switches "
+                              f"PyTorch's nested fast path off around analog layers, so this comes from the caller")
+        batched = query.dim() == 3
+        if not batched:  # internal layout: [N, L, E]
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, tgt, e = query.shape
+        h = self.num_heads
+        d = e // h
+        if e != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {e}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                               "module method `generate_square_subsequent_mask` to create this mask.")
+        causal = is_causal and key_padding_mask is None and not need_weights
+        kpm = _float_mask(key_padding_mask, query.dtype)
+        am = None if causal else _float_mask(attn_mask, query.dtype)
+
+        w = self.analog_weights()
+        if self._qkv_same_embed_dim:
+            wq, wk, wv = w["in_proj_weight"].chunk(3)
+        else:
+            wq, wk, wv = w["q_proj_weight"], w["k_proj_weight"], w["v_proj_weight"]
+        bq = bk = bv = None
+        if self.in_proj_bias is not None:
+            bq, bk, bv = self.in_proj_bias.chunk(3)
+        q = self._converted_mvm(query, wq, bq)
+        k = self._converted_mvm(key, wk, bk)
+        v = self._converted_mvm(value, wv, bv)
+        src = k.shape[1]
+        if am is not None:
+            if am.dim() == 2:
+                if am.shape != (tgt, src):
+                    raise RuntimeError(f"The shape of the 2D attn_mask is {am.shape}, but should be {(tgt, src)}.")
+                am = am.view(1, 1, tgt, src)
+            elif am.dim() == 3:
+                if am.shape != (n * h, tgt, src):
+                    raise RuntimeError(f"The shape of the 3D attn_mask is {am.shape}, but should be "
+                                       f"{(n * h, tgt, src)}.")
+                am = am.view(n, h, tgt, src)
+            else:
+                raise RuntimeError(f"attn_mask's dimension {am.dim()} is not supported")
+        if self.bias_k is not None and self.bias_v is not None:  # digital biases appended to the sequence
+            k = torch.cat([k, self.bias_k.reshape(1, 1, e).expand(n, 1, e)], dim=1)
+            v = torch.cat([v, self.bias_v.reshape(1, 1, e).expand(n, 1, e)], dim=1)
+            am = None if am is None else F.pad(am, (0, 1))
+            kpm = None if kpm is None else F.pad(kpm, (0, 1))
+        q = q.reshape(n, tgt, h, d).transpose(1, 2)
+        k = k.reshape(n, k.shape[1], h, d).transpose(1, 2)
+        v = v.reshape(n, v.shape[1], h, d).transpose(1, 2)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(n, h, 1, d)], dim=2)
+            v = torch.cat([v, v.new_zeros(n, h, 1, d)], dim=2)
+            am = None if am is None else F.pad(am, (0, 1))
+            kpm = None if kpm is None else F.pad(kpm, (0, 1))
+        src = k.shape[2]
+        mask = am
+        if kpm is not None:
+            if kpm.shape != (n, src):
+                raise AssertionError(f"expecting key_padding_mask shape of {(n, src)}, but got {kpm.shape}")
+            kpm = kpm.view(n, 1, 1, src)
+            mask = kpm if mask is None else mask + kpm
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q * math.sqrt(1.0 / d), k.transpose(-2, -1))
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            out = torch.matmul(F.dropout(weights, p=p) if p > 0 else weights, v)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, tgt, e))  # a module call: out_proj's own forward
+        if not batched:
+            out = out.squeeze(0)
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def mvm_macs(self, args: tuple, kwargs: dict, output: Any) -> int:
+        """MACs of the analog in-projections of one call (batch included; ``out_proj`` counts its own)."""
+        names = ("query", "key", "value")
+        q, k, v = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
+        rows = lambda t: t.numel() // t.shape[-1]  # noqa: E731
+        return self.embed_dim * (rows(q) * self.embed_dim + rows(k) * self.kdim + rows(v) * self.vdim)
+
+
+# ----------------------------------------------------------------------------- recurrent layers
+
+class _AnalogRNN(AnalogLayer):
+    """RNN/LSTM/GRU: PyTorch's kernel with the analog weight tensors substituted (see the module docstring)."""
+
+    can_compensate = False
+
+    def _analog_parameter_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self._flat_weights_names if n.startswith("weight_"))  # type: ignore[attr-defined]
+
+    def forward(self, input: Any, hx: Any = None) -> Any:
+        if self.analog_mode == "off":
+            return super().forward(input, hx)  # type: ignore[misc]
+        update = getattr(self, "_update_flat_weights", None)
+        if update is not None:  # rebuild now, so that the forward's own check keeps the substituted list
+            update()
+        w = self.analog_weights()
+        saved = self._flat_weights  # type: ignore[has-type]
+        names = self._flat_weights_names  # type: ignore[attr-defined]
+        self._flat_weights = [w.get(nm, t) for nm, t in zip(names, saved)]
+        try:
+            return super().forward(input, hx)  # type: ignore[misc]
+        finally:
+            self._flat_weights = saved
+
+    def mvm_macs(self, args: tuple, kwargs: dict, output: Any) -> int:
+        """MACs of the analog weights over one call (every time step, layer and direction; batch included)."""
+        x = args[0] if args else kwargs["input"]
+        steps = int(x.batch_sizes.sum()) if isinstance(x, nn.utils.rnn.PackedSequence) else x.numel() // x.shape[-1]
+        total = 0
+        for name in self.analog_parameters:
+            total += getattr(self, name).numel()
+        return steps * total
+
+
+class AnalogRNN(_AnalogRNN, nn.RNN):
+    pass
+
+
+class AnalogLSTM(_AnalogRNN, nn.LSTM):
+    pass
+
+
+class AnalogGRU(_AnalogRNN, nn.GRU):
+    pass
+
+
 _ANALOG_CLASSES: dict[type[nn.Module], type[AnalogLayer]] = {
-    nn.Linear: AnalogLinear, nn.Conv1d: AnalogConv1d, nn.Conv2d: AnalogConv2d, nn.Conv3d: AnalogConv3d,
+    nn.Linear: AnalogLinear, NonDynamicallyQuantizableLinear: AnalogNonDynamicallyQuantizableLinear,
+    nn.Conv1d: AnalogConv1d, nn.Conv2d: AnalogConv2d, nn.Conv3d: AnalogConv3d,
+    nn.MultiheadAttention: AnalogMultiheadAttention, nn.RNN: AnalogRNN, nn.LSTM: AnalogLSTM, nn.GRU: AnalogGRU,
 }
 
 
@@ -176,8 +475,110 @@ def _analog_class(cls: type[nn.Module], name: str) -> type[AnalogLayer]:
     return new
 
 
+# ----------------------------------------------------------------------------- fused fast paths
+
+@contextlib.contextmanager
+def _fastpath_disabled() -> Iterator[None]:
+    mha = torch.backends.mha
+    prev = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(prev)
+
+
+class _FastPathGuard(nn.Module):
+    """Runs a Transformer module with PyTorch's fused fast path off while an analog layer inside is active."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(m, AnalogLayer) and _observed(m) for m in self.modules()):
+            with _fastpath_disabled():
+                return super().forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class GuardedTransformerEncoderLayer(_FastPathGuard, nn.TransformerEncoderLayer):
+    pass
+
+
+class GuardedTransformerEncoder(_FastPathGuard, nn.TransformerEncoder):
+    pass
+
+
+_GUARDED: dict[type[nn.Module], type[nn.Module]] = {
+    nn.TransformerEncoderLayer: GuardedTransformerEncoderLayer, nn.TransformerEncoder: GuardedTransformerEncoder,
+}
+
+
+def _guard_fast_paths(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, _FAST_PATH_TYPES) and not isinstance(m, _FastPathGuard) \
+                and any(isinstance(s, AnalogLayer) for s in m.modules()):
+            if not hasattr(torch.backends, "mha") or not hasattr(torch.backends.mha, "set_fastpath_enabled"):
+                raise ConfigError(f"analog {type(m).__name__} layers need torch.backends.mha.set_fastpath_enabled "
+                                  f"(torch >= 2.1); this is torch {torch.__version__}")
+            cls = type(m)
+            if cls not in _GUARDED:
+                _GUARDED[cls] = type(cls.__name__, (_FastPathGuard, cls), {})
+            m.__dict__["_cn_unguarded_class"] = cls
+            m.__class__ = _GUARDED[cls]
+
+
+# ----------------------------------------------------------------------------- analogize
+
 def _type_matches(module: nn.Module, types: Sequence[type | str]) -> bool:
     return any(isinstance(module, t) if isinstance(t, type) else type(module).__name__ == t for t in types)
+
+
+def _type_names(types: Sequence[type | str]) -> list[str]:
+    return [getattr(t, "__name__", t) for t in types]  # type: ignore[misc]
+
+
+def _warn_unconverted(layers: Iterable[AnalogLayer], variation: VariationModel) -> None:
+    rnn = [l.analog_name for l in layers if isinstance(l, _AnalogRNN)]
+    if rnn and variation.converts:
+        warnings.warn(f"recurrent analog layers {rnn} compute with analog weights but without the converters "
+                      f"(DAC/ADC) of {variation.name}: they cannot act inside PyTorch's fused recurrent kernel",
+                      stacklevel=3)
+
+
+def _digital_patterns(model: nn.Module, digital: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The user's ``digital=`` patterns and those declared by ``digital_parameters`` class attributes."""
+    declared = []
+    for prefix, m in model.named_modules():
+        for pat in getattr(m, "digital_parameters", ()) or ():
+            declared.append(f"{prefix}.{pat}" if prefix else pat)
+    return list(digital), declared
+
+
+def _digital_report(model: nn.Module, reasons: dict[str, str], patterns: list[str]) -> list[str]:
+    """``"name (why)"`` for every weight (dim >= 2) used by a module that does not compute with it as analog."""
+    analog: dict[int, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, AnalogLayer):
+            for p in m.analog_parameters:
+                analog.setdefault(id(getattr(m, p)), f"{name}.{p}")
+    out = []
+    for name, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if p.dim() < 2 or any(fnmatch.fnmatchcase(full, pat) for pat in patterns):
+                continue
+            if isinstance(m, AnalogLayer) and pname in m.analog_parameters:
+                continue
+            if isinstance(m, AnalogMultiheadAttention) and pname in ("bias_k", "bias_v"):
+                continue  # biases appended to the keys/values: digital by design
+            if name in reasons:
+                why = reasons[name]
+            elif isinstance(m, _LOOKUP_TYPES):
+                why = f"nn.{type(m).__name__}: a lookup table, not a crossbar MVM"
+            else:
+                why = (f"a parameter of {type(m).__name__} used by its own forward; correctnet cannot see how")
+            if id(p) in analog:
+                why += f"; it is also the analog {analog[id(p)]}, but this use reads the nominal values"
+            out.append(f"{full} ({why})")
+    return out
 
 
 def analogize(
@@ -188,15 +589,27 @@ def analogize(
     exclude: Iterable[str] = (),
     layer_types: Sequence[type | str] = DEFAULT_TYPES,
     inplace: bool = False,
+    digital: Iterable[str] = (),
+    strict: bool = False,
 ) -> nn.Module:
     """Make the matching layers of ``model`` analog; returns the model (a deep copy unless ``inplace``).
 
     ``include``/``exclude`` are glob patterns on qualified layer names (``"features.*"``);
-    ``layer_types`` are classes or class names (``"Conv2d"``). Every include/exclude pattern must
-    match at least one candidate layer, so typos are caught.
+    ``layer_types`` are classes or class names (``"Conv2d"``; see ``SUPPORTED_TYPES`` and the module
+    docstring for what each kind makes analog). Every include/exclude pattern must match at least one
+    candidate layer, so typos are caught. The ``out_proj`` of an ``nn.MultiheadAttention`` that stays
+    digital stays digital too (that attention's forward reads ``out_proj.weight`` directly).
+
+    Weights (parameters with two or more dimensions) left digital are reported in one
+    :class:`DigitalWeightsWarning` naming each and why, or raise :class:`ConfigError` with ``strict=True``.
+    ``digital``: glob patterns on qualified parameter names declared digital on purpose (not reported;
+    each must match a parameter); a module class can declare its own with a ``digital_parameters``
+    attribute, patterns relative to the module (``digital_parameters = ("pos_embed", "cls_token")``).
     """
     if not isinstance(variation, VariationModel):
         raise ConfigError(f"variation must be a VariationModel, got {type(variation).__name__}")
+    if isinstance(digital, str):
+        digital = [digital]
     for t in layer_types:
         ok = issubclass(t, SUPPORTED_TYPES) if isinstance(t, type) else t in {c.__name__ for c in SUPPORTED_TYPES}
         if not ok:
@@ -204,23 +617,60 @@ def analogize(
     if not inplace:
         model = copy.deepcopy(model)
     include, exclude = (list(include) if include is not None else None), list(exclude)
-    candidates = {n: m for n, m in model.named_modules()
-                  if n and isinstance(m, SUPPORTED_TYPES) and _type_matches(m, layer_types)}
+    supported = {n: m for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES)}
+    candidates = {n: m for n, m in supported.items() if _type_matches(m, layer_types)}
     for pattern in (include or []) + exclude:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
-            raise ConfigError(f"layer pattern {pattern!r} matches no {'/'.join(map(str, [getattr(t, '__name__', t) for t in layer_types]))} "
+            raise ConfigError(f"layer pattern {pattern!r} matches no {'/'.join(map(str, _type_names(layer_types)))} "
                               f"layer; available: {sorted(candidates)}")
-    chosen = {n: m for n, m in candidates.items()
-              if (include is None or any(fnmatch.fnmatchcase(n, p) for p in include))
-              and not any(fnmatch.fnmatchcase(n, p) for p in exclude)}
+    user_patterns, declared = _digital_patterns(model, digital)
+    params = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    for pattern in user_patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in params):
+            raise ConfigError(f"digital pattern {pattern!r} matches no parameter of {type(model).__name__}; "
+                              f"parameters: {params}")
+    reasons: dict[str, str] = {}
+    for n, m in supported.items():
+        if n not in candidates:
+            reasons[n] = f"its type is not in layer_types={_type_names(layer_types)}"
+        elif include is not None and not any(fnmatch.fnmatchcase(n, p) for p in include):
+            reasons[n] = f"not matched by include={include}"
+        else:
+            hit = next((p for p in exclude if fnmatch.fnmatchcase(n, p)), None)
+            if hit is not None:
+                reasons[n] = f"excluded by exclude=[{hit!r}]"
+    chosen = {n: m for n, m in candidates.items() if n not in reasons}
+    for n, m in model.named_modules():  # a digital attention's forward bypasses its out_proj module
+        if isinstance(m, nn.MultiheadAttention) and n not in chosen:
+            out = f"{n}.out_proj" if n else "out_proj"
+            if out in chosen:
+                del chosen[out]
+                reasons[out] = (f"the nn.MultiheadAttention {n or type(model).__name__!r} stays digital "
+                                f"({reasons.get(n, 'not selected')}) and its forward reads out_proj.weight directly")
     if not chosen:
         raise ConfigError(f"no layer of {type(model).__name__} was selected to be analog; candidates: {sorted(candidates)}")
     for name, m in chosen.items():
         if isinstance(m, AnalogLayer):
             raise ConfigError(f"layer {name!r} is already analog")
-        digital = type(m)
-        m.__class__ = _analog_class(digital, name)
-        m._init_analog(name, variation, digital)  # type: ignore[attr-defined]
+    for name, m in chosen.items():
+        dig = type(m)
+        m.__class__ = _analog_class(dig, name)
+        m._init_analog(name, variation, dig)  # type: ignore[attr-defined]
+    # tied weights: one set of cells, drawn with the key of the first analog user
+    first: dict[int, str] = {}
+    for layer in analog_layers(model).values():
+        for p in layer.analog_parameters:
+            layer._draw_keys[p] = first.setdefault(id(getattr(layer, p)), layer._draw_keys[p])
+    _guard_fast_paths(model)
+    _warn_unconverted(analog_layers(model).values(), variation)
+    left = _digital_report(model, reasons, user_patterns + declared)
+    if left:
+        msg = (f"analogize: {len(left)} weight(s) of {type(model).__name__} stay digital (no variation reaches "
+               f"them): {'; '.join(left)}. Declare the intended ones with analogize(..., digital=[...]) or a "
+               f"`digital_parameters` class attribute")
+        if strict:
+            raise ConfigError(msg + " (strict=True)")
+        warnings.warn(msg, DigitalWeightsWarning, stacklevel=2)
     return model
 
 
@@ -234,11 +684,16 @@ def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     for layer in analog_layers(model).values():
         layer.set_off()
-        for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen", "_read_gen"):
+        for p in layer.analog_parameters:
+            layer._buffers.pop(layer._noise_attr(p), None)
+            layer._non_persistent_buffers_set.discard(layer._noise_attr(p))
+        for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen", "_read_gen",
+                     "analog_parameters", "_draw_keys"):
             layer.__dict__.pop(attr, None)
-        layer._buffers.pop("_chip_noise", None)
-        layer._non_persistent_buffers_set.discard("_chip_noise")
         layer.__class__ = layer.__dict__.pop("_digital_class")
+    for m in model.modules():
+        if isinstance(m, _FastPathGuard) and "_cn_unguarded_class" in m.__dict__:
+            m.__class__ = m.__dict__.pop("_cn_unguarded_class")
     return model
 
 
@@ -274,21 +729,22 @@ def set_nominal(model: nn.Module) -> None:
 
 def set_variation(model: nn.Module, variation: VariationModel) -> None:
     """Use another variation model on every analog layer (drops any programmed chip)."""
-    for layer in _require_analog(model).values():
+    layers = _require_analog(model)
+    for layer in layers.values():
         layer.set_off()
         layer.variation = variation
+    _warn_unconverted(layers.values(), variation)
 
 
 @contextlib.contextmanager
 def _restoring(model: nn.Module) -> Iterator[None]:
     layers = analog_layers(model)
-    saved = {n: (l.analog_mode, l.chip_seed, l._chip_noise, l._noise_seed, l._noise_gen, l._read_gen)
-             for n, l in layers.items()}
+    saved = {n: l._analog_state() for n, l in layers.items()}
     try:
         yield
     finally:
         for n, l in layers.items():
-            l.analog_mode, l.chip_seed, l._chip_noise, l._noise_seed, l._noise_gen, l._read_gen = saved[n]
+            l._set_analog_state(saved[n])
 
 
 @contextlib.contextmanager

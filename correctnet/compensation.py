@@ -144,14 +144,18 @@ class Compensator(nn.Module):
 
 def resolve_placement(model: nn.Module, placement: Mapping[str, int] | Iterable[str] | str,
                       rank: int = 4) -> dict[str, int]:
-    """Normalise a placement to ``{layer name: rank}`` over the analog layers of ``model``.
+    """Normalise a placement to ``{layer name: rank}`` over the compensable analog layers of ``model``.
 
     Accepts ``"all"``, ``"none"``, a list of names or glob patterns (each gets ``rank``), or a mapping
-    ``{name or pattern: rank}``. Every pattern must match an analog layer.
+    ``{name or pattern: rank}``. Every pattern must match an analog layer that can carry a compensator
+    (``AnalogLayer.can_compensate``: Linear and Conv layers, attention ``out_proj`` included; not the
+    attention or recurrent modules, whose forward would not run one): a pattern matching only other
+    analog layers is an error naming them; a glob matching both keeps the compensable ones.
     """
-    layers = list(analog_layers(model))
-    if not layers:
+    analog = analog_layers(model)
+    if not analog:
         raise ConfigError(f"{type(model).__name__} has no analog layers; call correctnet.analogize(model, variation) first")
+    layers = [n for n, l in analog.items() if l.can_compensate]
     if isinstance(placement, str):
         if placement == "all":
             return {n: rank for n in layers}
@@ -165,6 +169,10 @@ def resolve_placement(model: nn.Module, placement: Mapping[str, int] | Iterable[
             raise ConfigError(f"placement entries must be layer names, got {pattern!r}")
         matched = [n for n in layers if fnmatch.fnmatchcase(n, pattern)]
         if not matched:
+            others = [f"{n} ({type(l).__name__})" for n, l in analog.items() if fnmatch.fnmatchcase(n, pattern)]
+            if others:
+                raise ConfigError(f"placement {pattern!r} names analog layers that cannot carry a compensator "
+                                  f"(their forward would not run it): {others}; layers that can: {layers}")
             raise ConfigError(f"placement {pattern!r} matches no analog layer; analog layers: {layers}")
         for n in matched:
             out[n] = r
@@ -265,8 +273,10 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     """Extra digital parameters and MACs of the compensators, absolute and in % of the network's.
 
     ``example``: one input batch ``[1, C, H, W]`` (MACs are per sample). The network's parameters are all
-    parameters outside compensators; its MACs are those of its Linear/Conv layers. A compensator's MACs
-    are those of its ``down``/``up`` maps plus one per output element for the affine scale.
+    parameters outside compensators; its MACs are those of its Linear/Conv layers and of the analog
+    MVMs of attention in-projections and recurrent layers (``mvm_macs``). A compensator's MACs are those
+    of its ``down``/``up`` maps plus one per output element for the affine scale. Only compensators that
+    run in the forward of ``example`` are counted: one that does not run costs 0 params and 0 MACs.
     Returns ``{"network": {params, macs}, "layers": {name: {params, macs, params_pct, macs_pct}},
     "total": {params, macs, params_pct, macs_pct}}``.
     """
@@ -281,12 +291,20 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
         name = owner.get(module, "network")
         macs[name] += _macs(module, out) // n_batch
 
+    ran: set[str] = set()
+
     def affine_hook(module: Compensator, args: tuple, out: torch.Tensor) -> None:
+        ran.add(owner[module])
         if module.affine:
             macs[owner[module]] += out.numel() // n_batch
 
+    def mvm_hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        macs["network"] += module.mvm_macs(args, kwargs, out) // n_batch  # type: ignore[operator]
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     handles += [c.register_forward_hook(affine_hook) for c in comps.values()]
+    handles += [m.register_forward_hook(mvm_hook, with_kwargs=True) for m in analog_layers(model).values()
+                if hasattr(m, "mvm_macs")]
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -304,7 +322,7 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     net_macs = macs.pop("network")
     layers = {}
     for n, c in comps.items():
-        p = sum(q.numel() for q in c.parameters())
+        p = sum(q.numel() for q in c.parameters()) if n in ran else 0
         layers[n] = {"params": p, "macs": macs[n], "params_pct": 100 * p / max(net_params, 1),
                      "macs_pct": 100 * macs[n] / max(net_macs, 1)}
     tp, tm = sum(v["params"] for v in layers.values()), sum(v["macs"] for v in layers.values())

@@ -30,6 +30,10 @@ averaged over a batch and over chips: where the curve rises, a layer amplifies t
 * ``kind="spectral"``: ``strength * sum_l relu(sigma_l - target)^2``, ``sigma_l`` from one power-iteration
   step per call on persistent vectors, conv-operator aware (Yoshida & Miyato 2017).
 
+Measurements and regularizer cover the analog Linear and Conv layers (attention ``out_proj`` included);
+attention in-projections and recurrent weights are analog but neither measured nor regularized here;
+:func:`error_profile` covers every analog layer (the first output of attention and recurrent layers).
+
 The README's suppression results compare the three; the classic two do lower the measured constants
 but not the error at the logits, the relative form lowers the error at every layer.
 """
@@ -55,6 +59,15 @@ def _is_conv(layer: nn.Module) -> bool:
     return isinstance(layer, nn.modules.conv._ConvNd)
 
 
+def _mvm_layers(model: nn.Module) -> dict[str, AnalogLayer]:
+    """The analog Linear/Conv layers (attention ``out_proj`` included): the ones measured and regularized.
+
+    Attention in-projections and recurrent weights are analog too but not covered by the measurements
+    and the regularizer (their operator is not one fixed linear map of the layer's input).
+    """
+    return {n: l for n, l in analog_layers(model).items() if isinstance(l, nn.Linear) or _is_conv(l)}
+
+
 def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
     """Input shape (without batch) of every analog layer, recorded from one forward of ``example``."""
     shapes: dict[str, tuple[int, ...]] = {}
@@ -64,7 +77,7 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
             shapes.setdefault(name, tuple(inputs[0].shape[1:]))
         return hook
 
-    hooks = [layer.register_forward_hook(record(name)) for name, layer in analog_layers(model).items()]
+    hooks = [layer.register_forward_hook(record(name)) for name, layer in _mvm_layers(model).items()]
     try:
         with eval_mode(model), nominal(model):
             model(example[:1])
@@ -103,9 +116,9 @@ def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, 
 
 
 def lipschitz_constants(model: nn.Module, example: torch.Tensor, **kwargs: Any) -> dict[str, float]:
-    """Spectral norm of every analog layer, conv layers on the input shapes seen for ``example``."""
+    """Spectral norm of every analog Linear/Conv layer, conv layers on the input shapes seen for ``example``."""
     shapes = input_shapes(model, example)
-    return {name: operator_norm(layer, shapes.get(name), **kwargs) for name, layer in analog_layers(model).items()}
+    return {name: operator_norm(layer, shapes.get(name), **kwargs) for name, layer in _mvm_layers(model).items()}
 
 
 def error_profile(model: nn.Module, x: torch.Tensor, *, n_chips: int = 20, seed: int = 0,
@@ -120,7 +133,11 @@ def error_profile(model: nn.Module, x: torch.Tensor, *, n_chips: int = 20, seed:
     outs: dict[str, torch.Tensor] = {}
 
     def record(name: str):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if isinstance(output, tuple):  # attention: (output, weights); recurrent: (output, state)
+                output = output[0]
+            if isinstance(output, nn.utils.rnn.PackedSequence):
+                output = output.data
             outs[name] = output.detach()
         return hook
 
@@ -191,7 +208,7 @@ class LipschitzRegularizer:
         """Start recording the relative form's terms on ``model``'s training forwards (no-op for the others)."""
         self.detach()
         if self.kind == "relative":
-            self._hooks = [layer.register_forward_hook(self._record) for layer in analog_layers(model).values()]
+            self._hooks = [layer.register_forward_hook(self._record) for layer in _mvm_layers(model).values()]
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -254,5 +271,5 @@ class LipschitzRegularizer:
                                    "call reg.attach(model) before training (correctnet.training.train does)")
             terms, self._terms = self._terms, []
         else:
-            terms = [self.penalty(n, l) for n, l in analog_layers(model).items()]
+            terms = [self.penalty(n, l) for n, l in _mvm_layers(model).items()]
         return self.strength * torch.stack(terms).sum()

@@ -5,8 +5,14 @@ A *chip seed* identifies one simulated chip. It is derived from a user seed, a *
 ``(seed, stream, i)`` in the lower 59 bits, so chips of different streams are different integers by
 construction (evaluation chips are never training chips), whatever the user seeds.
 
-A layer's draw for a chip uses its own generator seeded from ``(chip_seed, crc32(layer name))``, so the
-sample of one layer does not depend on which other layers are analog or in which order they run.
+A weight's draw for a chip uses its own generator seeded from ``(chip_seed, crc32(key))``, so the
+sample of one weight does not depend on which other layers are analog or in which order they run. The key
+is :func:`weight_key`: the layer name for the ``weight`` of a Linear/Conv layer (``"features.0"``), and
+``"<layer>.<parameter>"`` for the weights of the other analog layers (``"attn.in_proj_weight"``,
+``"rnn.weight_hh_l0_reverse"``). A Parameter shared by several analog layers (tied weights) is one set of
+cells: every user draws it with the key of its first analog user in module order. Per-read noise of a
+layer comes from ``(chip_seed, crc32(layer name + ":read"))``, and noise-aware training draws of a layer
+from ``(training seed, crc32(layer name))``.
 """
 from __future__ import annotations
 
@@ -43,6 +49,11 @@ def chip_seed(stream: Stream | int, seed: int, index: int) -> int:
 def stream_of(seed: int) -> int:
     """The stream a chip seed was drawn from."""
     return seed >> _LOW_BITS
+
+
+def weight_key(layer_name: str, parameter: str = "weight") -> str:
+    """The key of the static draw of ``parameter`` of analog layer ``layer_name`` (see the module docstring)."""
+    return layer_name if parameter == "weight" else f"{layer_name}.{parameter}" if layer_name else parameter
 
 
 def layer_generator(seed: int, layer_name: str, device: torch.device | str = "cpu") -> torch.Generator:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..analog import _require_analog, chip, digitize, nominal, set_variation
 from ..checkpoint import load_checkpoint, versions
-from ..data import load_dataset
+from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
 from ..errors import ConfigError
 from ..seeding import Stream, chip_seed
 from ..variation import VariationModel, make_variation
@@ -141,7 +141,9 @@ def chip_copy(model: nn.Module, seed: int) -> nn.Module:
     The simplest correct way to simulate one chip, and a reference for the fast path of
     :func:`monte_carlo`: same chip seed, same weights. The copy can be exported, or evaluated by any
     other tool. Per-read noise and converters act at every forward and have no static equivalent, so
-    variation models with them are refused. ``model`` is not modified.
+    variation models with them are refused. ``model`` is not modified. Every analog weight of every
+    layer kind is copied (``AnalogLayer.analog_parameters``: attention in-projections and recurrent
+    weights included); a tied weight holds its one chip draw.
     """
     layers = _require_analog(model)
     for layer in layers.values():
@@ -151,7 +153,9 @@ def chip_copy(model: nn.Module, seed: int) -> nn.Module:
     plain = digitize(model)
     with torch.no_grad(), chip(model, seed):  # the same draw monte_carlo programs
         for name, layer in layers.items():
-            plain.get_submodule(name).weight.copy_(layer.analog_weight())
+            target = plain.get_submodule(name)
+            for p in layer.analog_parameters:  # every analog weight (attention in-projections, RNN weights)
+                getattr(target, p).copy_(layer.analog_weight(p))
     return plain
 
 
@@ -324,11 +328,17 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"evaluation.{key} must be an integer >= {low}, got {v!r}")
     ds = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed")}
-    ds.update({k: v for k, v in _section(cfg, "dataset").items() if k in ("name", "root", "val_fraction")})
-    ds.update(dataset or {})
-    unknown = set(ds) - {"name", "root", "val_fraction", "seed"}
+    ds.update({k: v for k, v in _section(cfg, "dataset").items() if k in DATASET_KEYS})
+    source = meta.get("dataset_source")
+    if isinstance(source, dict) and source.get("path"):
+        ds["path"] = source["path"]  # a data file's absolute path: the training run's working directory is irrelevant
+    over = dict(dataset or {})
+    if "root" in over and "path" not in over and ds.get("path") is not None:
+        over["path"] = over.pop("root")  # dataset=file: dataset.root=FILE points at a moved data file
+    ds.update(over)
+    unknown = set(over) - {"name", "root", "path", "val_fraction", "seed"}
     if unknown:
-        raise ConfigError(f"unknown dataset settings {sorted(unknown)}; accepted: name, root, val_fraction, seed")
+        raise ConfigError(f"unknown dataset settings {sorted(unknown)}; accepted: name, root, path, val_fraction, seed")
     lacking = [k for k in ("name", "val_fraction", "seed") if ds[k] is None]
     if lacking:  # guessing would silently give another split or normalisation
         raise ConfigError(f"{path} does not record its dataset settings {lacking}; pass "
@@ -341,9 +351,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
 
     models = [v if isinstance(v, VariationModel) else _merged(v)
               for v in (variations if variations is not None else [{}])]
-    data = load_dataset(ds["name"], ds["root"], val_fraction=ds["val_fraction"], seed=ds["seed"])
+    data = dataset_from_config({k: v for k, v in ds.items() if k != "seed"}, seed=ds["seed"])
     spec = meta["model"]
-    if list(data.input_shape) != list(spec["input_shape"]) or data.num_classes != spec["num_classes"]:
+    if list(data.input_shape) != list(spec.get("input_shape") or data.input_shape) \
+            or data.num_classes != spec.get("num_classes", data.num_classes):
         raise ConfigError(f"dataset {data.name!r} has inputs {list(data.input_shape)} and {data.num_classes} classes; "
                           f"the checkpoint's model expects {spec['input_shape']} and {spec['num_classes']}")
 

@@ -114,10 +114,12 @@ class PlacementEvaluator:
         if compensators(self.model):
             raise ConfigError("the placement search needs a model without compensation modules; detach them first")
         analog = analog_layers(self.model)
-        self.names: list[str] = list(layers) if layers is not None else list(analog)
-        unknown = [n for n in self.names if n not in analog]
+        compensable = [n for n, l in analog.items() if l.can_compensate]
+        self.names: list[str] = list(layers) if layers is not None else compensable
+        unknown = [n for n in self.names if n not in compensable]
         if unknown or not self.names:
-            raise ConfigError(f"placement layers {unknown or '[]'} are not analog layers; analog layers: {list(analog)}")
+            raise ConfigError(f"placement layers {unknown or '[]'} are not analog layers that can carry a "
+                              f"compensator; those are: {compensable}")
         dev = model_device(self.model)
         self.val_x = val[0][:cfg.val_images].to(dev)
         self.val_y = val[1][:cfg.val_images].to(dev)
@@ -273,10 +275,13 @@ def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) ->
     """Position, type, share of the analog weights and of the analog MACs of the analog layers ``names``.
 
     ``example``: one input ``[1, ...]`` (MACs per sample, as :func:`correctnet.compensation.overhead`).
+    ``names`` are Linear/Conv analog layers (attention ``out_proj`` included); a layer that does not run
+    in the forward of ``example`` has 0 MACs.
     """
     layers = analog_layers(model)
     macs: dict[str, int] = {}
-    hooks = [layers[n].register_forward_hook(lambda m, a, out, n=n: macs.__setitem__(n, _macs(m, out)))
+    macs = {n: 0 for n in names}
+    hooks = [layers[n].register_forward_hook(lambda m, a, out, n=n: macs.__setitem__(n, macs[n] + _macs(m, out)))
              for n in names]
     try:
         with eval_mode(model):
