@@ -1,15 +1,31 @@
 """Checkpoints: nominal weights in safetensors, everything needed to rebuild the model as JSON metadata.
 
-Format 1 is one ``.safetensors`` file. Its tensors are the model's ``state_dict()``; its string metadata
-holds ``correctnet_format`` (``"1"``), ``correctnet_sha256`` (digest of the tensors, catches bit rot)
-and ``correctnet_meta``, a JSON object with
+Format 1 is one ``.safetensors`` file. Its tensors are the model's ``state_dict()`` (a tensor shared by
+several names, e.g. tied weights, is stored once); its string metadata holds ``correctnet_format``
+(``"1"``), ``correctnet_sha256`` (digest of the tensors, catches bit rot) and ``correctnet_meta``, a JSON
+object with
 
-* ``model``: ``{"name", "input_shape", "num_classes", "kwargs"}`` for :func:`correctnet.build_model`;
+* ``model``: how to rebuild the network, one of
+
+  - ``{"name", "input_shape", "num_classes", "kwargs"}``: a reference model, :func:`correctnet.build_model`;
+  - ``{"name", "target", "kwargs", ...}``: any other ``nn.Module``: ``target`` is its class as
+    ``"module:QualName"`` (or the ``_target_`` string of ``python -m correctnet.train model=custom``),
+    ``kwargs`` its constructor arguments (null when unknown: the class is then called without arguments).
+    A library caller may give ``meta["model"] = {"target": ..., "kwargs": {...}}``; without them
+    :func:`save_checkpoint` records the model's own class. A class that cannot be imported again (defined in
+    ``__main__`` or inside a function) is saved with ``target: null`` and a ``rebuild`` note (and a
+    warning): such a checkpoint loads only into an instance, ``load_checkpoint(path, model=MyNet())``;
 * ``variation``: ``VariationModel.to_dict()``; ``analog``: ``{"include", "exclude", "layers"}``
   (``layers``, the analog layer names, is filled in at save);
+* ``normalization``: ``{"mean", "std", "scale", "axis"}``, the input normalization of the training data
+  (per channel = per index of dimension 1); :func:`normalize` applies it to raw inputs:
+  ``model(normalize(raw, meta))``. Written by ``python -m correctnet.train``; optional otherwise;
+* ``aliases``: ``{name: stored name}`` for state_dict entries that are the same tensor as another (tied
+  weights); loading restores the tie (both names are the same ``Parameter`` again);
 * ``versions``: ``{"correctnet", "torch", "safetensors", "format", ...}``, filled in at save;
-* written by ``python -m correctnet.train``: ``dataset``, ``stage``, ``config`` (the resolved Hydra
-  config) and ``metrics`` (``metrics.json``, per-chip accuracies and chip seeds included);
+* written by ``python -m correctnet.train``: ``dataset`` (its name), ``dataset_source`` (how to load it
+  again, e.g. the absolute path of a data file), ``stage``, ``config`` (the resolved Hydra config) and
+  ``metrics`` (``metrics.json``, per-chip accuracies and chip seeds included);
 * ``compensation``: ``{layer: {"kind", "rank", "affine"}}`` of the attached compensation modules (null
   when none), filled in at save; loading re-attaches them before the weights are loaded;
 * reserved: ``placement`` (the placement search's record).
@@ -17,17 +33,20 @@ and ``correctnet_meta``, a JSON object with
 Safety: loading never unpickles. The header is checked before safetensors sees the file (pickles and
 zip archives from ``torch.save`` are named and refused, the header size is bounded by the file size),
 the model is built on the meta device and compared with the file before any weight is allocated, and
-every failure is one :class:`CheckpointError`. Files are written atomically (temporary file, fsync,
-rename) and an existing file is only replaced when ``overwrite=True``.
+every failure is one :class:`CheckpointError`. Rebuilding a user model imports the module its ``target``
+names (code on your Python path) and calls nothing but ``nn.Module`` subclasses. Files are written
+atomically (temporary file, fsync, rename) and an existing file is only replaced when ``overwrite=True``.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import hashlib
 import json
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,9 +59,13 @@ from torch import nn
 from . import __version__
 from .analog import analog_layers, analogize
 from .compensation import attach_from_spec, compensation_spec
+from .data import normalize
 from .errors import ConfigError, CorrectNetError
-from .models import build_model
+from .models import MODELS, build_model, build_target, importable, locate, target_name
 from .variation import make_variation
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "normalize", "atomic_write", "tensor_digest",
+           "versions"]
 
 FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger length field is not a safetensors file
@@ -133,29 +156,98 @@ def versions() -> dict[str, str]:
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any], *, overwrite: bool = False) -> Path:
     """Write ``model.state_dict()`` and ``meta`` (JSON-serializable) to ``path`` atomically; returns ``path``.
 
-    ``meta`` needs ``model`` and ``variation`` (see the module docstring); ``versions`` and
-    ``analog.layers`` are added to the stored copy, ``meta`` itself is not modified.
+    ``meta`` needs ``variation``; ``model`` describes how to rebuild the network (see the module docstring;
+    when absent, or without ``name``/``target``, the model's own class is recorded). ``versions``,
+    ``analog.layers``, ``compensation`` and ``aliases`` are added to the stored copy, ``meta`` itself is
+    not modified.
     """
-    for key in ("model", "variation"):
-        if key not in meta:
-            raise CheckpointError(f"checkpoint metadata needs a {key!r} entry")
+    if "variation" not in meta:
+        raise CheckpointError("checkpoint metadata needs a 'variation' entry")
     layers = list(analog_layers(model))
     if not layers:
         raise CheckpointError(f"{type(model).__name__} has no analog layers; analogize it before saving")
-    meta = {**meta, "versions": {**(meta.get("versions") or {}), **versions()},
+    state = model.state_dict()
+    aliases = _aliases(state)
+    meta = {**meta, "model": _model_spec(model, meta.get("model")),
+            "versions": {**(meta.get("versions") or {}), **versions()},
             "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers},
-            "compensation": compensation_spec(model)}
+            "compensation": compensation_spec(model), "aliases": aliases}
     try:
         meta_json = json.dumps(meta)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not JSON-serializable: {e}") from None
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = _unshared({k: v.detach() for k, v in state.items() if k not in aliases})
     metadata = {"correctnet_format": FORMAT_VERSION, "correctnet_sha256": tensor_digest(tensors),
                 "correctnet_meta": meta_json}
     try:
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
+
+
+def _digital_class(model: nn.Module) -> type:
+    return model.__dict__.get("_digital_class", type(model))  # a bare analog layer: its original class
+
+
+def _model_spec(model: nn.Module, given: Any) -> dict[str, Any]:
+    """The stored ``model`` entry: the given one completed, or one recording the model's own class."""
+    if given is not None and not isinstance(given, dict):
+        raise CheckpointError(f"checkpoint metadata 'model' must be a mapping, got {type(given).__name__}")
+    spec = dict(given or {})
+    if spec.get("target") is None and spec.get("name") in MODELS:
+        return spec  # a reference model: build_model(name, input_shape, num_classes, **kwargs)
+    cls = _digital_class(model)
+    if spec.get("target") is not None:
+        try:
+            locate(spec["target"], "meta['model']['target']")
+        except ConfigError as e:
+            raise CheckpointError(f"cannot record how to rebuild the model: {e}") from None
+        spec.setdefault("name", spec["target"].replace(":", ".").rsplit(".", 1)[-1])
+        spec.setdefault("kwargs", None)
+        return spec
+    why = importable(cls)
+    spec.update(name=spec.get("name") or cls.__name__, target=None if why else target_name(cls))
+    spec.setdefault("kwargs", None)
+    notes = []
+    if why:
+        notes.append(f"{why}: load this checkpoint into an instance, load_checkpoint(path, model={cls.__name__}(...))")
+        warnings.warn(f"checkpoint {cls.__name__}: {notes[-1]}", stacklevel=3)
+    elif spec["kwargs"] is None:
+        notes.append(f"the constructor arguments are not recorded (meta['model']['kwargs']): load_checkpoint(path) "
+                     f"calls {cls.__name__}() without arguments")
+    if notes:
+        spec["rebuild"] = "; ".join(notes)
+    return spec
+
+
+def _aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{name: first name}`` for state_dict entries that are exactly the same tensor view as an earlier one."""
+    seen: dict[tuple, str] = {}
+    aliases: dict[str, str] = {}
+    for k, v in state.items():
+        if v.numel() == 0 or v.device.type == "meta":
+            continue
+        key = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if key in seen:
+            aliases[k] = seen[key]
+        else:
+            seen[key] = k
+    return aliases
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors of which none shares memory with another (safetensors refuses shared storage:
+    partly overlapping views are copied)."""
+    out, storages = {}, set()
+    for k, v in tensors.items():
+        t = v.cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in storages:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        storages.add(ptr)
+        out[k] = t
+    return out
 
 
 # ----------------------------------------------------------------------------- reading
@@ -193,24 +285,38 @@ def _read_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def _check_state(path: Path, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+def _check_state(path: Path, expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                 what: str = "the model described in its metadata", note: str = "") -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     shapes = [f"{k} {list(tensors[k].shape)} (model: {list(v.shape)})" for k, v in expected.items()
               if k in tensors and tensors[k].shape != v.shape]
-    problems = [f"{what}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
+    problems = [f"{kind}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for kind, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
     if problems:
-        raise CheckpointError(f"{path}: the weights do not fit the model described in its metadata; "
-                              + "; ".join(problems))
+        raise CheckpointError(f"{path}: the weights do not fit {what}; " + "; ".join(problems) + note)
 
 
-def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
+                    device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the analog model saved at ``path``; returns ``(model in eval mode on device, metadata)``.
 
     Needs neither Hydra nor training code. The model computes nominally (analog mode off) until a chip
     is programmed (:func:`correctnet.chip`); its layers use the variation model stored in the metadata.
+    Reference models are built by name; other models from their recorded ``target`` class (its module must
+    be importable: PYTHONPATH or installed). With ``model`` (a plain, non-analog instance of the saved
+    architecture, e.g. of a class defined in a script) the weights are loaded into that instance instead:
+    it is analogized in place with the stored variation and analog layer names, the stored compensators
+    are attached, and names and shapes are checked first (a mismatch changes nothing and lists the
+    missing, unexpected and shape-mismatched keys). Tied weights come back tied.
     """
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise CheckpointError(f"model= must be an nn.Module instance, got {type(model).__name__}")
+        if analog_layers(model):
+            raise CheckpointError(f"model= must be the plain (non-analog) network; {type(model).__name__} already "
+                                  f"has analog layers {list(analog_layers(model))[:4]}: pass correctnet.digitize(model) "
+                                  f"or a fresh instance")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -248,18 +354,52 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
         else:
             include, exclude = analog.get("include"), analog.get("exclude") or []
         comp = meta.get("compensation")
+        aliases = _check_aliases(path, meta.get("aliases") or {}, tensors)
+        for alias, name in aliases.items():
+            tensors[alias] = tensors[name]
 
-        def build() -> nn.Module:
-            m = build_model(spec["name"], spec["input_shape"], spec["num_classes"], **(spec.get("kwargs") or {}))
+        def prepare(m: nn.Module) -> nn.Module:
             analogize(m, variation, include=include, exclude=exclude, inplace=True)
             if comp:
                 attach_from_spec(m, comp)
+            _retie(m, aliases)
             return m
 
-        with torch.device("meta"):  # shapes only: nothing allocated before the file is known to fit
-            _check_state(path, build().state_dict(), tensors)
-        with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the caller's RNG
-            model = build()
+        if model is not None:
+            what = f"the {type(model).__name__} instance passed as model="
+            with torch.random.fork_rng(devices=[]):  # compensators' initialisation must not move the caller's RNG
+                twin = copy.deepcopy(model)
+                try:
+                    prepare(twin)
+                except ConfigError as e:  # e.g. a stored analog layer name the instance lacks: list what differs
+                    plain = {k: v for k, v in tensors.items() if ".compensator." not in f".{k}"}
+                    _check_state(path, model.state_dict(), plain, what)
+                    raise CheckpointError(f"{path}: the {type(model).__name__} instance passed as model= does not "
+                                          f"fit the checkpoint: {e}") from None
+                _check_state(path, twin.state_dict(), tensors, what)
+                del twin
+                model = prepare(model)
+        else:
+            build = _builder(path, spec, prepare)
+            with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the caller's RNG
+                try:
+                    with torch.device("meta"):  # shapes only: nothing allocated before the file is known to fit
+                        expected = build().state_dict()
+                except CorrectNetError:
+                    raise
+                except Exception:  # noqa: BLE001 - a user constructor that cannot run on the meta device
+                    if spec.get("target") is None:
+                        raise
+                    expected = None  # checked after the real build below
+                note = (f". {spec['name']}() was built without arguments: the checkpoint does not record its "
+                        f"constructor arguments; pass an instance: load_checkpoint(path, model=<plain instance>)"
+                        if spec.get("target") is not None and spec.get("kwargs") is None else "")
+                if expected is not None:
+                    _check_state(path, expected, tensors, note=note)
+                model = build()
+                if expected is None:
+                    _check_state(path, model.state_dict(), tensors, note=note)
+        _check_ties(path, model, aliases, tensors)
         dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
         if len(dtypes) == 1:
             model.to(dtypes.pop())  # a float64 export stays float64: outputs must be bit-identical
@@ -267,10 +407,79 @@ def load_checkpoint(path: str | os.PathLike, *, device: str | torch.device = "cp
     except CheckpointError:
         raise
     except (CorrectNetError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, RecursionError) as e:
+        hint = ("; if its class is yours, pass an instance: load_checkpoint(path, model=MyNet(...))"
+                if isinstance(meta.get("model"), dict) and "target" in meta["model"] and model is None else "")
         raise CheckpointError(f"{path}: cannot rebuild the model from this checkpoint "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {e}){hint}") from None
     try:
         model = model.to(device)
     except (RuntimeError, AssertionError, TypeError) as e:  # AssertionError: torch built without CUDA
         raise ConfigError(f"cannot use device {device!r} here ({e}); use device=cpu") from None
     return model.eval(), meta
+
+
+def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn.Module]) -> Callable[[], nn.Module]:
+    """A function building the (analog, compensated, tied) model ``spec`` describes."""
+    if "target" not in spec:
+        return lambda: prepare(build_model(spec["name"], spec["input_shape"], spec["num_classes"],
+                                           **(spec.get("kwargs") or {})))
+    target, kwargs = spec["target"], spec.get("kwargs")
+    if target is None:
+        raise CheckpointError(f"{path}: the model ({spec.get('name', '?')}) cannot be rebuilt from the file: "
+                              f"{spec.get('rebuild') or 'its class was not importable at save'}. Build the network "
+                              f"yourself and pass it: load_checkpoint(path, model=<plain instance>)")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: model.kwargs must be a mapping or null, got {kwargs!r}")
+
+    def build() -> nn.Module:
+        try:
+            m, _ = build_target(target, kwargs or {}, classes_only=True)
+        except ConfigError as e:
+            note = (" (the checkpoint does not record its constructor arguments, so it was called without "
+                    "any)" if kwargs is None else "")
+            raise CheckpointError(f"{path}: cannot rebuild the model: {e}{note}; pass an instance instead: "
+                                  f"load_checkpoint(path, model=<plain instance>)") from None
+        return prepare(m)
+    return build
+
+
+def _check_aliases(path: Path, aliases: Any, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    ok = isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())
+    if not ok:
+        raise CheckpointError(f"{path}: metadata 'aliases' must map names to stored tensor names, got {aliases!r}")
+    bad = [f"{k} -> {v}" for k, v in aliases.items() if v not in tensors or k in tensors]
+    if bad:
+        raise CheckpointError(f"{path}: metadata 'aliases' do not fit the stored tensors: {', '.join(bad[:4])}")
+    return aliases
+
+
+def _check_ties(path: Path, model: nn.Module, aliases: dict[str, str], tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a model that shares a tensor between names the file stores with different values (loading
+    would silently keep only one of them)."""
+    clash = [f"{a} = {n}" for a, n in _aliases(model.state_dict()).items()
+             if aliases.get(a) != n and a in tensors and n in tensors and not torch.equal(tensors[a], tensors[n])]
+    if clash:
+        raise CheckpointError(f"{path}: the model ties {', '.join(clash[:4])} (one tensor), but the checkpoint holds "
+                              f"different values for them: it was saved from an untied model; build it untied and "
+                              f"pass it: load_checkpoint(path, model=<plain instance>)")
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias the same Parameter/buffer as its stored name again (when the shapes agree)."""
+    for alias, name in aliases.items():
+        try:
+            owner, leaf = _owner(model, alias)
+            src_owner, src_leaf = _owner(model, name)
+        except AttributeError:
+            continue  # reported by the state check as missing
+        for table in ("_parameters", "_buffers"):
+            src = getattr(src_owner, table).get(src_leaf)
+            dst = getattr(owner, table)
+            if src is not None and dst.get(leaf) is not None and dst[leaf] is not src \
+                    and dst[leaf].shape == src.shape:
+                dst[leaf] = src
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return (model.get_submodule(prefix) if prefix else model), leaf

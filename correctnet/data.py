@@ -1,7 +1,16 @@
-"""Datasets as in-memory tensors: digits (bundled with scikit-learn), MNIST, Fashion-MNIST, CIFAR-10/100.
+"""Datasets as in-memory tensors: digits (bundled with scikit-learn), MNIST, Fashion-MNIST, CIFAR-10/100, and
+the user's own arrays in one ``.npz`` or ``.pt`` file (``dataset=file dataset.path=data.npz``).
 
 load_dataset returns a DataSplits of TensorDatasets: x float32 [N, C, H, W], scaled to [0, 1] and then
 normalized per channel with the mean/std of the train split; y int64 [N] class indices.
+
+A data file (:func:`load_file_dataset`) holds arrays ``x_train, y_train, x_test, y_test`` and optionally
+``x_val, y_val`` (else val_fraction of the train split is split off, seeded). ``x``: images ``[N, C, H, W]``,
+``[N, H, W]`` (one channel is added) or any ``[N, *features]`` (the model must accept that shape), of a
+numeric dtype: uint8 is divided by 255, other dtypes are used as they are. ``y``: integer class indices
+``[N]``. Normalization (``normalize``), with statistics of the train split: ``channel`` (default) per index
+of dimension 1 (per channel for images, per feature for ``[N, F]``), ``global`` one mean/std, ``none``.
+``.npz`` files are read with ``allow_pickle=False``, ``.pt`` files with ``torch.load(weights_only=True)``.
 Files are parsed defensively: anything malformed raises DataFormatError naming the file; CIFAR pickles go
 through a restricted unpickler that cannot run code; no header can make us allocate more than the file holds.
 """
@@ -53,35 +62,48 @@ _HOW_TO_GET = {
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Train/val/test splits of one dataset: each a TensorDataset of (x float32 [N, C, H, W], y int64 [N])."""
+    """Train/val/test splits of one dataset: each a TensorDataset of (x float32 [N, C, H, W], y int64 [N]).
+
+    (For a data file with other shapes, x is [N, *input_shape].)
+    """
 
     name: str  # canonical dataset name, one of DATASETS
     train: TensorDataset
     val: TensorDataset  # may hold 0 samples (val_fraction=0)
     test: TensorDataset
     num_classes: int
-    input_shape: tuple[int, int, int]  # (C, H, W)
-    mean: tuple[float, ...] = ()  # per channel, in [0, 1] pixel units: x = (pixel - mean) / std
+    input_shape: tuple[int, ...]  # (C, H, W) for images
+    mean: tuple[float, ...] = ()  # per channel (one value: global), in [0, 1] pixel units: x = (pixel - mean) / std
     std: tuple[float, ...] = ()
+    scale: float = 1.0  # raw values were divided by this first (255 for uint8 pixels, 16 for digits)
+    source: dict | None = None  # how to load it again: load_dataset(**source, seed=...) (file: an absolute path)
+
+    def normalization(self) -> dict:
+        """``{"mean", "std", "scale", "axis": 1}``: what :func:`normalize` needs to prepare raw inputs."""
+        return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale, "axis": 1}
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def load_dataset(
-    name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0
+    name: str, root: str | os.PathLike | None = None, *, val_fraction: float = 0.1, seed: int = 0,
+    path: str | os.PathLike | None = None, normalize: str = "channel", num_classes: int | None = None,
 ) -> DataSplits:
     """Load a dataset fully into memory and split it; the same (name, val_fraction, seed) gives the same split.
 
     digits: scikit-learn's 1797 8x8 images (root is ignored), stratified 20% test, val_fraction of the rest.
+    file: the arrays in ``path`` (see the module docstring; ``normalize`` and ``num_classes`` apply only here).
     Others: read from root (default DEFAULT_ROOTS[name]); val is a seeded random val_fraction of the official
     train split, test is the official test split.
     """
+    if isinstance(name, str) and name.strip().lower() == "file":
+        if path is None:
+            raise ConfigError("dataset=file needs dataset.path=FILE (.npz or .pt)")
+        return load_file_dataset(path, val_fraction=val_fraction, seed=seed, normalize=normalize,
+                                 num_classes=num_classes)
     key = _canonical_name(name)
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 0.5:
-        raise ConfigError(f"dataset.val_fraction={val_fraction!r} is invalid: expected a number in [0, 0.5]")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed={seed!r} is invalid: expected an integer in [0, 2**32)")
+    _check_split_args(val_fraction, seed)
     if key == "digits":
         x, y, x_test, y_test = _load_digits(seed)
         train_idx, val_idx = _split_off(y, val_fraction, seed, stratify=True)
@@ -112,7 +134,138 @@ def load_dataset(
         input_shape=tuple(int(d) for d in x.shape[1:]),  # type: ignore[arg-type]
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
+        scale=scale,
+        source={"name": key, "root": None if key == "digits" else os.path.abspath(directory),
+                "val_fraction": val_fraction},
     )
+
+
+FILE_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NORMALIZE = ("channel", "global", "none")
+FILE_SUFFIXES = (".npz", ".pt", ".pth")
+CONFIG_KEYS = ("name", "root", "path", "val_fraction", "normalize", "num_classes")
+
+
+def dataset_from_config(params: dict, *, seed: int) -> DataSplits:
+    """The dataset a ``dataset`` config section describes (``conf/dataset/*.yaml``: name, root or path,
+    val_fraction, for files normalize and num_classes); errors name the config key."""
+    params = dict(params)
+    unknown = set(params) - set(CONFIG_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown dataset keys {sorted(unknown)}; accepted: {', '.join(CONFIG_KEYS)}")
+    name = params.get("name")
+    is_file = isinstance(name, str) and name.strip().lower() == "file"
+    if not is_file:
+        for k in ("path", "normalize", "num_classes"):
+            if params.get(k) is not None:
+                raise ConfigError(f"dataset.{k} applies only to dataset=file (your own arrays), not to "
+                                  f"dataset.name={name!r}")
+        params = {k: v for k, v in params.items() if k in ("name", "root", "val_fraction")}
+    elif params.get("root") is not None:
+        raise ConfigError("dataset=file reads dataset.path, not dataset.root; pass dataset.path=FILE")
+    try:
+        return load_dataset(**{"val_fraction": 0.1, **params}, seed=seed)
+    except DataNotFoundError as e:
+        key = f"dataset.path={params.get('path')}" if is_file else f"dataset.root={params.get('root')}"
+        raise e if str(e).startswith(key) else DataNotFoundError(f"{key}: {e}") from None
+
+
+def normalize(x: torch.Tensor, meta_or_norm: dict) -> torch.Tensor:
+    """Prepare raw inputs the way the training data was: ``(x / scale - mean) / std``, per channel (dim 1).
+
+    ``meta_or_norm`` is checkpoint metadata (its ``normalization`` entry is used) or that entry itself
+    (:meth:`DataSplits.normalization`). Integer tensors (raw pixels, e.g. uint8 0..255) are divided by
+    ``scale`` first; float tensors are taken to be in the units the statistics are in already ([0, 1] pixel
+    units for images; the file's own units for float arrays in a data file).
+    """
+    norm = meta_or_norm.get("normalization", meta_or_norm) if isinstance(meta_or_norm, dict) else None
+    if not isinstance(norm, dict) or "mean" not in norm or "std" not in norm:
+        raise ConfigError("normalize needs checkpoint metadata with a 'normalization' entry {mean, std, scale} "
+                          "(checkpoints written by python -m correctnet.train have it)")
+    x = torch.as_tensor(x)
+    if not x.is_floating_point():
+        x = x.float() / float(norm.get("scale") or 1.0)
+    mean, std = torch.tensor(norm["mean"], dtype=x.dtype), torch.tensor(norm["std"], dtype=x.dtype)
+    if mean.numel() == 0:
+        return x
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if x.dim() < 2 or (mean.numel() > 1 and x.shape[1] != mean.numel()):
+        raise ConfigError(f"normalize: inputs of shape {list(x.shape)} do not have {mean.numel()} channels in "
+                          f"dimension 1 (a batch [N, C, ...] is expected)")
+    return (x - mean.view(shape)) / std.view(shape)
+
+
+def load_file_dataset(path: str | os.PathLike, *, val_fraction: float = 0.1, seed: int = 0,
+                      normalize: str = "channel", num_classes: int | None = None) -> DataSplits:
+    """The user's arrays in ``path`` (.npz or .pt) as DataSplits named ``"file"`` (format: module docstring).
+
+    ``num_classes`` defaults to the largest label + 1 (set it when some classes are absent from the file).
+    """
+    _check_split_args(val_fraction, seed)
+    if normalize not in NORMALIZE:
+        raise ConfigError(f"dataset.normalize={normalize!r} is invalid: expected one of {', '.join(NORMALIZE)}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ConfigError(f"dataset.num_classes={num_classes!r} is invalid: expected an integer >= 1 or null")
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    arrays = _read_data_file(path)
+    missing = [k for k in FILE_KEYS if k not in arrays]
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        missing.append("y_val" if "x_val" in arrays else "x_val")
+    if missing:
+        raise DataFormatError(f"{path}: missing array(s) {', '.join(missing)}; a data file holds x_train, y_train, "
+                              f"x_test, y_test (optionally x_val, y_val); found: {', '.join(sorted(arrays)) or 'none'}")
+    splits = ["train", "test"] + (["val"] if "x_val" in arrays else [])
+    xs = {s: _check_x(arrays[f"x_{s}"], f"x_{s}", path) for s in splits}
+    ys = {s: _check_y(arrays[f"y_{s}"], f"y_{s}", len(xs[s]), path) for s in splits}
+    shapes = {s: tuple(x.shape[1:]) for s, x in xs.items()}
+    if len(set(shapes.values())) > 1:
+        raise DataFormatError(f"{path}: the splits' samples have different shapes: "
+                              + ", ".join(f"x_{s} {list(v)}" for s, v in shapes.items()))
+    if len(xs["train"]) == 0 or len(xs["test"]) == 0:
+        raise DataFormatError(f"{path}: x_train and x_test must hold at least one sample each")
+    top = max(int(y.max()) for y in ys.values() if y.size)
+    n_classes = top + 1 if num_classes is None else num_classes
+    if top >= n_classes:
+        raise DataFormatError(f"{path}: labels go up to {top}, but dataset.num_classes={num_classes}")
+    if n_classes < 2:
+        raise DataFormatError(f"{path}: the labels hold a single class ({top}); classification needs >= 2")
+    dtypes = {str(x.dtype) for x in xs.values()}
+    if len(dtypes) > 1:
+        raise DataFormatError(f"{path}: the splits have different dtypes {sorted(dtypes)}; use one for all")
+    scale = 255.0 if xs["train"].dtype == np.uint8 else 1.0
+    x, y = xs["train"], ys["train"]
+    if "val" in xs:
+        x_val, y_val = xs["val"], ys["val"]
+        train_idx = np.arange(len(x))
+    else:
+        train_idx, val_idx = _split_off(y, val_fraction, seed, stratify=False)
+        x_val, y_val = x[val_idx], y[val_idx]
+    if len(train_idx) == 0:
+        raise DataFormatError(f"{path}: the training split holds no samples after splitting off val_fraction")
+    x_train = torch.from_numpy(np.ascontiguousarray(x[train_idx])).float().div_(scale)
+    if normalize == "none":
+        mean, std = torch.zeros(0), torch.ones(0)
+    else:
+        dims = tuple(d for d in range(x_train.dim()) if d != 1) if normalize == "channel" else None
+        var, mean = torch.var_mean(x_train.double(), dim=dims, correction=0)  # float64: big files, exact enough
+        mean, std = mean.float().reshape(-1), var.sqrt().float().clamp_min(1e-8).reshape(-1)
+    view = [1, -1] + [1] * (x_train.dim() - 2)
+
+    def make(t: torch.Tensor, labels: np.ndarray) -> TensorDataset:
+        if mean.numel():
+            t = t.sub_(mean.view(view)).div_(std.view(view))
+        return TensorDataset(t, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)))
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).float().div_(scale)
+
+    return DataSplits(
+        name="file", train=make(x_train, y[train_idx]), val=make(tensor(x_val), y_val),
+        test=make(tensor(xs["test"]), ys["test"]), num_classes=n_classes,
+        input_shape=tuple(int(d) for d in x.shape[1:]), mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+        scale=scale, source={"name": "file", "path": str(path), "val_fraction": val_fraction, "normalize": normalize,
+                             "num_classes": num_classes})
 
 
 def make_loader(ds: TensorDataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -210,11 +363,81 @@ def read_cifar_batch(path: str | os.PathLike, label_key: bytes | None = None) ->
 # ----------------------------------------------------------------------------- internals
 
 
+def _check_split_args(val_fraction: float, seed: int) -> None:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction <= 0.5:
+        raise ConfigError(f"dataset.val_fraction={val_fraction!r} is invalid: expected a number in [0, 0.5]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r} is invalid: expected an integer in [0, 2**32)")
+
+
+def _read_data_file(path: Path) -> dict[str, np.ndarray]:
+    """The arrays in a .npz (allow_pickle=False) or .pt (torch.load weights_only=True) file, as numpy arrays."""
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise ConfigError(f"dataset.path={path}: unsupported file type {path.suffix or '(none)'!r}; accepted: "
+                          f"{', '.join(FILE_SUFFIXES)} (numpy.savez / torch.save of a dict of arrays)")
+    if not path.is_file():
+        raise DataNotFoundError(f"dataset.path={path}: no such file" + ("" if path.parent.is_dir() else
+                                                                      f" (directory {path.parent} does not exist)"))
+    if path.suffix.lower() == ".npz":
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # np.load would treat anything else as a pickle
+            raise DataFormatError(f"{path}: not a readable .npz file (not a zip archive: it starts with "
+                                  f"{magic.hex(' ') or 'nothing'}); write it with numpy.savez")
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in f.files}
+        except ValueError as e:  # object arrays need pickles: refused
+            raise DataFormatError(f"{path}: cannot read this .npz without unpickling ({e}); save plain numeric "
+                                  f"arrays") from None
+        except Exception as e:  # noqa: BLE001 - zipfile.BadZipFile, OSError, EOFError, ...
+            raise DataFormatError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - UnpicklingError (refused global), RuntimeError, EOFError, ...
+        raise DataFormatError(f"{path}: not a readable torch.save file of tensors, loaded with weights_only=True "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: holds a {type(obj).__name__}; expected a dict of tensors "
+                              f"{{'x_train': ..., 'y_train': ..., 'x_test': ..., 'y_test': ...}}")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            out[str(k)] = v.detach().cpu().numpy() if v.dtype != torch.bfloat16 else v.float().numpy()
+        elif str(k) in FILE_KEYS + ("x_val", "y_val"):
+            raise DataFormatError(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
+    return out
+
+
+def _check_x(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    if x.dtype.kind not in "uif":
+        raise DataFormatError(f"{path}: {key} has dtype {x.dtype}; expected a numeric (uint8, int or float) array")
+    if x.ndim < 2:
+        raise DataFormatError(f"{path}: {key} has shape {list(x.shape)}; expected [N, C, H, W], [N, H, W] or "
+                              f"[N, *features]")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataFormatError(f"{path}: {key} contains NaN or infinite values")
+    return x[:, None] if x.ndim == 3 else x
+
+
+def _check_y(y: np.ndarray, key: str, n: int, path: Path) -> np.ndarray:
+    if y.dtype.kind not in "ui":
+        raise DataFormatError(f"{path}: {key} has dtype {y.dtype}; labels must be integer class indices "
+                              f"(0 .. num_classes-1), e.g. y.astype(np.int64)")
+    if y.shape != (n,):
+        raise DataFormatError(f"{path}: {key} has shape {list(y.shape)}; expected [{n}] (one label per sample "
+                              f"of x_{key[2:]})")
+    if y.size and y.min() < 0:
+        raise DataFormatError(f"{path}: {key} has negative labels ({int(y.min())}); expected 0 .. num_classes-1")
+    return y.astype(np.int64)
+
+
 def _canonical_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
     key = _ALIASES.get(key, key)  # type: ignore[arg-type]
     if key not in DATASETS:
-        raise ConfigError(f"dataset.name={name!r} is unknown: expected one of {', '.join(DATASETS)}")
+        raise ConfigError(f"dataset.name={name!r} is unknown: expected one of {', '.join(DATASETS)}, or file "
+                          f"(dataset=file dataset.path=FILE.npz|.pt)")
     return key
 
 

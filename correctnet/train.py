@@ -29,11 +29,11 @@ from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig,
                           train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
-from .data import load_dataset
+from .data import dataset_from_config
 from .errors import ConfigError, CorrectNetError, DataNotFoundError, is_int
 from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
-from .models import build_model
+from .models import model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
@@ -192,18 +192,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
     device = resolve_device(cfg.device)
     progress = cfg.progress
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model_kwargs, dict)
-    model_name = model_kwargs.pop("name", None)
+    model_params = OmegaConf.to_container(cfg.model, resolve=True)
+    assert isinstance(model_params, dict)
 
-    try:
-        data = load_dataset(cfg.dataset.name, cfg.dataset.get("root"), val_fraction=cfg.dataset.val_fraction,
-                            seed=cfg.seed)
-    except DataNotFoundError as e:
-        raise _prefixed(f"dataset.root={cfg.dataset.get('root')}", e) from None
+    data = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed=cfg.seed)  # type: ignore[arg-type]
     data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
-    model = build_model(model_name, data.input_shape, data.num_classes, **model_kwargs)
+    model, model_spec = model_from_config(model_params, data.input_shape, data.num_classes)  # built-in or _target_
+    model_name = model_spec["name"]
     include = list(cfg.analog.include) if cfg.analog.include is not None else None
     try:
         model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)
@@ -326,8 +322,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         "command": command,
         "seconds": time.perf_counter() - t_start,
     }
-    meta = {"model": {"name": model_name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
-                      "kwargs": model_kwargs},
+    meta = {"model": model_spec, "normalization": data.normalization(), "dataset_source": data.source,
             "variation": variation.to_dict(), "analog": {"include": include, "exclude": list(cfg.analog.exclude)},
             "dataset": data.name, "stage": stage, "config": resolved, "versions": vers}
     metrics["checkpoint"] = str(out_dir / cfg.checkpoint.name)
