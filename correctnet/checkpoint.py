@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
+from . import analog as analog_module
 from .analog import analog_layers, analogize
 from .compensation import attach_from_spec, compensation_spec
 from .data import normalize
@@ -359,7 +360,9 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
             tensors[alias] = tensors[name]
 
         def prepare(m: nn.Module) -> nn.Module:
-            analogize(m, variation, include=include, exclude=exclude, inplace=True)
+            with warnings.catch_warnings():  # the weights left digital were reported when the model was analogized
+                warnings.simplefilter("ignore", getattr(analog_module, "DigitalWeightsWarning", UserWarning))
+                analogize(m, variation, include=include, exclude=exclude, inplace=True)
             if comp:
                 attach_from_spec(m, comp)
             _retie(m, aliases)
