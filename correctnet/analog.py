@@ -385,7 +385,9 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
             if mask is not None:
                 scores = scores + mask
             weights = torch.softmax(scores, dim=-1)
-            out = torch.matmul(F.dropout(weights, p=p) if p > 0 else weights, v)
+            if p > 0:  # as PyTorch: the returned weights are the dropped-out ones
+                weights = F.dropout(weights, p=p)
+            out = torch.matmul(weights, v)
             if average_attn_weights:
                 weights = weights.mean(dim=1)
             if not batched:
@@ -573,6 +575,9 @@ def _digital_report(model: nn.Module, reasons: dict[str, str], patterns: list[st
                 why = reasons[name]
             elif isinstance(m, _LOOKUP_TYPES):
                 why = f"nn.{type(m).__name__}: a lookup table, not a crossbar MVM"
+            elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, SUPPORTED_TYPES):
+                why = (f"nn.{type(m).__name__} is not a layer kind correctnet makes analog; supported: "
+                       f"{[c.__name__ for c in SUPPORTED_TYPES]}")
             else:
                 why = (f"a parameter of {type(m).__name__} used by its own forward; correctnet cannot see how")
             if id(p) in analog:

@@ -476,3 +476,44 @@ def test_digitize_restores_every_class():
     plain = TinyTransformer()
     back = cn.digitize(cn.analogize(plain, VAR))
     assert [type(m) for m in back.modules()] == [type(m) for m in plain.modules()]
+
+
+def test_placement_search_runs_on_a_small_transformer():
+    from correctnet.calibration import CompensationConfig
+    from correctnet.placement import PlacementEvaluator, SearchConfig, search
+
+    torch.manual_seed(0)
+    model = cn.analogize(TinyTransformer(), VAR)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 6, 4, generator=g), torch.randint(0, 3, (64,), generator=g)
+    ev = PlacementEvaluator(model, (x, y), (x[:32], y[:32]),
+                            SearchConfig(chips=2, val_images=32, shared_steps=3, batch_size=32),
+                            comp_cfg=CompensationConfig(lr=0.01, batch_size=16))
+    assert "enc.layers.0.self_attn.out_proj" in ev.names and "enc.layers.0.self_attn" not in ev.names
+    assert all(i["macs_share"] > 0 for i in ev.layer_info)
+    assert ev.layer_cost[ev.names.index("enc.layers.0.self_attn.out_proj")] > 0
+    res = search(ev, "greedy")
+    assert res.layers == ev.names and len(res.best.placement) == len(ev.names) and res.evaluations >= 2
+
+
+def test_unsupported_torch_layers_are_named_as_such():
+    with pytest.warns(DigitalWeightsWarning, match=r"cell\.weight_ih \(nn\.LSTMCell is not a layer kind"):
+        cn.analogize(nn.ModuleDict({"cell": nn.LSTMCell(3, 4), "fc": nn.Linear(4, 2)}), VAR)
+
+
+def test_attention_dropout_as_pytorch():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.MultiheadAttention(E, 4, dropout=0.3, batch_first=True))
+    model = cn.analogize(plain, VAR).train()
+    ref = chip_reference(plain, 3).train()
+    x = torch.randn(2, 5, E)
+    with cn.chip(model, 3):
+        torch.manual_seed(1)
+        got = model[0](x, x, x)
+        torch.manual_seed(1)
+        want = ref[0](x, x, x)
+    torch.testing.assert_close(got[0], want[0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=2e-5, rtol=1e-4)
+    with cn.chip(model, 3):
+        a, b = model[0](x, x, x, need_weights=False)[0], model[0](x, x, x, need_weights=False)[0]
+    assert not torch.allclose(a, b)  # dropout is on in training

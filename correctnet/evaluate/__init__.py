@@ -245,20 +245,28 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
 # ----------------------------------------------------------------------------- reporting
 
 def format_summary(model: str, dataset: str, variation: Mapping[str, Any] | None,
-                   rows: Sequence[tuple[str, float, Mapping[str, Any]]], *, label: str = "stage") -> str:
+                   rows: Sequence[tuple[str, float, Mapping[str, Any]]], *, label: str = "stage",
+                   original: float | None = None) -> str:
     """The summary table printed by train and evaluate, accuracies in percent.
 
     One row per ``(name, clean accuracy, MCResult.to_dict())``. ``variation`` (``VariationModel.to_dict()``)
-    goes in the title; pass None when the rows are different variation models.
+    goes in the title; pass None when the rows are different variation models. ``original`` (the vanilla
+    network's clean accuracy, a fraction) adds a first row with it and, per row, mean and p5 as % of it.
     """
     title = f"correctnet: {model} on {dataset}"
     if variation is not None:
         title += f", {variation['name']} variation sigma={variation['sigma']:g}"
-    w = max([14] + [len(name) + 2 for name, _, _ in rows])
-    lines = [title, f"  {label:<{w}}{'clean':>8}{'mean':>9}{'std':>7}{'p5':>8}{'min':>8}  chips"]
+    w = max([14] + [len(name) + 2 for name, _, _ in rows] + ([34] if original else []))
+    head = f"  {label:<{w}}{'clean':>8}{'mean':>9}{'std':>7}{'p5':>8}{'min':>8}  chips"
+    lines = [title, head + ("   mean/orig  p5/orig" if original else "")]
+    if original:
+        lines.append(f"  {'original (vanilla, no variation)':<{w}}{100 * original:>7.2f}%")
     for name, clean, mc in rows:
-        lines.append(f"  {name:<{w}}{100 * clean:>7.2f}%{100 * mc['mean']:>8.2f}%{100 * mc['std']:>7.2f}"
-                     f"{100 * mc['p5']:>7.2f}%{100 * mc['min']:>7.2f}%  {mc['n_chips']}")
+        line = (f"  {name:<{w}}{100 * clean:>7.2f}%{100 * mc['mean']:>8.2f}%{100 * mc['std']:>7.2f}"
+                f"{100 * mc['p5']:>7.2f}%{100 * mc['min']:>7.2f}%  {mc['n_chips']:>5}")
+        if original:
+            line += f"   {100 * mc['mean'] / original:>8.1f}%{100 * mc['p5'] / original:>8.1f}%"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -304,7 +312,9 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         n_chips: int | None = None, seed: int | None = None, batch_size: int | None = None,
                         test_samples: int | None = None,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
-                        progress: bool = False) -> dict[str, Any]:
+                        progress: bool = False,
+                        calibrate: Callable[[nn.Module, Any, Mapping[str, Any]], Callable[[nn.Module, int], None]]
+                        | None = None) -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
     Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
@@ -314,6 +324,11 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     {"sigma": 0.5}]``). ``dataset`` overrides ``name``, ``root``, ``val_fraction`` or ``seed`` (the split seed).
     A result whose settings equal the exported ones has ``reproduces_export``: whether clean and
     per-chip accuracies are identical to ``meta["metrics"]``; otherwise it is None.
+
+    ``calibrate(model, data, meta)``, if given, returns the per-chip calibrator to pass to
+    :func:`monte_carlo` (``data``: the run's splits; see
+    :func:`correctnet.calibration.evaluate_calibrated`); the results are then compared with the exported
+    ``calibrated`` stage.
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -360,13 +375,18 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
 
     data = dataclasses.replace(data, test=first_samples(data.test, ev["test_samples"]))
     stage = meta.get("stage", "model")
+    calibrator = None
+    if calibrate is not None:
+        stage = "calibrated"
     exported = _exported(meta, stage)
     clean = clean_accuracy(model, data.test, batch_size=ev["batch_size"])
     results = []
     for v in models:
         set_variation(model, v)
+        if calibrate is not None:  # built per variation model: its teacher and images are the same for all
+            calibrator = calibrate(model, data, meta)
         mc = monte_carlo(model, data.test, n_chips=ev["n_chips"], seed=ev["seed"], batch_size=ev["batch_size"],
-                         progress=progress, desc=f"{v.name} {v.sigma:g}")
+                         progress=progress, desc=f"{stage} {v.name} {v.sigma:g}", calibrate=calibrator)
         same = None
         if exported and v.to_dict() == stored_var and (exported["mc"].get("seed"), exported["mc"].get("n_chips")) \
                 == (ev["seed"], ev["n_chips"]):
