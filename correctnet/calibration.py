@@ -16,21 +16,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .analog import chip, nominal
+from .checkpoint import CheckpointError, atomic_write, tensor_digest
 from .compensation import bypass, compensation_parameters, compensators
 from .errors import ConfigError, is_int, is_number, require
-from .evaluate import Data, eval_mode, model_device, monte_carlo
+from .evaluate import Data, eval_mode, evaluate_checkpoint, model_device, monte_carlo
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
 from .training import TrainingDivergedError
@@ -47,13 +53,15 @@ class CompensationConfig:
     distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
     temperature: float = 1.0   # KD softmax temperature
     check_chips: int = 8       # after training: reset the compensators if they hurt on these chips (0: off)
+    joint: bool = False        # pipeline: train the compensators with the network (noise-aware), not after it
     seed: int = 0
 
     def __post_init__(self) -> None:
         o = "compensation"
-        require(is_int(self.steps) and self.steps >= 1, f"{o}.steps", "an integer >= 1", self.steps)
+        require(is_int(self.steps) and self.steps >= 0, f"{o}.steps", "an integer >= 0", self.steps)
         require(is_int(self.batch_size) and self.batch_size >= 1, f"{o}.batch_size", "an integer >= 1", self.batch_size)
         require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
+        require(isinstance(self.joint, bool), f"{o}.joint", "true or false", self.joint)
         require(is_number(self.distill) and 0 <= self.distill <= 1, f"{o}.distill", "a number in [0, 1]", self.distill)
         require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
         require(is_int(self.check_chips) and self.check_chips >= 0, f"{o}.check_chips", "an integer >= 0",
@@ -78,6 +86,7 @@ class CalibrationConfig:
     temperature: float = 1.0
     batchnorm: bool = True     # re-estimate BatchNorm running statistics on the chip first
     start: str = "best"        # trained | zero | best (see the class docstring)
+    teacher: str = "self"      # pipeline: whose clean logits to match: self (the model) | reference (vanilla)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,10 +98,12 @@ class CalibrationConfig:
         require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
         require(isinstance(self.batchnorm, bool), f"{o}.batchnorm", "true or false", self.batchnorm)
         require(self.start in START, f"{o}.start", f"one of {list(START)}", self.start)
+        require(self.teacher in TEACHERS, f"{o}.teacher", f"one of {list(TEACHERS)}", self.teacher)
         require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
 
 
 START = ("trained", "zero", "best")
+TEACHERS = ("self", "reference")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -103,8 +114,9 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
 
 
 def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
-                   batchnorm_images: int = 10_000) -> torch.Tensor:
-    """Logits ``[N, classes]`` of the clean network: nominal weights, compensators bypassed, eval mode.
+                   batchnorm_images: int = 10_000, *, bypass_compensators: bool = True) -> torch.Tensor:
+    """Logits ``[N, classes]`` of the clean network: nominal weights, compensators bypassed (unless
+    ``bypass_compensators=False``), eval mode.
 
     A model with BatchNorm is distilled from a copy whose BatchNorm statistics are re-estimated on the
     first ``batchnorm_images`` of ``x`` with nominal weights: after noise-aware training the running
@@ -112,12 +124,13 @@ def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
     Fashion-MNIST: 63.9% clean accuracy instead of about 90%).
     """
     dev = model_device(model)
+    skip = bypass if bypass_compensators else lambda m: contextlib.nullcontext(m)
     teacher = model
     if _batchnorms(model):
         teacher = copy.deepcopy(model)
-        with nominal(teacher), bypass(teacher):
+        with nominal(teacher), skip(teacher):
             reestimate_batchnorm(teacher, x[:batchnorm_images], batch_size)
-    with nominal(teacher), bypass(teacher), eval_mode(teacher):
+    with torch.no_grad(), nominal(teacher), skip(teacher), eval_mode(teacher):
         return torch.cat([teacher(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
 
 
@@ -267,11 +280,13 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
 def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int = 0,
                        batch_size: int = 1000) -> dict[str, Any]:
     """Keep the trained compensators unless they hurt: mean accuracy on validation data ``val`` over
-    ``chips`` chips of ``Stream.SEARCH`` (neither training nor evaluation chips), with the compensators
-    and bypassed, on the same chips. If they lower it, they are zeroed (an exact no-op again, and
-    per-chip calibration then starts from zero). Returns both accuracies and ``kept``."""
+    ``chips`` chips of ``Stream.CHECK`` (chips that neither the placement search, compensation training nor
+    the evaluation draw), with the compensators and bypassed, on the same chips. If they lower it, they
+    are zeroed (an exact no-op again, and per-chip calibration then starts from zero): the chip-agnostic
+    deployment then carries no compensation hardware. Returns both accuracies and ``kept``. The caller
+    passes validation images the placement search did not score on."""
     def acc() -> float:
-        return monte_carlo(model, val, n_chips=chips, seed=seed, stream=Stream.SEARCH, batch_size=batch_size,
+        return monte_carlo(model, val, n_chips=chips, seed=seed, stream=Stream.CHECK, batch_size=batch_size,
                            progress=False).mean
 
     with_comp = acc()
@@ -280,7 +295,8 @@ def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int
     kept = with_comp >= without
     if not kept:
         _zero(model)
-    return {"chips": chips, "images": len(_tensors(val)[0]), "with": with_comp, "without": without, "kept": kept}
+    return {"chips": chips, "chip_stream": Stream.CHECK.name, "images": len(_tensors(val)[0]), "with": with_comp,
+            "without": without, "kept": kept}
 
 
 def _zero(model: nn.Module) -> None:
@@ -337,7 +353,8 @@ class ChipCalibrator:
     model's state between chips (``monte_carlo`` does). ``seconds`` lists the time spent per chip.
     """
 
-    def __init__(self, model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig) -> None:
+    def __init__(self, model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, *,
+                 teacher: nn.Module | None = None) -> None:
         self.cfg = cfg
         self.images = images
         self.has_compensators = bool(compensators(model))
@@ -345,7 +362,12 @@ class ChipCalibrator:
         if not (self.has_compensators and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
             raise ConfigError("per-chip calibration has nothing to adjust: the model has no compensation modules "
                               "(or calibration.steps=0) and no BatchNorm to re-estimate")
-        self.teacher = teacher_logits(model, images) if self.has_compensators and cfg.steps > 0 else None
+        self.teacher = None
+        if self.has_compensators and cfg.steps > 0:
+            # the clean network by default; a given teacher (e.g. the vanilla reference) is used as it is, with
+            # its own compensators (jointly trained ones are part of the network)
+            self.teacher = (teacher_logits(model, images) if teacher is None
+                            else teacher_logits(teacher, images, bypass_compensators=False))
         self.seconds: list[float] = []
         self.starts: list[str] = []
 
@@ -397,5 +419,133 @@ class ChipCalibrator:
                 "started_from_zero": self.starts.count("zero")}
 
 
+def calibration_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What per-chip calibration changes, by ``state_dict`` name: compensator parameters and BatchNorm
+    running statistics (copies, on the model's device)."""
+    comp = {n for n, _ in model.named_parameters() if ".compensator." in f".{n}" or n.startswith("compensator.")}
+    bn = {f"{name}.{b}" if name else b for name, m in model.named_modules() if m in set(_batchnorms(model))
+          for b in ("running_mean", "running_var", "num_batches_tracked")}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in comp or k in bn}
+
+
+def calibrate_chip(model: nn.Module, seed: int, calibrator: "ChipCalibrator") -> dict[str, torch.Tensor]:
+    """Program chip ``seed``, calibrate it as ``monte_carlo(calibrate=calibrator)`` does, and return its
+    :func:`calibration_state`; the model is left as it was."""
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        with eval_mode(model), chip(model, seed):
+            calibrator(model, seed)
+            return calibration_state(model)
+    finally:
+        model.load_state_dict(snapshot)
+
+
+CHIP_FORMAT = "1"
+
+
+def save_calibrated_chip(path: str | os.PathLike, model: nn.Module, seed: int, calibrator: "ChipCalibrator", *,
+                         overwrite: bool = False) -> Path:
+    """Calibrate chip ``seed`` and write its state (compensators, BatchNorm statistics) to a safetensors file.
+
+    What a deployed chip stores digitally after programming: load it with :func:`load_calibrated_chip` into
+    the same model (e.g. from ``load_checkpoint``) and run ``with chip(model, seed):``. Per-read noise, where
+    the variation model has it, restarts from the chip's first read, so such chips match their Monte-Carlo
+    accuracy only in distribution; static variation models reproduce it exactly.
+    """
+    if not is_int(seed) or seed < 0:
+        raise ConfigError(f"chip seed must be an integer >= 0, got {seed!r}")
+    state = {k: v.cpu().contiguous() for k, v in calibrate_chip(model, seed, calibrator).items()}
+    meta = {"correctnet_chip": CHIP_FORMAT, "chip_seed": str(seed), "correctnet_sha256": tensor_digest(state),
+            "calibration": json.dumps(asdict(calibrator.cfg))}
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta), overwrite=overwrite)
+
+
+def load_calibrated_chip(model: nn.Module, path: str | os.PathLike) -> int:
+    """Load a chip written by :func:`save_calibrated_chip` into ``model`` (in place); returns its chip seed.
+
+    The names and shapes must be the model's (a :class:`~correctnet.checkpoint.CheckpointError` says which
+    differ). Then ``with chip(model, seed):`` runs the calibrated chip.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"cannot read calibrated chip {path}: {e}") from None
+    if meta.get("correctnet_chip") != CHIP_FORMAT or not str(meta.get("chip_seed", "")).isdigit():
+        raise CheckpointError(f"{path} is not a calibrated chip written by correctnet.save_calibrated_chip")
+    if meta.get("correctnet_sha256") != tensor_digest(tensors):
+        raise CheckpointError(f"{path} is corrupt: its tensors do not match the digest recorded at export")
+    own = model.state_dict()
+    bad = [k for k in tensors if k not in own or own[k].shape != tensors[k].shape]
+    missing = [k for k in calibration_state(model) if k not in tensors]
+    if bad or missing:
+        raise CheckpointError(f"{path} does not fit this model: unknown or mis-shaped {bad[:4]}, missing {missing[:4]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v)
+    return int(meta["chip_seed"])
+
+
+def checkpoint_calibration(meta: dict[str, Any], overrides: dict[str, Any] | None = None) -> CalibrationConfig:
+    """The calibration settings of the run that exported a checkpoint (``meta["config"]["calibration"]``), with
+    ``overrides``; the library defaults where the run recorded none."""
+    stored = ((meta.get("config") or {}).get("calibration") or {}) if isinstance(meta, dict) else {}
+    params = {k: v for k, v in stored.items() if k in CalibrationConfig.__dataclass_fields__}
+    if "seed" not in params and isinstance((meta.get("config") or {}).get("seed"), int):
+        params["seed"] = meta["config"]["seed"]
+    unknown = set(overrides or {}) - set(CalibrationConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown calibration keys {sorted(unknown)}; accepted: {sorted(CalibrationConfig.__dataclass_fields__)}")
+    return CalibrationConfig(**{**params, **(overrides or {})})
+
+
+def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] | None = None,
+                        export_chip: int | None = None, chip_path: str | os.PathLike | None = None,
+                        overwrite: bool = False, **kwargs: Any) -> dict[str, Any]:
+    """Re-run per-chip calibration of every evaluation chip from an exported checkpoint, as the training run did.
+
+    Calibration images come from the run's training split (same dataset settings and seed), its settings from
+    the checkpoint (``calibration`` overrides keys, e.g. ``{"steps": 100}``), and each chip is calibrated and
+    measured by :func:`~correctnet.evaluate.monte_carlo`. With the exported settings the per-chip accuracies
+    reproduce the ``calibrated`` stage of ``metrics.json`` exactly (``results[i]["reproduces_export"]``).
+    ``export_chip=i`` with ``chip_path``: also write evaluation chip ``i``'s calibrated state there
+    (:func:`save_calibrated_chip`; ``result["exported_chip"]``). Other keyword arguments:
+    :func:`~correctnet.evaluate.evaluate_checkpoint`.
+    """
+    if (export_chip is None) != (chip_path is None):
+        raise ConfigError("export_chip and chip_path go together")
+    if chip_path is not None and Path(chip_path).exists() and not overwrite:
+        raise ConfigError(f"{chip_path} already exists; pass overwrite=true to replace it")
+    built: list[tuple[nn.Module, ChipCalibrator, dict[str, Any]]] = []
+    def factory(model: nn.Module, data: Any, meta: dict[str, Any]) -> ChipCalibrator:
+        cfg = checkpoint_calibration(meta, calibration)
+        if cfg.teacher == "reference":
+            raise ConfigError("this checkpoint was calibrated against the vanilla reference, which checkpoints do not "
+                              "hold; pass calibration={'teacher': 'self'} (other numbers than the exported ones)")
+        joint = bool(((meta.get("config") or {}).get("compensation") or {}).get("joint"))
+        images = calibration_images(data.train, cfg.n_images, cfg.seed).to(model_device(model))
+        built.append((model, ChipCalibrator(model, images, cfg, teacher=model if joint else None), meta))
+        return built[-1][1]
+
+    res = evaluate_checkpoint(path, calibrate=factory, **kwargs)
+    if built and checkpoint_calibration(built[0][2]) != built[0][1].cfg:  # other settings: nothing to compare with
+        for r in res["results"]:
+            r["reproduces_export"] = None
+    if export_chip is not None:
+        seeds = res["results"][0]["chip_seeds"]
+        if isinstance(export_chip, bool) or not isinstance(export_chip, int) or not 0 <= export_chip < len(seeds):
+            raise ConfigError(f"export_chip must be an evaluation chip index in [0, {len(seeds)}), got {export_chip!r}")
+        model, calibrator, _ = built[0]
+        if len(res["results"]) > 1:
+            raise ConfigError("export_chip needs a single variation model (no sweep)")
+        file = save_calibrated_chip(chip_path, model, seeds[export_chip], calibrator, overwrite=overwrite)
+        res["exported_chip"] = {"index": export_chip, "chip_seed": seeds[export_chip], "file": str(file),
+                                "accuracy": res["results"][0]["mc"]["accuracies"][export_chip]}
+    return res
+
+
 __all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
-           "check_compensation", "distillation_loss", "reestimate_batchnorm", "teacher_logits", "train_compensation"]
+           "calibrate_chip", "calibration_state", "check_compensation", "checkpoint_calibration",
+           "evaluate_calibrated", "distillation_loss",
+           "load_calibrated_chip", "save_calibrated_chip", "reestimate_batchnorm", "teacher_logits", "train_compensation"]

@@ -8,6 +8,7 @@ the Hydra run directory. This is the only module that reads config.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .analog import analogize, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
-                          train_compensation)
+                          teacher_logits, train_compensation)
 from .checkpoint import atomic_write, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import dataset_from_config
@@ -183,6 +184,16 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if strategy is not None and comp_cfg is None:
         raise ConfigError(f"placement.strategy={strategy} searches where compensation goes, but no compensation is "
                           f"configured: add compensation=all (its kind, rank and training settings are used)")
+    use_reference = cfg.get("reference", False)
+    if not isinstance(use_reference, bool):
+        raise ConfigError(f"reference must be true or false, got {use_reference!r}")
+    joint = comp_cfg is not None and comp_cfg.joint
+    if joint and strategy is not None:
+        raise ConfigError(f"compensation.joint=true trains the compensators with the network, so their placement must "
+                          f"be fixed before training; placement.strategy={strategy} chooses it after training. Use "
+                          f"placement=fixed, or compensation.joint=false")
+    if cal_cfg is not None and cal_cfg.teacher == "reference" and not use_reference:
+        raise ConfigError("calibration.teacher=reference needs the vanilla reference: set reference=true")
     n_chips = _positive_int(cfg, "evaluation.n_chips")
     profile_chips = _positive_int(cfg, "evaluation.profile_chips")
     profile_samples = _positive_int(cfg, "evaluation.profile_samples")
@@ -232,34 +243,62 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
 
     if regularizer is not None:  # conv layers need their input shapes for the spectral form
         regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(device))
+    example = data.test.tensors[0][:1].to(device)
+
+    def measure(m: torch.nn.Module, name: str, desc: str = "chips", **kw: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        mc = monte_carlo(m, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress,
+                         desc=desc, **kw)
+        return {"clean_accuracy": clean_accuracy(m, data.test, batch_size=eval_batch), "mc": mc.to_dict(),
+                "eval_seconds": time.perf_counter() - t0}
+
+    def profile_of(m: torch.nn.Module, name: str) -> dict[str, Any]:
+        lipschitz = lipschitz_constants(m, example)
+        profile = error_profile(m, data.test.tensors[0][:profile_samples], n_chips=profile_chips, seed=eval_seed)
+        plot = plot_layer_profile(lipschitz, profile, out_dir / f"layer_profile_{name}.png",
+                                  title=f"{model_name} on {data.name}, {name}, {variation.name} sigma={variation.sigma:g}")
+        return {"lipschitz": lipschitz, "plot": plot.name,
+                "error_profile": {"n_chips": profile_chips, "n_samples": profile_samples, "seed": eval_seed,
+                                  "relative_error": profile}}
+
+    stages: dict[str, Any] = {}
+    reference: torch.nn.Module | None = None
+    base_is_plain = regularizer is None and not tcfg.noise_aware and not joint
+    if use_reference and not base_is_plain:
+        # stage 0: the vanilla reference (same initialisation, plain training): the original accuracy
+        reference = copy.deepcopy(model)
+        ref_cfg = dataclasses.replace(tcfg, noise_aware=False)
+        t0 = time.perf_counter()
+        history = train(reference, data.train, data.val, ref_cfg, progress=progress, stage="baseline",
+                        resume=store, resume_key="reference")
+        ref_seconds = time.perf_counter() - t0
+        _check_outputs(reference, data.test, "baseline")
+        set_variation(reference, variation)
+        stages["baseline"] = {**measure(reference, "baseline", desc="baseline"),
+                              "training": {"noise_aware": False, "noise_variation": None, "lipschitz": None,
+                                           "epochs": tcfg.epochs, "seconds": ref_seconds, "history": history},
+                              "reference": True, **profile_of(reference, "baseline")}
+
+    # stage 1: base training (noise-aware and/or Lipschitz; with compensation.joint the compensators train with it)
     stage = "suppressed" if regularizer else "noise_aware" if tcfg.noise_aware else "baseline"
+    cost = None
+    if joint:
+        assert placement is not None
+        attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
+        stage = "compensated"
     t0 = time.perf_counter()
     history = train(model, data.train, data.val, tcfg, regularizer=regularizer, progress=progress, stage=stage,
                     resume=store)
     train_seconds = time.perf_counter() - t0
     _check_outputs(model, data.test, stage)
     set_variation(model, variation)
+    base_training = {"noise_aware": tcfg.noise_aware,
+                     "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
+                     "lipschitz": lip_params if regularizer else None, "epochs": tcfg.epochs,
+                     "seconds": train_seconds, "history": history, "joint_compensation": joint}
+    if not joint:
+        stages[stage] = {**measure(model, stage), "training": base_training, **profile_of(model, stage)}
 
-    t0 = time.perf_counter()
-    clean = clean_accuracy(model, data.test, batch_size=eval_batch)
-    mc = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress)
-    eval_seconds = time.perf_counter() - t0
-    lipschitz = lipschitz_constants(model, data.test.tensors[0][:1].to(device))
-    profile = error_profile(model, data.test.tensors[0][:profile_samples], n_chips=profile_chips, seed=eval_seed)
-    plot = plot_layer_profile(lipschitz, profile, out_dir / f"layer_profile_{stage}.png",
-                              title=f"{model_name} on {data.name}, {stage}, {variation.name} sigma={variation.sigma:g}")
-
-    stages: dict[str, Any] = {stage: {"clean_accuracy": clean, "mc": mc.to_dict(),
-                                      "training": {"noise_aware": tcfg.noise_aware,
-                                                   "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
-                                                   "lipschitz": lip_params if regularizer else None,
-                                                   "epochs": tcfg.epochs, "seconds": train_seconds, "history": history},
-                                      "eval_seconds": eval_seconds,
-                                      "lipschitz": lipschitz,
-                                      "error_profile": {"n_chips": profile_chips, "n_samples": profile_samples,
-                                                        "seed": eval_seed, "relative_error": profile},
-                                      "plot": plot.name}}
-    cost = None
     placement_record = None
     evaluator: PlacementEvaluator | None = None
     if strategy is not None:
@@ -270,49 +309,60 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         if placement is None:
             log.info("the search chose no compensation: no compensated stage")
     if placement is not None:
+        # stages 2-3: compensation modules (attached now, or trained jointly above), chip-agnostic
         assert comp_cfg is not None
         stage = "compensated"
-        attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
-        if evaluator is not None:  # fine-tune the search's shared compensators
-            evaluator.load_shared(model, chosen)
-        cost = overhead(model, data.test.tensors[0][:1].to(device))
+        if not joint:
+            attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
+            if evaluator is not None:  # fine-tune the search's shared compensators
+                evaluator.load_shared(model, chosen)
+        cost = overhead(model, example)
         log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(placement),
                  cost["total"]["params_pct"], cost["total"]["macs_pct"])
-        result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store,
-                                    teacher=evaluator.teacher if evaluator is not None else None)
-        _check_outputs(model, data.test, stage)
+        result = None
+        if comp_cfg.steps > 0:
+            teacher = evaluator.teacher if evaluator is not None else None
+            if joint and comp_cfg.distill > 0:  # bypassing jointly trained compensators breaks the network
+                teacher = teacher_logits(reference if reference is not None else model, data.train.tensors[0],
+                                         bypass_compensators=False)
+            result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store,
+                                        teacher=teacher)
+            _check_outputs(model, data.test, stage)
         check = None
-        if comp_cfg.check_chips > 0 and len(data.val) > 0:
-            check = check_compensation(model, data.val, chips=comp_cfg.check_chips, seed=comp_cfg.seed,
+        if comp_cfg.check_chips > 0 and len(data.val) > 0 and not joint:
+            check_val = _unscored(data.val, search_cfg if strategy is not None else None)
+            check = check_compensation(model, check_val, chips=comp_cfg.check_chips, seed=comp_cfg.seed,
                                        batch_size=eval_batch)
             if not check["kept"]:
                 log.warning("chip-agnostic compensation lowered validation accuracy (%.2f%% -> %.2f%% on %d chips): "
-                            "compensators reset to a no-op", 100 * check["without"], 100 * check["with"], check["chips"])
-        t0 = time.perf_counter()
-        mc_c = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
-                           progress=progress, desc=stage)
-        stages[stage] = {"clean_accuracy": clean_accuracy(model, data.test, batch_size=eval_batch), "mc": mc_c.to_dict(),
-                         "training": {**asdict(comp_cfg), **result.to_dict()}, "check": check,
-                         "placement": compensation_spec(model),
-                         "overhead": cost, "eval_seconds": time.perf_counter() - t0}
+                            "compensators reset to a no-op; the chip-agnostic deployment carries none",
+                            100 * check["without"], 100 * check["with"], check["chips"])
+        deployed = cost if check is None or check["kept"] else _no_overhead(cost)
+        stages[stage] = {**measure(model, stage, desc=stage),
+                         "training": {**asdict(comp_cfg), **(result.to_dict() if result else {}),
+                                      **({"base": base_training} if joint else {})},
+                         "check": check, "placement": compensation_spec(model), "overhead": deployed,
+                         **(profile_of(model, stage) if joint else {})}
     if cal_cfg is not None and placement is None and strategy is not None and not any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage")
         cal_cfg = None
     if cal_cfg is not None:
-        t0 = time.perf_counter()
+        # stage 4: per-chip calibration of every evaluation chip on unlabeled training images
         images = calibration_images(data.train, cal_cfg.n_images, cal_cfg.seed).to(device)
-        calibrator = ChipCalibrator(model, images, cal_cfg)
-        mc_cal = monte_carlo(model, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch,
-                             progress=progress, desc="calibrated", calibrate=calibrator)
-        stages["calibrated"] = {"clean_accuracy": stages[stage]["clean_accuracy"], "mc": mc_cal.to_dict(),
-                                "calibration": calibrator.stats(), "eval_seconds": time.perf_counter() - t0}
+        calibrator = ChipCalibrator(model, images, cal_cfg, teacher=_calibration_teacher(cal_cfg, model, reference, joint))
+        stages["calibrated"] = {**measure(model, "calibrated", desc="calibrated", calibrate=calibrator),
+                                "calibration": calibrator.stats(), "overhead": cost}
+        stages["calibrated"]["clean_accuracy"] = stages[stage]["clean_accuracy"]
+    cost = stages.get("compensated", {}).get("overhead", cost)
+
 
     metrics: dict[str, Any] = {
         "dataset": data.name,
         "model": model_name,
         "variation": variation.to_dict(),
         "stages": stages,
+        "original_accuracy": original_accuracy({"stages": stages}),
         "overhead": cost,
         "placement": placement_record,
         "config": resolved,
@@ -333,6 +383,33 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         store.clear()  # the results are written: the snapshots are no longer needed
     _print_summary(metrics, out_dir)
     return metrics
+
+
+def _unscored(val: Any, search_cfg: SearchConfig | None) -> Any:
+    """The validation images the placement search did not score placements on (all of them without a search)."""
+    if search_cfg is None:
+        return val
+    x, y = val.tensors
+    if len(x) <= search_cfg.val_images:
+        raise ConfigError(f"the compensation check needs validation images the placement search did not score on, "
+                          f"but the search uses all {len(x)}: lower placement.val_images, raise dataset.val_fraction "
+                          f"or set compensation.check_chips=0")
+    return torch.utils.data.TensorDataset(x[search_cfg.val_images:], y[search_cfg.val_images:])
+
+
+def _no_overhead(cost: dict[str, Any]) -> dict[str, Any]:
+    """The overhead record of a deployment without compensation hardware (the check reset the modules)."""
+    total = {k: 0 if isinstance(v, int) else 0.0 for k, v in cost["total"].items() if k.endswith(("params", "macs", "pct"))}
+    return {**cost, "layers": {}, "total": {**cost["total"], **total}, "reset_by_check": True}
+
+
+def _calibration_teacher(cal_cfg: CalibrationConfig, model: torch.nn.Module, reference: torch.nn.Module | None,
+                         joint: bool) -> torch.nn.Module | None:
+    """The network whose clean logits calibration matches: the vanilla reference, or the model itself (with its
+    compensators when they were trained jointly: without them it is not the trained network)."""
+    if cal_cfg.teacher == "reference":
+        return reference
+    return model if joint else None
 
 
 def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) -> None:
@@ -369,11 +446,25 @@ def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: Search
     return evaluator, b.placement, record
 
 
+STAGE_LABELS = {"baseline": "vanilla", "noise_aware": "noise-aware", "suppressed": "Lipschitz-suppressed",
+                "compensated": "CorrectNet chip-agnostic", "calibrated": "CorrectNet calibrated"}
+
+
+def original_accuracy(metrics: dict[str, Any]) -> float | None:
+    """The original accuracy: the vanilla network's clean accuracy (its ``baseline`` stage), when the run has one."""
+    base = metrics["stages"].get("baseline")
+    return base["clean_accuracy"] if base else None
+
+
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
-    rows = [(name, s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
-    print("\n" + format_summary(metrics["model"], metrics["dataset"], metrics["variation"], rows)
-          + (f"\n  compensation: +{metrics['overhead']['total']['params_pct']:.2f}% parameters, "
-             f"+{metrics['overhead']['total']['macs_pct']:.2f}% MACs (digital)" if metrics.get("overhead") else "")
+    rows = [(STAGE_LABELS.get(name, name), s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
+    over = metrics.get("overhead")
+    print("\n" + format_summary(metrics["model"], metrics["dataset"], metrics["variation"], rows,
+                                original=original_accuracy(metrics))
+          + (f"\n  compensation: +{over['total']['params_pct']:.2f}% parameters, "
+             f"+{over['total']['macs_pct']:.2f}% MACs (digital)"
+             + (" (reset by the check: none deployed chip-agnostic)" if over.get("reset_by_check") else "")
+             if over else "")
           + f"\n  checkpoint:  {metrics['checkpoint']}"
           + f"\n  metrics:     {out_dir / 'metrics.json'}   ({metrics['seconds']:.1f} s)"
           + f"\n  re-evaluate: {evaluate_command(metrics['checkpoint'])}", flush=True)

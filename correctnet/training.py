@@ -106,7 +106,7 @@ def _set_rng_state(state: dict[str, Any], model: nn.Module, shuffle: torch.Gener
     layers = analog_layers(model)
     for name, gen_state in state["noise"].items():
         layer = layers[name]
-        layer._noise_gen = torch.Generator(device=layer.weight.device)
+        layer._noise_gen = torch.Generator(device=next(layer.parameters()).device)
         layer._noise_gen.set_state(gen_state)
     vectors = getattr(regularizer, "_vectors", None)
     if isinstance(vectors, dict) and "regularizer" in state:
@@ -132,6 +132,7 @@ def train(
     progress: bool = True,
     stage: str = "training",
     resume: ResumeStore | None = None,
+    resume_key: str = "training",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on its current device; returns one metrics dict per epoch.
 
@@ -139,7 +140,7 @@ def train(
     model must have analog layers. Raises :class:`TrainingDivergedError` naming the stage, epoch and
     step when the loss or a parameter becomes NaN or infinite.
 
-    ``resume``: snapshots go to ``resume.path("training")`` after every epoch and, inside an epoch, at most
+    ``resume``: snapshots go to ``resume.path(resume_key)`` after every epoch and, inside an epoch, at most
     every ``resume.interval_s`` seconds; a snapshot found there at the start is continued from, and
     the result is bit-identical to an uninterrupted run (per-epoch ``seconds`` aside). The caller
     makes sure the snapshot belongs to the same model, data and config (:func:`correctnet.resume.open_store`).
@@ -168,10 +169,10 @@ def train(
             cleanup.callback(regularizer.detach)  # type: ignore[union-attr]
         start_epoch, skip, sums = 1, 0, (0.0, 0, 0)
         epoch_rng = order_gen.get_state() if order_gen is not None else None
-        saved = resume.load("training") if resume is not None else None
+        saved = resume.load(resume_key) if resume is not None else None
         if saved is not None:
             if (saved["epochs"], saved["steps_per_epoch"]) != (cfg.epochs, steps_per_epoch):
-                raise ResumeError(f"{resume.path('training')} was written for {saved['epochs']} epochs of "
+                raise ResumeError(f"{resume.path(resume_key)} was written for {saved['epochs']} epochs of "
                                   f"{saved['steps_per_epoch']} steps, not {cfg.epochs} of {steps_per_epoch}")
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
@@ -180,12 +181,12 @@ def train(
             start_epoch, skip, sums = saved["epoch"] + 1, saved["step"], tuple(saved["sums"])
             epoch_rng = saved["epoch_rng"]
             _set_rng_state(saved["rng"], model, order_gen, device, regularizer)
-            log.info("%s: resuming from %s at epoch %d, step %d", stage, resume.path("training"),  # type: ignore[union-attr]
+            log.info("%s: resuming from %s at epoch %d, step %d", stage, resume.path(resume_key),  # type: ignore[union-attr]
                      start_epoch, skip)
 
         def snapshot(epoch: int, step: int, sums: tuple[float, int, int]) -> None:
             assert resume is not None
-            resume.save("training", {
+            resume.save(resume_key, {
                 "epoch": epoch, "step": step, "sums": list(sums), "epochs": cfg.epochs,
                 "steps_per_epoch": steps_per_epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "history": history, "epoch_rng": epoch_rng,
@@ -228,7 +229,7 @@ def train(
                 seen += len(y)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-                if resume is not None and step + 1 < steps_per_epoch and resume.due("training"):
+                if resume is not None and step + 1 < steps_per_epoch and resume.due(resume_key):
                     snapshot(epoch - 1, step + 1, (loss_sum, correct, seen))
             skip, sums = 0, (0.0, 0, 0)
             check_finite_parameters(model, stage, f"after epoch {epoch}")

@@ -236,7 +236,7 @@ def test_absurd_model_size_is_refused_before_allocation(tmp_path):
 def trained(tmp_path_factory):
     """A real run of the main job: 1 epoch of LeNet-5 on digits, 3 evaluation chips."""
     out = tmp_path_factory.mktemp("run")
-    r = subprocess.run([sys.executable, "-m", "correctnet.train", "training.epochs=1", "evaluation.n_chips=3",
+    r = subprocess.run([sys.executable, "-m", "correctnet.train", "method=none", "training.epochs=1", "evaluation.n_chips=3",
                         "progress=false", f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return out / "model.safetensors", json.loads((out / "metrics.json").read_text())

@@ -239,7 +239,7 @@ def test_presets_and_command_line_composition():
 def test_pipeline_runs_under_rram_faulty_and_the_checkpoint_replays_it(tmp_path):
     from correctnet.data import load_dataset
     from correctnet.train import run
-    cfg = compose("variation=rram_faulty", "compensation=all", "training.epochs=1", "training.noise_aware=true",
+    cfg = compose("method=none", "variation=rram_faulty", "compensation=all", "training.epochs=1", "training.noise_aware=true",
                   "evaluation.n_chips=3", "evaluation.profile_chips=1", "evaluation.profile_samples=16",
                   "compensation.steps=2", "progress=false")
     m = run(cfg, tmp_path)

@@ -22,7 +22,7 @@ from correctnet.train import run
 from correctnet.training import TrainConfig, TrainingDivergedError, check_finite_parameters, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["training.epochs=8", "evaluation.n_chips=3", "evaluation.profile_chips=2", "progress=false"]
+TINY = ["method=none", "training.epochs=8", "evaluation.n_chips=3", "evaluation.profile_chips=2", "progress=false"]
 
 
 class Interrupt(Exception):
@@ -180,7 +180,7 @@ def test_nan_injected_into_the_pipeline_stops_it_naming_the_stage(tmp_path, monk
     x = digits.train.tensors[0].clone()
     x[100] = float("nan")  # one poisoned training image: its batch gives a NaN loss
     poisoned = dataclasses.replace(digits, train=torch.utils.data.TensorDataset(x, digits.train.tensors[1]))
-    monkeypatch.setattr(ct, "load_dataset", lambda *a, **k: poisoned)
+    monkeypatch.setattr(ct, "dataset_from_config", lambda *a, **k: poisoned)
     with pytest.raises(TrainingDivergedError, match=r"baseline: training loss became nan at epoch 1, step \d+"):
         run(compose_cfg(*TINY, "resume=off"), tmp_path)
     assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "model.safetensors").exists()

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from correctnet.aggregate import aggregate, main as aggregate_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["training.epochs=1", "evaluation.n_chips=2", "progress=false", "evaluation.profile_chips=1",
+TINY = ["method=none", "training.epochs=1", "evaluation.n_chips=2", "progress=false", "evaluation.profile_chips=1",
         "evaluation.profile_samples=16"]
 
 
@@ -34,37 +34,45 @@ def png_size(path):
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.parametrize("method, training, compensation", [
-    ("vanilla", dict(noise_aware=False, strength=0.0), None),
-    ("noise_aware", dict(noise_aware=True, strength=0.0), None),
-    ("suppression", dict(noise_aware=False, strength=0.02), None),
-    ("correctnet", dict(noise_aware=False, strength=0.02), "all"),
-    ("correctnet_noise_aware", dict(noise_aware=True, strength=0.02), "all"),
+@pytest.mark.parametrize("method, training, compensation, calibrated", [
+    ("none", dict(noise_aware=False, strength=0.0), None, False),
+    ("vanilla", dict(noise_aware=False, strength=0.0), None, False),
+    ("noise_aware", dict(noise_aware=True, strength=0.0), None, False),
+    ("suppression", dict(noise_aware=False, strength=0.02), None, False),
+    ("correctnet", dict(noise_aware=True, strength=0.0), "all", False),
+    ("correctnet_calibrated", dict(noise_aware=True, strength=0.0), "all", True),
+    ("correctnet_noise_aware", dict(noise_aware=True, strength=0.02), "all", False),
 ])
-def test_method_presets_select_training_and_compensation(method, training, compensation):
+def test_method_presets_select_training_and_compensation(method, training, compensation, calibrated):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={method}"])
     assert cfg.method.name == method
     assert cfg.training.noise_aware == training["noise_aware"]
     assert cfg.training.lipschitz.strength == training["strength"]
     assert cfg.compensation.placement == compensation
-    assert cfg.calibration.enabled is False
+    assert cfg.calibration.enabled is calibrated
+    if method.startswith("correctnet_") or method == "correctnet":
+        assert cfg.reference is True
+    if method in ("correctnet", "correctnet_calibrated"):
+        assert cfg.compensation.joint is True and cfg.compensation.steps == 0
 
 
-def test_no_method_keeps_the_defaults_and_groups_on_the_command_line_win():
+def test_the_default_is_correctnet_calibrated_and_groups_on_the_command_line_win():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        plain = compose("config")
-        mixed = compose("config", overrides=["method=correctnet", "training=noise_aware", "calibration=per_chip"])
-    assert "method" not in plain and plain.training.lipschitz.strength == 0 and plain.compensation.placement is None
+        default = compose("config")
+        plain = compose("config", overrides=["method=none"])
+        mixed = compose("config", overrides=["method=correctnet", "training=lipschitz", "calibration=per_chip"])
+    assert default.method.name == "correctnet_calibrated" and default.calibration.enabled and default.reference
+    assert plain.training.lipschitz.strength == 0 and plain.compensation.placement is None and not plain.reference
     assert mixed.method.name == "correctnet" and mixed.compensation.placement == "all"
-    assert mixed.training.noise_aware and mixed.training.lipschitz.strength == 0 and mixed.calibration.enabled
+    assert not mixed.training.noise_aware and mixed.training.lipschitz.strength == 0.02 and mixed.calibration.enabled
 
 
 @pytest.fixture(scope="module")
 def joblib_sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("joblib")
     r = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=correctnet",
-                "variation.sigma=0.3,0.5", "compensation.steps=5", *TINY, f"hydra.sweep.dir={out}")
+                "variation.sigma=0.3,0.5", "compensation.steps=5", *TINY[1:], f"hydra.sweep.dir={out}")
     assert r.returncode == 0, r.stderr
     return out
 
@@ -74,7 +82,8 @@ def test_joblib_sweep_runs_every_job_and_records_the_method(joblib_sweep):
     assert sorted(m["variation"]["sigma"] for m in metrics) == [0.3, 0.5]
     for m in metrics:
         assert m["config"]["method"] == {"name": "correctnet"}
-        assert list(m["stages"]) == ["suppressed", "compensated"]
+        assert list(m["stages"]) == ["baseline", "compensated"]
+        assert m["original_accuracy"] == m["stages"]["baseline"]["clean_accuracy"]
 
 
 def test_aggregate_turns_a_sweep_into_table_csv_and_plot(joblib_sweep, tmp_path):
@@ -85,16 +94,16 @@ def test_aggregate_turns_a_sweep_into_table_csv_and_plot(joblib_sweep, tmp_path)
     assert w > 100 and h > 100
     rows = read_csv(out / "results.csv")
     assert [(x["method"], x["stage"], x["sigma"], x["final"]) for x in rows] == [
-        ("correctnet", "suppressed", "0.3", "False"), ("correctnet", "compensated", "0.3", "True"),
-        ("correctnet", "suppressed", "0.5", "False"), ("correctnet", "compensated", "0.5", "True")]
+        ("correctnet", "baseline", "0.3", "False"), ("correctnet", "compensated", "0.3", "True"),
+        ("correctnet", "baseline", "0.5", "False"), ("correctnet", "compensated", "0.5", "True")]
     for x in rows:
         assert x["status"] == "ok" and x["n_runs"] == "1" and 0 <= float(x["acc_mean"]) <= 1
         assert float(x["p5_mean"]) <= float(x["acc_mean"]) <= float(x["p95_mean"])
         assert (x["params_pct"] != "") == (x["stage"] == "compensated")
     md = (out / "results.md").read_text()
     final = md.split("## Final stage per method")[1].split("## All stages")[0]
-    assert final.count("| correctnet | compensated |") == 2 and "suppressed" not in final
-    assert "](accuracy_vs_sigma.png)" in md and "layer_profile_suppressed.png" in md
+    assert final.count("| correctnet | compensated |") == 2 and "baseline" not in final
+    assert "](accuracy_vs_sigma.png)" in md and "layer_profile_compensated.png" in md
 
 
 def test_submitit_local_sweep_runs_every_job(tmp_path):

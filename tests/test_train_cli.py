@@ -1,5 +1,6 @@
 """The command line: python -m correctnet.train, on the digits default (tiny settings to stay fast)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import correctnet as cn
 from correctnet.data import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["training.epochs=2", "evaluation.n_chips=4", "progress=false"]
+FAST = ["method=none", "training.epochs=2", "evaluation.n_chips=4", "progress=false"]
 
 
 def run_cli(*args, cwd=ROOT):
@@ -18,7 +19,7 @@ def run_cli(*args, cwd=ROOT):
                           timeout=300)
 
 
-def test_default_job_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
+def test_plain_job_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
     out = tmp_path / "run"
     r = run_cli(*FAST, f"hydra.run.dir={out}")
     assert r.returncode == 0, r.stderr
@@ -30,13 +31,78 @@ def test_default_job_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
     assert set(mc) >= {"n_chips", "mean", "std", "min", "p5", "accuracies", "seed"}
     assert mc["n_chips"] == 4 and len(mc["accuracies"]) == 4
     assert all(0 <= a <= 1 for a in mc["accuracies"]) and 0 <= base["clean_accuracy"] <= 1
-    assert "baseline" in r.stdout and "metrics.json" in r.stdout
+    assert "vanilla" in r.stdout and "metrics.json" in r.stdout
     # the checkpoint reloads without Hydra and reproduces the recorded numbers exactly
     model, meta = cn.load_checkpoint(out / "model.safetensors")
     test = load_dataset("digits", val_fraction=0.2, seed=0).test
     assert cn.clean_accuracy(model, test) == base["clean_accuracy"]
     again = cn.monte_carlo(model, test, n_chips=4, seed=mc["seed"], progress=False)
     assert again.accuracies == mc["accuracies"]
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # bit-identical numbers across processes need equal threads
+STORY = ["training.epochs=3", "evaluation.n_chips=4", "calibration.steps=5", "calibration.n_images=200", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    """The default job (method=correctnet_calibrated), small: reference, CorrectNet, calibration."""
+    out = tmp_path_factory.mktemp("story")
+    r = subprocess.run([sys.executable, "-m", "correctnet.train", *STORY, f"hydra.run.dir={out}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    return out, r.stdout, json.loads((out / "metrics.json").read_text())
+
+
+def test_default_job_tells_the_story_in_one_table(story):
+    out, stdout, m = story
+    assert m["config"]["method"]["name"] == "correctnet_calibrated"
+    assert list(m["stages"]) == ["baseline", "compensated", "calibrated"]
+    assert m["original_accuracy"] == m["stages"]["baseline"]["clean_accuracy"]
+    comp = m["stages"]["compensated"]
+    assert comp["training"]["joint"] and comp["training"]["base"]["noise_aware"] and comp["check"] is None
+    assert comp["overhead"]["total"]["params"] > 0 and m["stages"]["calibrated"]["overhead"] == comp["overhead"]
+    rows = [line for line in stdout.splitlines() if "%" in line]
+    labels = ["original (vanilla, no variation)", "vanilla ", "CorrectNet chip-agnostic", "CorrectNet calibrated"]
+    for label in labels:
+        assert sum(label in line for line in rows) == 1, (label, stdout)
+    assert "mean/orig" in stdout and "p5/orig" in stdout
+    # the checkpoint holds the deployed CorrectNet network and reproduces its chip-agnostic stage
+    model, meta = cn.load_checkpoint(out / "model.safetensors")
+    assert meta["stage"] == "compensated" and meta["compensation"]
+
+
+def test_calibration_replays_from_the_checkpoint_in_a_fresh_process(story, tmp_path):
+    out, _, m = story
+    chip_file = tmp_path / "chip2.safetensors"
+    r = subprocess.run([sys.executable, "-m", "correctnet.evaluate", f"checkpoint={out / 'model.safetensors'}",
+                        "calibration=per_chip", "export_chip=2", f"out_chip={chip_file}", "progress=false",
+                        f"out={tmp_path / 'eval.json'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert "reproduces the exported metrics exactly" in r.stdout, r.stdout
+    res = json.loads((tmp_path / "eval.json").read_text())
+    accs = m["stages"]["calibrated"]["mc"]["accuracies"]
+    assert res["stage"] == "calibrated" and res["results"][0]["mc"]["accuracies"] == accs
+    # the exported chip, loaded into the checkpoint's model, is that calibrated chip
+    script = (f"import correctnet as cn, json\n"
+              f"from correctnet.calibration import load_calibrated_chip\n"
+              f"from correctnet.data import load_dataset\n"
+              f"model, meta = cn.load_checkpoint({str(out / 'model.safetensors')!r})\n"
+              f"seed = load_calibrated_chip(model, {str(chip_file)!r})\n"
+              f"test = load_dataset('digits', val_fraction=0.2, seed=0).test\n"
+              f"with cn.chip(model, seed):\n    print(json.dumps([seed, cn.accuracy(model, test)]))\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    seed, acc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert seed == res["results"][0]["chip_seeds"][2]
+    assert acc == accs[2]
+    # and without calibration the chip is measurably another one: the replay is not trivially true
+    plain = subprocess.run([sys.executable, "-m", "correctnet.evaluate", f"checkpoint={out / 'model.safetensors'}",
+                            "calibration=per_chip", "calibration.steps=1", "progress=false"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert plain.returncode == 0 and "reproduces" not in plain.stdout and "DIFFERS" not in plain.stdout
 
 
 def test_noise_aware_training_reports_its_stage(tmp_path):

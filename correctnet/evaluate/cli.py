@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..calibration import CalibrationConfig, evaluate_calibrated
 from ..checkpoint import atomic_write
 from ..errors import ConfigError, run_command
 from . import evaluate_checkpoint, format_summary
@@ -31,6 +32,12 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
   dataset.root=DIR          where the dataset is on this machine
   dataset.name=NAME  dataset.val_fraction=F  seed=S   only for checkpoints that do not record them
+  dataset.path=FILE         a moved data file (dataset=file runs)
+  calibration=per_chip      re-run per-chip calibration of every chip from the checkpoint, as the training run
+                            did (its calibration settings); reproduces the exported "calibrated" stage
+  calibration.KEY=V         override one calibration setting (steps, n_images, lr, batch_size, start, ...)
+  export_chip=I out_chip=FILE   with calibration=per_chip: also write evaluation chip I's calibrated state
+                            (compensators, BatchNorm statistics) to FILE (correctnet.calibration.load_calibrated_chip)
   device=auto|cpu|cuda|cuda:N   (default auto)
   progress=true|false       progress bar on stderr (default true)
   out=FILE  (or --out FILE) also write the results as JSON; overwrite=true replaces an existing FILE
@@ -38,7 +45,8 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
-        "progress", "out", "overwrite")
+        "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip")
+CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "seed")
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str] | None:
@@ -60,7 +68,7 @@ def parse_args(argv: Sequence[str]) -> dict[str, str] | None:
         key, eq, value = a.partition("=")
         if not eq:
             raise ConfigError(f"expected key=value, got {a!r}; accepted keys: {', '.join(KEYS)}")
-        if key not in KEYS:
+        if key not in KEYS and not (key.startswith("calibration.") and key[12:] in CALIBRATION_KEYS):
             raise ConfigError(f"unknown key {key!r}; accepted keys: {', '.join(KEYS)}")
         if key in opts:
             raise ConfigError(f"{key} given twice")
@@ -88,6 +96,18 @@ def _bool(key: str, value: str) -> bool:
     return v in ("true", "1", "yes")
 
 
+def _value(key: str, value: str) -> Any:
+    """A calibration override: int, float, bool or string, as the key needs."""
+    kind = CalibrationConfig.__dataclass_fields__[key[12:]].type
+    if kind in ("int", int):
+        return _number(key, value, int)
+    if kind in ("float", float):
+        return _number(key, value, float)
+    if kind in ("bool", bool):
+        return _bool(key, value)
+    return value
+
+
 def run(opts: dict[str, str]) -> dict[str, Any]:
     """Evaluate as ``opts`` (from :func:`parse_args`) says, print the summary, write ``out``; the results dict."""
     out = Path(opts["out"]) if opts.get("out") else None
@@ -105,14 +125,30 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
         dataset["root"] = None if opts["dataset.root"] in ("", "null") else opts["dataset.root"]
     if "dataset.name" in opts:
         dataset["name"] = opts["dataset.name"]
+    if "dataset.path" in opts:
+        dataset["path"] = opts["dataset.path"]
     if "dataset.val_fraction" in opts:
         dataset["val_fraction"] = _number("dataset.val_fraction", opts["dataset.val_fraction"], float)
     if "seed" in opts:
         dataset["seed"] = _number("seed", opts["seed"], int)
     ints = {k: _number(f"evaluation.{k}", opts[f"evaluation.{k}"], int)
             for k in ("n_chips", "seed", "batch_size", "test_samples") if f"evaluation.{k}" in opts}
-    res = evaluate_checkpoint(opts["checkpoint"], variations=variations, dataset=dataset, device=opts.get("device", "auto"),
-                              progress=_bool("progress", opts.get("progress", "true")), **ints)
+    mode = opts.get("calibration", "none")
+    if mode not in ("none", "per_chip"):
+        raise ConfigError(f"calibration must be none or per_chip, got {mode!r}")
+    overrides = {k[12:]: _value(k, v) for k, v in opts.items() if k.startswith("calibration.")}
+    if overrides and mode != "per_chip":
+        raise ConfigError(f"{sorted('calibration.' + k for k in overrides)} need calibration=per_chip")
+    if ("export_chip" in opts) != ("out_chip" in opts) or ("export_chip" in opts and mode != "per_chip"):
+        raise ConfigError("export_chip=I and out_chip=FILE go together, with calibration=per_chip")
+    common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"),
+                  progress=_bool("progress", opts.get("progress", "true")), **ints)
+    if mode == "per_chip":
+        export = _number("export_chip", opts["export_chip"], int) if "export_chip" in opts else None
+        res = evaluate_calibrated(opts["checkpoint"], calibration=overrides, export_chip=export,
+                                  chip_path=opts.get("out_chip"), overwrite=overwrite, **common)
+    else:
+        res = evaluate_checkpoint(opts["checkpoint"], **common)
     if out is not None:
         try:
             atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)), overwrite=overwrite)
@@ -135,6 +171,9 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
                          if r["reproduces_export"] else
                          f"  DIFFERS from the exported metrics (same settings; exported on {res['exported_device']}, "
                          f"evaluated on {res['device']}: other hardware or library versions?)")
+    if "exported_chip" in res:
+        c = res["exported_chip"]
+        lines.append(f"  calibrated chip {c['index']} (seed {c['chip_seed']}, {100 * c['accuracy']:.2f}%): {c['file']}")
     if out is not None:
         lines.append(f"  results:    {out}")
     lines[-1] += f"   ({res['seconds']:.1f} s)"
