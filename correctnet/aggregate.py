@@ -436,7 +436,7 @@ def write_markdown(path: Path, root: Path, runs: list[Run], groups: list[Group],
     ok = [r for r in runs if r.status == "ok"]
     counts = {s: sum(1 for r in runs if r.status == s) for s in ("ok", "failed", "not run")}
     show_setting = any(r.setting for r in runs)
-    lines = [f"# Sweep results: {root}", "",
+    lines = [f"# Sweep results: {Path(root).name}", "",  # the directory name: no machine paths in results
              f"{len(runs)} runs: {counts['ok']} finished, {counts['failed']} failed, {counts['not run']} not run."]
     if ok:
         datasets = sorted({f"{(r.metrics or {}).get('model')} on {(r.metrics or {}).get('dataset')}" for r in ok})

@@ -470,21 +470,36 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
           + f"\n  re-evaluate: {evaluate_command(metrics['checkpoint'])}", flush=True)
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+PROG = "python -m correctnet.train"  # how the recorded and suggested commands start (``correctnet train`` there)
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    hc = HydraConfig.get()
+    command = " ".join([PROG, *map(shlex.quote, hc.overrides.task)])
     try:
-        hc = HydraConfig.get()
-        command = " ".join(["python -m correctnet.train", *map(shlex.quote, hc.overrides.task)])
         run(cfg, hc.runtime.output_dir, command=command)
     except CorrectNetError as e:
         log.error("%s", e)  # into the job's log file
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if hc.mode == RunMode.MULTIRUN:
             raise  # Hydra records the job as failed and the sweep goes on with the other jobs
         print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def cli_main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """``main`` with ``argv`` (default ``sys.argv[1:]``) as its command line; returns the exit status."""
+    global PROG
+    PROG = prog
+    sys.argv = [prog.split()[-1] if " " in prog else prog, *(sys.argv[1:] if argv is None else argv)]
+    try:
+        main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
 
 
 if __name__ == "__main__":

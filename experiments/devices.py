@@ -1,15 +1,15 @@
 """Benchmark: LeNet-5 on Fashion-MNIST under the RRAM device presets (issue 8), vanilla vs CorrectNet.
 
 Two base models are trained once (same seed and epochs; their training does not see the device model):
-``vanilla`` (plain) and ``suppressed`` (CorrectNet's Lipschitz regularizer, ``conf/training/lipschitz.yaml``).
-For each variation preset of ``conf/variation/`` (composed with Hydra like ``python -m correctnet.train
+``vanilla`` (plain) and ``suppressed`` (CorrectNet's Lipschitz regularizer, ``correctnet/conf/training/lipschitz.yaml``).
+For each variation preset of ``correctnet/conf/variation/`` (composed with Hydra like ``python -m correctnet.train
 variation=...``, ``--set`` adds overrides such as ``variation.levels=16``) it measures on the same
 held-out evaluation chips (``Stream.EVAL``), each chip with its own static deviations and fresh read noise
 at every forward:
 
 * ``vanilla``: the plain model;
 * ``correctnet/suppressed``: the suppressed model alone;
-* ``correctnet``: the suppressed model with a compensator at every analog layer (``conf/compensation/all.yaml``),
+* ``correctnet``: the suppressed model with a compensator at every analog layer (``correctnet/conf/compensation/all.yaml``),
   trained chip-agnostically under that preset (``Stream.COMPENSATION`` chips): CorrectNet's full pipeline;
 * optionally (``--noise-aware``) ``noise_aware``: plain training with the preset's noise at every forward.
 
@@ -36,13 +36,14 @@ from omegaconf import OmegaConf
 
 import correctnet as cn
 from correctnet.checkpoint import atomic_write
+from correctnet.conf import DIR as CONFIG_DIR
 from correctnet.calibration import CompensationConfig, train_compensation
 from correctnet.compensation import attach_compensation, overhead
 from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, input_shapes
 from correctnet.training import TrainConfig, train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONFIG_DIR  # the package's Hydra config groups
 
 
 def preset(name: str, overrides: list[str]) -> cn.VariationModel:

@@ -11,7 +11,7 @@ import correctnet as cn
 from correctnet.devices import RRAM, quantize_signal
 from correctnet.seeding import layer_generator
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "correctnet" / "conf"
 QUIET = dict(sigma=0.0, read_noise=0.0)  # every stochastic stage off
 
 

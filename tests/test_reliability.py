@@ -171,7 +171,7 @@ def test_nan_in_compensation_training_names_stage_and_step(digits):
 
 
 def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "correctnet" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

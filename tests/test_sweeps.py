@@ -44,7 +44,7 @@ def png_size(path):
     ("correctnet_noise_aware", dict(noise_aware=True, strength=0.02), "all", False),
 ])
 def test_method_presets_select_training_and_compensation(method, training, compensation, calibrated):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "correctnet" / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={method}"])
     assert cfg.method.name == method
     assert cfg.training.noise_aware == training["noise_aware"]
@@ -58,7 +58,7 @@ def test_method_presets_select_training_and_compensation(method, training, compe
 
 
 def test_the_default_is_correctnet_calibrated_and_groups_on_the_command_line_win():
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "correctnet" / "conf"), version_base="1.3"):
         default = compose("config")
         plain = compose("config", overrides=["method=none"])
         mixed = compose("config", overrides=["method=correctnet", "training=lipschitz", "calibration=per_chip"])

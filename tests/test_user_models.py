@@ -194,8 +194,8 @@ def test_resnet20_structure_and_vit_digital_parameters():
 
 def test_new_model_groups_exist():
     for name in ("custom", "resnet20", "vit", "vgg13", "vgg19"):
-        assert (ROOT / "conf" / "model" / f"{name}.yaml").is_file()
-    assert (ROOT / "conf" / "dataset" / "file.yaml").is_file()
+        assert (ROOT / "correctnet" / "conf" / "model" / f"{name}.yaml").is_file()
+    assert (ROOT / "correctnet" / "conf" / "dataset" / "file.yaml").is_file()
 
 
 # ----------------------------------------------------------------------------- data files
