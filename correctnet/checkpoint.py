@@ -65,7 +65,7 @@ from .errors import ConfigError, CorrectNetError
 from .models import MODELS, build_model, build_target, importable, locate, target_name
 from .variation import make_variation
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "normalize", "atomic_write", "tensor_digest",
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_metadata", "normalize", "atomic_write", "tensor_digest",
            "versions"]
 
 FORMAT_VERSION = "1"
@@ -298,6 +298,35 @@ def _check_state(path: Path, expected: dict[str, torch.Tensor], tensors: dict[st
         raise CheckpointError(f"{path}: the weights do not fit {what}; " + "; ".join(problems) + note)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The metadata of the checkpoint at ``path`` (what :func:`load_checkpoint` returns second), read from the
+    header alone: no tensor is loaded and no model built. Raises :class:`CheckpointError` like it."""
+    return _stored_meta(Path(path))[1]
+
+
+def _stored_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the safetensors ``__metadata__``, the parsed correctnet metadata) of ``path``, after the header checks."""
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    header = _read_header(path)
+    stored = header.get("__metadata__")
+    stored = stored if isinstance(stored, dict) else {}
+    fmt = stored.get("correctnet_format")
+    if fmt is None:
+        raise CheckpointError(f"{path} is a safetensors file but not a correctnet checkpoint (no correctnet_format "
+                              f"in its metadata)")
+    if fmt != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not supported; correctnet {__version__} reads "
+                              f"format {FORMAT_VERSION!r} (a newer correctnet may read it)")
+    try:
+        meta = json.loads(stored["correctnet_meta"])
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: the correctnet metadata is missing or corrupt ({e})") from None
+    return stored, meta
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                     device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the analog model saved at ``path``; returns ``(model in eval mode on device, metadata)``.
@@ -319,24 +348,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                                   f"has analog layers {list(analog_layers(model))[:4]}: pass correctnet.digitize(model) "
                                   f"or a fresh instance")
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    header = _read_header(path)
-    stored = header.get("__metadata__")
-    stored = stored if isinstance(stored, dict) else {}
-    fmt = stored.get("correctnet_format")
-    if fmt is None:
-        raise CheckpointError(f"{path} is a safetensors file but not a correctnet checkpoint (no correctnet_format "
-                              f"in its metadata)")
-    if fmt != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not supported; correctnet {__version__} reads "
-                              f"format {FORMAT_VERSION!r} (a newer correctnet may read it)")
-    try:
-        meta = json.loads(stored["correctnet_meta"])
-        if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
-    except (KeyError, ValueError, TypeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: the correctnet metadata is missing or corrupt ({e})") from None
+    stored, meta = _stored_meta(path)
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

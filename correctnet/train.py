@@ -12,8 +12,10 @@ import copy
 import dataclasses
 import json
 import logging
+import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -41,6 +43,7 @@ from .plots import plot_layer_profile
 from .evaluate import first_samples, resolve_device
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
+from .runtime import resolve_progress, resolve_threads
 from .training import TrainConfig, TrainingDivergedError, train
 from .variation import make_variation
 
@@ -145,9 +148,11 @@ def _positive_int(cfg: DictConfig, key: str) -> int:
     return v
 
 
-def _resume_record(resolved: dict[str, Any], vers: dict[str, str]) -> dict[str, Any]:
-    """What identifies a run for resuming: its resolved config (minus ``progress`` and ``resume``) and versions."""
-    return {"config": {k: v for k, v in resolved.items() if k not in ("progress", "resume")}, "versions": vers}
+def _resume_record(resolved: dict[str, Any], vers: dict[str, str], threads: int) -> dict[str, Any]:
+    """What identifies a run for resuming: its resolved config (minus ``progress`` and ``resume``), versions and
+    the torch thread count (CPU results may differ in the last bit between thread counts)."""
+    return {"config": {k: v for k, v in resolved.items() if k not in ("progress", "resume")}, "versions": vers,
+            "torch_threads": threads}
 
 
 def _prefixed(key: str, error: CorrectNetError) -> CorrectNetError:
@@ -172,8 +177,8 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     resume_mode = cfg.get("resume", "auto")
     if resume_mode not in RESUME_MODES:
         raise ConfigError(f"resume must be one of {list(RESUME_MODES)}, got {resume_mode!r}")
-    if not isinstance(cfg.progress, bool):
-        raise ConfigError(f"progress must be true or false, got {cfg.progress!r}")
+    progress = resolve_progress(cfg.get("progress", "auto"))
+    threads = resolve_threads(cfg.get("threads", "auto"))
     variation = _variation(cfg)
     tcfg, noise_sigma, lip_params = _train_config(cfg)
     regularizer = _regularizer(lip_params, cfg.seed)
@@ -202,7 +207,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
         raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
     device = resolve_device(cfg.device)
-    progress = cfg.progress
+    torch.set_num_threads(threads)  # before any work (the dataset and the model are built next)
     model_params = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_params, dict)
 
@@ -239,7 +244,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
-    store = open_store(out_dir / "resume", resume_mode, _resume_record(resolved, vers))
+    store = open_store(out_dir / "resume", resume_mode, _resume_record(resolved, vers, threads))
 
     if regularizer is not None:  # conv layers need their input shapes for the spectral form
         regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(device))
@@ -368,7 +373,8 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         "config": resolved,
         "versions": vers,
         "device": str(device),
-        "environment": {"torch_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "environment": {"torch_threads": torch.get_num_threads(), "threads": cfg.get("threads", "auto"),
+                        "platform": platform.platform(), "cpu_count": os.cpu_count()},
         "command": command,
         "seconds": time.perf_counter() - t_start,
     }
@@ -473,22 +479,99 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
 PROG = "python -m correctnet.train"  # how the recorded and suggested commands start (``correctnet train`` there)
 
 
+def _log_to_file(level: int, msg: str) -> None:
+    """``msg`` into the job's log file only (the console handler would print it a second time)."""
+    record = log.makeRecord(log.name, level, __file__, 0, msg, None, None)
+    for handler in logging.getLogger().handlers + log.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _remove_if_unused(out_dir: Path) -> None:
+    """Remove the run directory when the run wrote nothing in it but Hydra's records, its log and an empty
+    resume store (it failed validation): no empty run directories are left behind."""
+    resume = out_dir / "resume"
+    if resume.is_dir() and any(p.name != "config.json" for p in resume.iterdir()):
+        return
+    try:
+        entries = list(out_dir.iterdir())
+    except OSError:
+        return
+    if all(p.name in (".hydra", "resume") or (p.is_file() and p.suffix == ".log") for p in entries):
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _snapshots(out_dir: Path) -> list[str]:
+    """The stages with resume snapshots in ``out_dir`` (sorted), when the run has not finished."""
+    if (out_dir / "metrics.json").exists():
+        return []
+    return sorted(p.stem for p in (out_dir / "resume").glob("*.pt"))
+
+
+def _resume_command(command: str, out_dir: Path) -> str:
+    return f"{command} hydra.run.dir={shlex.quote(str(out_dir))}"
+
+
+def _interrupted_runs(out_dir: Path, overrides: list[str], limit: int = 500) -> list[Path]:
+    """Earlier run directories beside ``out_dir`` (Hydra's ``outputs/<date>/<time>`` layout) of the same
+    command (``.hydra/overrides.yaml``) that hold resume snapshots and no metrics.json, newest first."""
+    import yaml
+
+    root = out_dir.parent.parent
+    found: list[Path] = []
+    candidates = sorted(root.glob("*/*/.hydra/overrides.yaml"), reverse=True)[:limit]
+    for f in candidates:
+        run_dir = f.parent.parent
+        if run_dir.resolve() == out_dir.resolve() or not _snapshots(run_dir):
+            continue
+        try:
+            if yaml.safe_load(f.read_text()) == list(overrides):
+                found.append(run_dir)
+        except (OSError, yaml.YAMLError):
+            continue
+    return found
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
     command = " ".join([PROG, *map(shlex.quote, hc.overrides.task)])
+    out_dir = Path(hc.runtime.output_dir)
+    explicit_dir = any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in hc.overrides.hydra)
+    if not multirun and not explicit_dir:
+        earlier = _interrupted_runs(out_dir, list(hc.overrides.task))
+        if earlier:
+            print(f"correctnet: an interrupted run of this command is in {earlier[0]} (snapshots: "
+                  f"{', '.join(_snapshots(earlier[0]))}); this is a new run in {out_dir}. To continue that one "
+                  f"instead: {_resume_command(command, earlier[0])}", file=sys.stderr, flush=True)
     try:
-        run(cfg, hc.runtime.output_dir, command=command)
+        run(cfg, out_dir, command=command)
     except CorrectNetError as e:
-        log.error("%s", e)  # into the job's log file
-        if hc.mode == RunMode.MULTIRUN:
+        _log_to_file(logging.ERROR, str(e))
+        if multirun:
             raise  # Hydra records the job as failed and the sweep goes on with the other jobs
         print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
+        _remove_if_unused(out_dir)
         raise SystemExit(2) from None
-
+    except KeyboardInterrupt:
+        saved = _snapshots(out_dir)
+        if multirun:
+            sweep = shlex.quote(str(Path(hc.sweep.dir).resolve()))
+            again = f"rerun the same sweep with hydra.sweep.dir={sweep}: each job continues from its snapshots"
+        elif saved:
+            again = f"continue with: {_resume_command(command, out_dir)}"
+        else:
+            _remove_if_unused(out_dir)
+            again = f"rerun: {_resume_command(command, out_dir) if explicit_dir else command}"
+        what = (f"resume snapshots of {', '.join(saved)} saved in {out_dir / 'resume'}" if saved
+                else "nothing was saved yet")
+        _log_to_file(logging.WARNING, f"interrupted: {what}")
+        print(f"\ncorrectnet: interrupted: {what}; {again}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 def cli_main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``main`` with ``argv`` (default ``sys.argv[1:]``) as its command line; returns the exit status."""

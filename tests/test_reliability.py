@@ -198,6 +198,8 @@ def test_nan_injected_into_the_pipeline_stops_it_naming_the_stage(tmp_path, monk
     (["evaluation.n_chips=many"], "evaluation.n_chips"),
     (["seed=-1"], "seed must be"),
     (["progress=maybe"], "progress"),
+    (["threads=0"], "threads"),
+    (["threads=many"], "threads"),
     (["resume=sometimes"], "resume"),
     (["analog.include=[nope]"], "analog.include"),
 ])

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..calibration import CalibrationConfig, evaluate_calibrated
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, read_metadata
 from ..errors import ConfigError, run_command
+from ..runtime import resolve_progress, set_threads
 from . import evaluate_checkpoint, format_summary
 
 USAGE = """\
@@ -39,13 +40,15 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   export_chip=I out_chip=FILE   with calibration=per_chip: also write evaluation chip I's calibrated state
                             (compensators, BatchNorm statistics) to FILE (correctnet.calibration.load_calibrated_chip)
   device=auto|cpu|cuda|cuda:N   (default auto)
-  progress=true|false       progress bar on stderr (default true)
+  progress=auto|true|false  progress bar on stderr (default auto: only when stderr is a terminal)
+  threads=auto|N            torch CPU threads (default: the count the run recorded, environment.torch_threads, so
+                            that the exported numbers are reproduced bit for bit; else auto: see correctnet.runtime)
   out=FILE  (or --out FILE) also write the results as JSON; overwrite=true replaces an existing FILE
 """
 
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
-        "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip")
+        "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads")
 CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "seed")
 
 
@@ -108,6 +111,13 @@ def _value(key: str, value: str) -> Any:
     return value
 
 
+def recorded_threads(checkpoint: str) -> int | str:
+    """The torch thread count the run that exported ``checkpoint`` recorded, else ``"auto"``."""
+    env = ((read_metadata(checkpoint).get("metrics") or {}).get("environment") or {})
+    n = env.get("torch_threads")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else "auto"
+
+
 def run(opts: dict[str, str]) -> dict[str, Any]:
     """Evaluate as ``opts`` (from :func:`parse_args`) says, print the summary, write ``out``; the results dict."""
     out = Path(opts["out"]) if opts.get("out") else None
@@ -141,8 +151,10 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
         raise ConfigError(f"{sorted('calibration.' + k for k in overrides)} need calibration=per_chip")
     if ("export_chip" in opts) != ("out_chip" in opts) or ("export_chip" in opts and mode != "per_chip"):
         raise ConfigError("export_chip=I and out_chip=FILE go together, with calibration=per_chip")
-    common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"),
-                  progress=_bool("progress", opts.get("progress", "true")), **ints)
+    progress = resolve_progress(opts.get("progress", "auto"))
+    set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
+    common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress,
+                  **ints)
     if mode == "per_chip":
         export = _number("export_chip", opts["export_chip"], int) if "export_chip" in opts else None
         res = evaluate_calibrated(opts["checkpoint"], calibration=overrides, export_chip=export,

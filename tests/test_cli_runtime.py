@@ -1,0 +1,124 @@
+"""The command line as a process: threads, progress bars, Ctrl-C, re-running an interrupted command, errors."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from correctnet.errors import ConfigError
+from correctnet.runtime import auto_threads, resolve_progress, resolve_threads
+from correctnet.train import _interrupted_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["method=none", "training.epochs=8", "evaluation.n_chips=3", "evaluation.profile_chips=2", "progress=false"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def train_cli(*args, cwd=ROOT, env=ENV, timeout=300):
+    return subprocess.run([sys.executable, "-m", "correctnet.train", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_threads_and_progress_settings(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert auto_threads() == 1 and resolve_threads("auto") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert resolve_threads("auto") == 3 and resolve_threads(2) == 2 and resolve_threads("4") == 4
+    for bad in (0, -1, "many", 1.5, True):
+        with pytest.raises(ConfigError, match="threads must be auto or an integer >= 1"):
+            resolve_threads(bad)
+    assert resolve_progress("auto", stream=_Stream(False)) is False  # a redirected log: no bars
+    assert resolve_progress("auto", stream=_Stream(True)) is True
+    assert resolve_progress(True) is True and resolve_progress("false") is False
+    with pytest.raises(ConfigError, match="progress must be auto, true or false"):
+        resolve_progress("maybe")
+
+
+def test_threads_are_recorded_and_evaluate_reuses_them_to_reproduce(tmp_path):
+    out = tmp_path / "run"
+    r = train_cli(*TINY, "training.epochs=2", "threads=2", f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["environment"]["torch_threads"] == 2 and m["config"]["threads"] == 2
+    ev = subprocess.run([sys.executable, "-m", "correctnet.evaluate", f"checkpoint={out / 'model.safetensors'}",
+                         f"out={tmp_path / 'ev.json'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                        env=ENV)  # OMP_NUM_THREADS=1 in the environment; the recorded 2 threads are used
+    assert ev.returncode == 0, ev.stderr
+    assert "reproduces the exported metrics exactly" in ev.stdout
+    assert torch.get_num_threads() >= 1  # (this process is untouched)
+
+
+def test_a_validation_error_prints_once_and_leaves_no_run_directory(tmp_path):
+    out = tmp_path / "run"
+    r = train_cli(*TINY, "seed=-1", f"hydra.run.dir={out}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (r.stdout + r.stderr).count("seed must be an integer") == 1, (r.stdout, r.stderr)
+    assert not out.exists()
+
+
+def _wait_for(path: Path, p: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_ctrl_c_says_what_was_saved_and_the_command_that_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "correctnet.train", *TINY, f"hydra.run.dir={out}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "resume" / "training.pt", p)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    line = [ln for ln in err.splitlines() if ln.startswith("correctnet: interrupted")]
+    assert len(line) == 1, err
+    assert "training" in line[0] and str(out / "resume") in line[0]
+    resume = line[0].split("continue with: ", 1)[1]
+    assert resume == "python -m correctnet.train " + " ".join(TINY) + f" hydra.run.dir={out}"
+    r = train_cli(*resume.split()[3:])  # the printed command continues the run
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in (out / "train.log").read_text() and (out / "metrics.json").exists()
+
+
+def _fake_run(root: Path, stamp: str, overrides: list[str], snapshot: bool = True, finished: bool = False) -> Path:
+    d = root / "outputs" / "2026-01-01" / stamp
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if snapshot:
+        (d / "resume").mkdir()
+        (d / "resume" / "training.pt").write_bytes(b"x")
+    if finished:
+        (d / "metrics.json").write_text("{}")
+    return d
+
+
+def test_rerunning_an_interrupted_command_points_at_its_run_directory(tmp_path):
+    args = ["method=none", "seed=-1"]  # fails validation right after the hint: fast
+    interrupted = _fake_run(tmp_path, "10-00-00", args)
+    _fake_run(tmp_path, "10-00-01", args, finished=True)        # finished: not offered
+    _fake_run(tmp_path, "10-00-02", ["method=none"])             # another command: not offered
+    _fake_run(tmp_path, "10-00-03", args, snapshot=False)        # nothing to continue from
+    now = tmp_path / "outputs" / "2026-01-02" / "11-00-00"
+    assert _interrupted_runs(now, args) == [interrupted]
+    r = train_cli(*args, cwd=tmp_path)
+    hint = [ln for ln in r.stderr.splitlines() if "an interrupted run of this command" in ln]
+    assert len(hint) == 1, r.stderr
+    assert f"hydra.run.dir={interrupted.resolve()}" in hint[0] or f"hydra.run.dir={interrupted}" in hint[0]
+    assert "training" in hint[0]
