@@ -6,6 +6,13 @@ has three modes:
 * ``"off"``: exact nominal behaviour (the default after :func:`analogize`);
 * ``"chip"``: a *programmed chip*: one static noise sample per weight, drawn from a chip seed by
   :func:`program_chip`, reused by every forward until the next chip;
+* ``"chips"``: a *batch of programmed chips* (:func:`program_chips`, :func:`chips`): K chips at once, each
+  with exactly the static draw and read-noise stream it has in ``"chip"`` mode. The model runs on
+  ``x.repeat(K, 1, ...)``: the batch dimension holds K groups of N samples, group ``k`` for chip ``k``.
+  Every analog layer splits its input into the K groups and computes group ``k`` with chip ``k``'s
+  weights; digital layers (BatchNorm in eval mode, pooling, activations, compensators) run once on the
+  whole ``[K*N, ...]`` batch, shared by the chips. Eval only: a layer that mixes samples across the batch
+  (BatchNorm in train mode) would mix chips;
 * ``"noisy"``: noise-aware training: a fresh sample at every forward; gradients flow to the nominal
   weights through the perturbed ones.
 
@@ -59,6 +66,20 @@ in a fixed order (``AnalogLayer.analog_parameters``) from that one generator. Co
 (``VariationModel.dac``/``adc``) quantize the layer's input and its analog output (the bias is digital,
 added after) in those modes too; ``off`` mode is exact and applies neither.
 
+**Chip batches** (``"chips"`` mode): each layer holds its stacked static draws ``[K, *noise.shape]`` and
+one read generator per chip, and reads its K weights at every forward (``analog_weight`` returns
+``[K, *weight.shape]``; without read noise and without gradients the K static weights are computed once
+and cached while the nominal weight is unchanged). The crossbar MVMs run per chip, on that chip's slice
+of the batch, with the same call as one by one (Linear: ``F.linear``; Conv: the layer's own convolution;
+attention in-projections: ``F.linear``; recurrent layers: PyTorch's fused kernel with that chip's
+weights), so a chip's analog outputs are bit-identical to one-by-one ``"chip"`` mode; converters act per
+sample anyway. Measured on CPU (``experiments/results/mc_speed_batched_cpu.md``), the per-chip loop beat
+one grouped convolution (``groups = K * groups`` over channel-stacked inputs) and unfold + ``bmm``, which
+need two extra copies of the activations (or ``k*k`` times their memory). The gain of a chip batch is
+in everything else: one pass of the digital layers and the Python overhead over K chips, and, on a GPU,
+kernels K times larger. Inputs must have a batch dimension divisible by K (unbatched attention/RNN
+inputs and ``PackedSequence`` are refused in this mode, with a message).
+
 Seeding of the static draws: :func:`correctnet.seeding.weight_key`. **Tied weights**: a Parameter used by
 several analog layers is one set of cells: under a chip every user sees the same static draw (the key of
 its first user; per-read noise stays per use). In noise-aware mode each use draws independently.
@@ -94,7 +115,7 @@ from .errors import ConfigError
 from .seeding import layer_generator, weight_key
 from .variation import VariationModel
 
-MODES = ("off", "chip", "noisy")
+MODES = ("off", "chip", "chips", "noisy")
 SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d,
                                                 nn.MultiheadAttention, nn.RNN, nn.LSTM, nn.GRU)
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = SUPPORTED_TYPES
@@ -128,6 +149,9 @@ class AnalogLayer(nn.Module):
         self._noise_seed: int | None = None
         self._noise_gen: torch.Generator | None = None
         self._read_gen: torch.Generator | None = None
+        self.chip_seeds: list[int] | None = None  # "chips" mode: the K chips, in batch-group order
+        self._read_gens: list[torch.Generator] | None = None
+        self._chips_cache: dict[str, tuple[Any, torch.Tensor]] = {}
         self._digital_class = digital_class
         self.analog_parameters: tuple[str, ...] = self._analog_parameter_names()
         self._draw_keys = {p: weight_key(name, p) for p in self.analog_parameters}
@@ -157,6 +181,29 @@ class AnalogLayer(nn.Module):
         self.chip_seed = seed
         self.analog_mode = "chip"
 
+    def program_chips(self, seeds: Sequence[int]) -> None:
+        """Draw this layer's static noise for each chip of ``seeds`` (stacked ``[K, ...]``), "chips" mode.
+
+        Chip ``k`` draws exactly what :meth:`program` draws for ``seeds[k]`` (same generator, same call).
+        """
+        seeds = [int(s) for s in seeds]
+        if not seeds:
+            raise ConfigError("program_chips needs at least one chip seed")
+        with torch.no_grad():
+            for p in self.analog_parameters:
+                w = getattr(self, p)
+                setattr(self, self._noise_attr(p), torch.stack(
+                    [self.variation.sample(w, layer_generator(s, self._draw_keys[p], w.device)) for s in seeds]))
+        self._read_gens = [layer_generator(s, self.analog_name + ":read", self._device()) for s in seeds]
+        self._read_gen, self.chip_seed, self.chip_seeds = None, None, seeds
+        self._chips_cache = {}
+        self.analog_mode = "chips"
+
+    @property
+    def n_chips(self) -> int:
+        """K in "chips" mode, else 1."""
+        return len(self.chip_seeds) if self.analog_mode == "chips" and self.chip_seeds else 1
+
     def set_noisy(self, seed: int) -> None:
         """Draw fresh noise at every forward from a generator seeded by ``seed``."""
         self._noise_seed, self._noise_gen = seed, None
@@ -167,13 +214,16 @@ class AnalogLayer(nn.Module):
         for p in self.analog_parameters:
             setattr(self, self._noise_attr(p), None)
         self._noise_seed, self._noise_gen, self._read_gen = None, None, None
+        self.chip_seeds, self._read_gens, self._chips_cache = None, None, {}
 
     def _analog_state(self) -> tuple:
         return (self.analog_mode, self.chip_seed, [self.chip_noise(p) for p in self.analog_parameters],
-                self._noise_seed, self._noise_gen, self._read_gen)
+                self._noise_seed, self._noise_gen, self._read_gen, self.chip_seeds, self._read_gens,
+                self._chips_cache)
 
     def _set_analog_state(self, state: tuple) -> None:
-        self.analog_mode, self.chip_seed, noises, self._noise_seed, self._noise_gen, self._read_gen = state
+        (self.analog_mode, self.chip_seed, noises, self._noise_seed, self._noise_gen, self._read_gen,
+         self.chip_seeds, self._read_gens, self._chips_cache) = state
         for p, n in zip(self.analog_parameters, noises):
             setattr(self, self._noise_attr(p), n)
 
@@ -185,6 +235,8 @@ class AnalogLayer(nn.Module):
         w = getattr(self, parameter)
         if self.analog_mode == "off":
             return w
+        if self.analog_mode == "chips":
+            return self._chips_weight(parameter, w)
         if self.analog_mode == "chip":
             if self._read_gen is not None and self._read_gen.device != w.device:
                 self._read_gen = layer_generator(self.chip_seed or 0, self.analog_name + ":read", w.device)
@@ -192,6 +244,23 @@ class AnalogLayer(nn.Module):
         if self._noise_gen is None or self._noise_gen.device != w.device:
             self._noise_gen = layer_generator(self._noise_seed or 0, self.analog_name, w.device)
         return self.variation.apply_read(w, self.variation.sample(w, self._noise_gen), self._noise_gen)
+
+    def _chips_weight(self, parameter: str, w: torch.Tensor) -> torch.Tensor:
+        """"chips" mode: one read of each chip's weight, stacked ``[K, *w.shape]`` (chip k as in "chip" mode)."""
+        v, noise = self.variation, self.chip_noise(parameter)
+        static = not v.reads and not torch.is_grad_enabled()
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if static:
+            hit = self._chips_cache.get(parameter)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        if self._read_gens is not None and self._read_gens[0].device != w.device:
+            self._read_gens = [layer_generator(s, self.analog_name + ":read", w.device) for s in self.chip_seeds or []]
+        gens = self._read_gens or [None] * len(noise)
+        out = torch.stack([v.apply_read(w, noise[k], gens[k]) for k in range(len(noise))])
+        if static:
+            self._chips_cache[parameter] = (key, out)
+        return out
 
     def analog_weights(self) -> dict[str, torch.Tensor]:
         """One read of every analog weight of the layer, in ``analog_parameters`` order."""
@@ -208,13 +277,30 @@ class AnalogLayer(nn.Module):
         """Trailing dimensions of one input/output vector (the converters take their range over them)."""
         return (-1,)
 
+    def _chip_groups(self, x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
+        """"chips" mode: ``x`` split along its batch dimension ``dim`` into the K chips' groups."""
+        k = self.n_chips
+        if x.dim() <= dim or x.shape[dim] % k:
+            raise ConfigError(
+                f"analog layer {self.analog_name!r} runs {k} chips in one pass and needs an input whose batch "
+                f"dimension ({dim}) holds K groups of samples (x.repeat(K, ...)); got shape {tuple(x.shape)}. "
+                f"Models that reshape or mix the batch cannot run chip batches: use chips_per_pass=1")
+        return x.chunk(k, dim)
+
+    def _chips_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """"chips" mode: group ``k`` of ``x`` through chip ``k``'s ``weight[k]`` (the one-by-one call)."""
+        return torch.cat([self._mvm(xk, weight[k], bias) for k, xk in enumerate(self._chip_groups(x))])
+
+    def _mvm_any(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._chips_mvm(x, weight, bias) if self.analog_mode == "chips" else self._mvm(x, weight, bias)
+
     def _converted_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """One crossbar MVM with the layer's converters (in chip/noisy modes); the bias is digital."""
+        """One crossbar MVM with the layer's converters (in chip/chips/noisy modes); the bias is digital."""
         v = self.variation
         if self.analog_mode == "off" or not v.converts:
-            return self._mvm(x, weight, bias)
+            return self._mvm_any(x, weight, bias)
         dims = self._vector_dims()
-        y = v.adc(self._mvm(v.dac(x, dims), weight, None), dims)
+        y = v.adc(self._mvm_any(v.dac(x, dims), weight, None), dims)
         return y if bias is None else y + self._bias_view(bias)  # the bias is added after the ADC
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,9 +420,12 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
         kpm = _float_mask(key_padding_mask, query.dtype)
         am = None if causal else _float_mask(attn_mask, query.dtype)
 
+        if self.analog_mode == "chips" and not batched:
+            raise ConfigError(f"analog attention {self.analog_name!r} runs {self.n_chips} chips in one pass and "
+                              f"needs batched inputs (the chips are groups of the batch); got an unbatched query")
         w = self.analog_weights()
         if self._qkv_same_embed_dim:
-            wq, wk, wv = w["in_proj_weight"].chunk(3)
+            wq, wk, wv = w["in_proj_weight"].chunk(3, dim=-2)
         else:
             wq, wk, wv = w["q_proj_weight"], w["k_proj_weight"], w["v_proj_weight"]
         bq = bk = bv = None
@@ -426,6 +515,11 @@ class _AnalogRNN(AnalogLayer):
         if update is not None:  # rebuild now, so that the forward's own check keeps the substituted list
             update()
         w = self.analog_weights()
+        if self.analog_mode == "chips":
+            return self._chips_forward(input, hx, w)
+        return self._forward_with(input, hx, w)
+
+    def _forward_with(self, input: Any, hx: Any, w: dict[str, torch.Tensor]) -> Any:
         saved = self._flat_weights  # type: ignore[has-type]
         names = self._flat_weights_names  # type: ignore[attr-defined]
         self._flat_weights = [w.get(nm, t) for nm, t in zip(names, saved)]
@@ -433,6 +527,26 @@ class _AnalogRNN(AnalogLayer):
             return super().forward(input, hx)  # type: ignore[misc]
         finally:
             self._flat_weights = saved
+
+    def _chips_forward(self, input: Any, hx: Any, w: dict[str, torch.Tensor]) -> Any:
+        """"chips" mode: PyTorch's kernel once per chip on its group of the batch (a loop inside the pass)."""
+        if isinstance(input, nn.utils.rnn.PackedSequence) or input.dim() != 3:
+            raise ConfigError(f"analog recurrent layer {self.analog_name!r} runs {self.n_chips} chips in one pass "
+                              f"and needs a batched, unpacked input [batch, seq, feature] or [seq, batch, feature]"
+                              f"; use chips_per_pass=1 for PackedSequence or unbatched inputs")
+        bdim = 0 if self.batch_first else 1  # type: ignore[attr-defined]
+        xs = self._chip_groups(input, bdim)
+        if hx is None:
+            hs: list[Any] = [None] * len(xs)
+        elif isinstance(hx, tuple):
+            hs = list(zip(*(self._chip_groups(h, 1) for h in hx)))
+        else:
+            hs = list(self._chip_groups(hx, 1))
+        outs = [self._forward_with(xk, hk, {n: t[k] for n, t in w.items()}) for k, (xk, hk) in enumerate(zip(xs, hs))]
+        out = torch.cat([o[0] for o in outs], bdim)
+        if isinstance(outs[0][1], tuple):
+            return out, tuple(torch.cat([o[1][i] for o in outs], 1) for i in range(len(outs[0][1])))
+        return out, torch.cat([o[1] for o in outs], 1)
 
     def mvm_macs(self, args: tuple, kwargs: dict, output: Any) -> int:
         """MACs of the analog weights over one call (every time step, layer and direction; batch included)."""
@@ -693,7 +807,7 @@ def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             layer._buffers.pop(layer._noise_attr(p), None)
             layer._non_persistent_buffers_set.discard(layer._noise_attr(p))
         for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen", "_read_gen",
-                     "analog_parameters", "_draw_keys"):
+                     "chip_seeds", "_read_gens", "_chips_cache", "analog_parameters", "_draw_keys"):
             layer.__dict__.pop(attr, None)
         layer.__class__ = layer.__dict__.pop("_digital_class")
     for m in model.modules():
@@ -718,6 +832,15 @@ def program_chip(model: nn.Module, seed: int) -> None:
     """Simulate programming chip ``seed``: every analog layer draws its static variations."""
     for layer in _require_analog(model).values():
         layer.program(seed)
+
+
+def program_chips(model: nn.Module, seeds: Sequence[int]) -> None:
+    """Program K chips at once ("chips" mode): every analog layer draws the static variations of each chip
+    of ``seeds`` (stacked, memory ``K`` times one chip's). Run the model on ``x.repeat(K, 1, ...)``: the
+    outputs of group ``k`` of the batch are chip ``seeds[k]``'s, as ``program_chip(model, seeds[k])`` gives."""
+    seeds = list(seeds)
+    for layer in _require_analog(model).values():
+        layer.program_chips(seeds)
 
 
 def set_noise_aware(model: nn.Module, seed: int) -> None:
@@ -757,6 +880,16 @@ def chip(model: nn.Module, seed: int) -> Iterator[nn.Module]:
     """``with chip(model, seed):`` runs the model as chip ``seed``; the previous mode is restored on exit."""
     with _restoring(model):
         program_chip(model, seed)
+        yield model
+
+
+@contextlib.contextmanager
+def chips(model: nn.Module, seeds: Sequence[int]) -> Iterator[nn.Module]:
+    """``with chips(model, seeds):`` runs the model as K chips at once (see :func:`program_chips`); the
+    previous mode is restored on exit. Eval only (``model.eval()``): layers that mix samples across the
+    batch would mix chips."""
+    with _restoring(model):
+        program_chips(model, seeds)
         yield model
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from ..analog import _require_analog, chip, digitize, nominal, set_variation
+from ..analog import _require_analog, chip, chips, digitize, nominal, set_variation
 from ..checkpoint import load_checkpoint, versions
 from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
 from ..errors import ConfigError
@@ -203,40 +203,157 @@ class MCResult:
                 f"p5 {100 * self.p5:.2f}%, min {100 * self.min:.2f}%")
 
 
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2 ** 30
+
+
+def chip_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Estimated memory one more chip adds to a chip batch on input batch ``x``: its stacked static draws,
+    its cached weights and about three times the largest activation of one forward on ``x``.
+
+    The activations are measured by one nominal forward of the first two samples of ``x`` (hooks on the
+    leaf modules), scaled to ``len(x)``.
+    """
+    weights = 0
+    for layer in _require_analog(model).values():
+        for p in layer.analog_parameters:  # noise: up to 4 draws per cell (RRAM with faults) + the weight read
+            weights += 5 * getattr(layer, p).numel() * getattr(layer, p).element_size()
+    largest = [0]
+
+    def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+        elif isinstance(out, tuple):
+            largest[0] = max([largest[0]] + [o.numel() * o.element_size() for o in out if isinstance(o, torch.Tensor)])
+
+    probe = x[:2]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with eval_mode(model), nominal(model):
+            model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return weights + 3 * largest[0] * max(1, len(x) // max(1, len(probe)))
+
+
+def auto_chips_per_pass(model: nn.Module, x: torch.Tensor, n_chips: int, budget: int | None = None) -> int:
+    """K for :func:`monte_carlo` ``chips_per_pass=None``: as many chips as fit ``budget`` bytes, by
+    :func:`chip_bytes` on the batch ``x``; at least 1, at most ``n_chips``.
+
+    Without ``budget``: on CUDA a quarter of the free memory; on CPU 1 (one by one), because there chip
+    batches measured no faster than one chip at a time (``experiments/results/mc_speed_batched_cpu.md``:
+    the CPU kernels are already saturated by one chip's batch, and K times larger activations leave the
+    caches and glibc's reusable heap).
+    """
+    dev = x.device
+    if budget is None:
+        if dev.type != "cuda":
+            return 1
+        budget = _available_bytes(dev) // 4
+    return max(1, min(n_chips, int(budget // max(1, chip_bytes(model, x)))))
+
+
+def _repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x`` repeated ``k`` times along the batch (K groups of ``len(x)``), in ``x``'s memory layout."""
+    cl = x.dim() == 4 and x.stride(1) == 1 and x.stride(-1) == x.shape[1]  # channels-last (forced too)
+    n = len(x)
+    out = torch.empty((k * n, *x.shape[1:]), dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    for i in range(k):
+        out[i * n:(i + 1) * n].copy_(x)
+    return out
+
+
+def _chip_batch_correct(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        k: int) -> list[int]:
+    """Correct predictions per chip of the programmed chip batch (K = ``k``), one host transfer at the end."""
+    correct = None
+    for x, y in batches:
+        pred = model(_repeat_batch(x, k)).argmax(1).view(k, len(y))
+        c = (pred == y).sum(1)
+        correct = c if correct is None else correct + c
+    return [0] * k if correct is None else [int(c) for c in correct.tolist()]
+
+
 def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int = 1000,
                 stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips",
                 calibrate: Callable[[nn.Module, int], None] | None = None,
-                channels_last: bool | None = None) -> MCResult:
+                channels_last: bool | None = None, chips_per_pass: int | None = None,
+                memory_budget: int | None = None) -> MCResult:
     """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips.
 
     The model must have analog layers (:func:`correctnet.analogize`). Data is moved to the model's
     device once (in channels-last layout where that is faster: ``channels_last=None`` decides, see
-    :func:`use_channels_last`); chips are programmed one after another, each drawing its variations in
-    one call per layer. Memory does not grow with ``n_chips``: one chip's weights live at a time.
+    :func:`use_channels_last`).
+
+    ``chips_per_pass=K`` evaluates K chips in one pass (:func:`correctnet.analog.chips`): each batch of
+    ``data`` is repeated K times along the batch dimension, every analog layer computes group ``k`` with
+    chip ``k``, digital layers run once over all groups, and the per-chip correct counts come back to the
+    host once per K chips. Chip ``i`` is the same chip (same seed, same static draw, same read-noise
+    stream, same batches) as one by one, so per-chip accuracies are the same (the analog MVMs are the
+    same calls; digital layers on the larger batch may differ in float round-off only). Memory grows
+    with K (K chips' weights and K times the activations of one batch), never with ``n_chips``.
+    ``chips_per_pass=None`` (the default) picks K (:func:`auto_chips_per_pass`): from ``memory_budget``
+    bytes if given, else on CUDA from a quarter of the free memory and on CPU 1 (measured faster there);
+    ``1`` is the one-by-one path: one chip's weights at a time. The model must
+    not mix samples across its batch (it runs in eval mode) nor assume a fixed batch size.
+
     ``calibrate(model, chip_seed)``, if given, runs on each programmed chip before it is measured (e.g.
     :class:`correctnet.calibration.ChipCalibrator`); it never receives ``data``, and the model's state
     (parameters and buffers) is restored after each chip, so every chip is calibrated from the same
-    starting point.
+    starting point. Calibrated chips run one by one (``chips_per_pass`` is ignored): each chip trains
+    its own copy of the digital modules.
     """
     if n_chips < 1:
         raise ValueError(f"n_chips must be >= 1, got {n_chips}")
+    if chips_per_pass is not None and (isinstance(chips_per_pass, bool) or not isinstance(chips_per_pass, int)
+                                       or chips_per_pass < 1):
+        raise ConfigError(f"chips_per_pass must be null (chosen from memory) or an integer >= 1, got {chips_per_pass!r}")
     batches = eval_batches(data, batch_size, model, channels_last)
     seeds = [chip_seed(stream, seed, i) for i in range(n_chips)]
     accs: list[float] = []
     snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                 if calibrate is not None else None)
-    bar = tqdm(seeds, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    if calibrate is not None or n_chips == 1 or not batches:
+        k = 1
+    elif chips_per_pass is None:
+        k = auto_chips_per_pass(model, batches[0][0], n_chips, memory_budget)
+    else:
+        k = min(chips_per_pass, n_chips)
+    bar = tqdm(total=n_chips, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     with eval_mode(model):
         try:
-            for s in bar:
-                with chip(model, s):
-                    if calibrate is not None:
-                        calibrate(model, s)
-                    accs.append(_accuracy(model, batches))
-                if snapshot is not None:
-                    model.load_state_dict(snapshot)
-                bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+            if k == 1:
+                for s in seeds:
+                    with chip(model, s):
+                        if calibrate is not None:
+                            calibrate(model, s)
+                        accs.append(_accuracy(model, batches))
+                    if snapshot is not None:
+                        model.load_state_dict(snapshot)
+                    bar.update(1)
+                    bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+            else:
+                total = sum(len(y) for _, y in batches)
+                for i in range(0, n_chips, k):
+                    group = seeds[i:i + k]
+                    with chips(model, group):
+                        accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group)))
+                    bar.update(len(group))
+                    bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
         finally:
+            bar.close()
             if snapshot is not None:
                 model.load_state_dict(snapshot)
     return MCResult(accuracies=accs, seed=seed, chip_seeds=seeds)
