@@ -22,6 +22,16 @@ forward does not depend on the weights' values. The first chip's predictions of 
     python experiments/mc_speed.py --device cuda --batch-size 10000
 
 Results go to ``experiments/results/mc_speed_<device>.{json,md}``.
+
+``--batched`` measures chips in batches instead (``monte_carlo(chips_per_pass=K)``, K from
+``--chips-per-pass``, default 1 10 100, and 1000 for LeNet-5 with ``--lenet-1000``), side by side in one
+process: ``clean`` / ``clean_cl`` as above, then per K the seconds per chip over ``max(K, --min-chips)``
+chips (``--min-chips`` for K=1), its ratio to ``clean`` and the peak memory. The data batch of a pass
+is ``min(--batch-size, --max-rows // K)`` images (a pass holds K times that many rows). It also times
+the three ways of one chip-batched convolution (per-chip loop, grouped convolution over channel-stacked
+inputs, unfold + bmm) on the models' own conv shapes. Results: ``mc_speed_batched_<device>.{json,md}``.
+
+    python experiments/mc_speed.py --batched --threads 1 --models lenet5 vgg11 resnet20 --test-samples 1000 --lenet-1000
 """
 from __future__ import annotations
 
@@ -147,6 +157,114 @@ def bench_model(name: str, args: argparse.Namespace, data, device: torch.device)
     return {"rows": rows, "fast_equals_simple": same, "params": params, "test_images": len(x)}
 
 
+def conv_strategies(model: torch.nn.Module, x: torch.Tensor, k: int) -> list[dict[str, Any]]:
+    """Seconds of one K-chip convolution, three ways, at each Conv2d's input shape (``x`` one data batch)."""
+    import torch.nn.functional as F
+    shapes: list[tuple[torch.nn.Conv2d, torch.Size]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: shapes.append((m, a[0].shape)))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    out = []
+    for conv, shp in shapes[:4]:
+        n, c, h, w = shp
+        xs = to_channels_last(torch.randn(k * n, c, h, w))
+        ws = torch.randn(k, *conv.weight.shape)
+        kw = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+
+        def loop():
+            return torch.cat([F.conv2d(xk, ws[i], groups=conv.groups, **kw) for i, xk in enumerate(xs.chunk(k))])
+
+        def grouped():
+            xg = to_channels_last(xs.view(k, n, c, h, w).transpose(0, 1).reshape(n, k * c, h, w))
+            y = F.conv2d(xg, ws.reshape(-1, *ws.shape[2:]), groups=k * conv.groups, **kw)
+            return to_channels_last(y.view(n, k, -1, *y.shape[2:]).transpose(0, 1).reshape(k * n, -1, *y.shape[2:]))
+
+        def unfold():
+            u = F.unfold(xs, conv.kernel_size, **kw)
+            L = u.shape[-1]
+            u = u.view(k, n, -1, L).transpose(2, 3).reshape(k, n * L, -1)
+            return torch.bmm(u, ws.view(k, ws.shape[1], -1).transpose(1, 2))
+
+        row: dict[str, Any] = {"shape": [k * n, c, h, w], "out_channels": conv.out_channels, "k": k}
+        for key, fn in (("loop", loop), ("grouped", grouped), ("unfold_bmm", unfold) if conv.groups == 1 else ("", None)):
+            if fn is not None:
+                row[key] = timed(fn, torch.device("cpu"), 2)[0]
+        out.append(row)
+        print(f"conv {row}", flush=True)
+    return out
+
+
+def bench_batched(name: str, args: argparse.Namespace, data, device: torch.device) -> dict[str, Any]:
+    x, y = data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples]
+    kw = {"width": args.width} if name.startswith("vgg") else {}
+    torch.manual_seed(args.seed)
+    plain = cn.build_model(name, data.input_shape, data.num_classes, **kw).to(device).eval()
+    batches = list(iter_batches((x, y), args.batch_size, device))
+    batches_cl = [(to_channels_last(a), b) for a, b in batches]
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        model = cn.analogize(plain, cn.LogNormal(args.sigma))
+    rows: dict[str, dict[str, Any]] = {}
+
+    def add(key: str, seconds: float, chips: int, mem: dict[str, float], **extra: Any) -> None:
+        rows[key] = {"seconds": seconds, "chips": chips, "per_chip_s": seconds / chips, **mem, **extra}
+        print(f"{name:<8} {key:<10} {seconds / chips:8.4f} s per {'pass' if key.startswith('clean') else 'chip'}"
+              f"  peak {mem['peak_mib']:7.0f} MiB (+{mem['growth_mib']:.0f})", flush=True)
+
+    forward_predictions(plain, batches)  # warm-up
+    t, mem, _ = timed(lambda: forward_predictions(plain, batches), device, args.repeat)
+    add("clean", t, 1, mem, batch=args.batch_size)
+    t, mem, _ = timed(lambda: forward_predictions(plain, batches_cl), device, args.repeat)
+    add("clean_cl", t, 1, mem, batch=args.batch_size)
+    ks = list(args.chips_per_pass) + ([1000] if name == "lenet5" and args.lenet_1000 else [])
+    accs: dict[int, list[float]] = {}
+    for k in ks:
+        n = max(k, args.min_chips)
+        bs = max(1, min(args.batch_size, args.max_rows // k))
+        t, mem, r = timed(lambda: cn.monte_carlo(model, (x, y), n_chips=n, batch_size=bs, progress=False,
+                                                 chips_per_pass=k), device)
+        add(f"K={k}", t, n, mem, batch=bs, rows_per_pass=bs * k, mean_accuracy=r.mean)
+        accs[k] = r.accuracies
+    m = min(len(a) for a in accs.values())
+    same = all(a[:m] == accs[ks[0]][:m] for a in accs.values())
+    print(f"{name:<8} per-chip accuracies identical across K (first {m} chips): {same}", flush=True)
+    clean_s = rows["clean"]["seconds"]
+    for r in rows.values():
+        r["ratio_to_clean"] = r["per_chip_s"] / clean_s
+    conv = conv_strategies(plain, batches_cl[0][0][:max(1, args.max_rows // 100)], 10) \
+        if args.conv_strategies and device.type == "cpu" and any(isinstance(mm, torch.nn.Conv2d) for mm in plain.modules()) else []
+    return {"rows": rows, "same_accuracies_across_k": same, "params": sum(p.numel() for p in plain.parameters()),
+            "test_images": len(x), "conv_strategies": conv}
+
+
+def table_batched(res: dict[str, Any]) -> str:
+    s = res["setup"]
+    lines = [f"Chips in batches: Monte-Carlo cost per chip, Fashion-MNIST test subset (first {s['test_samples']} "
+             f"images; the per-image cost is the full set's), lognormal sigma={s['sigma']}; machine: {s['machine']}; "
+             f"torch {s['torch']}; commit {s['commit']}", "",
+             f"Command: `{s['command']}`", "", f"Load: {s['load']}", "",
+             "| model | measurement | chips | batch | rows/pass | s per chip | x clean forward | peak MiB | growth MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        for key, r in m["rows"].items():
+            lines.append(f"| {name} | {key} | {r['chips']} | {r['batch']} | {r.get('rows_per_pass', r['batch'])} | "
+                         f"{r['per_chip_s']:.4f} | {r['ratio_to_clean']:.2f} | {r['peak_mib']:.0f} | {r['growth_mib']:.0f} |")
+    lines += ["", "clean: plain model, default (NCHW) layout, eager, batch as shown; clean_cl: channels-last inputs; "
+              "K=k: monte_carlo(chips_per_pass=k) over max(k, min_chips) chips, data batch = min(batch, max_rows // k).",
+              "Per-chip accuracies identical across K: "
+              + ", ".join(f"{n}: {m['same_accuracies_across_k']}" for n, m in res["models"].items()), "",
+              "One chip-batched convolution (K=10 chips, channels-last), seconds, three ways:", "",
+              "| model | input [K*N, C, H, W] | out | loop | grouped | unfold+bmm |", "|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        for c in m["conv_strategies"]:
+            lines.append(f"| {name} | {c['shape']} | {c['out_channels']} | {c['loop']:.4f} | {c['grouped']:.4f} | "
+                         f"{c.get('unfold_bmm', float('nan')):.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(res: dict[str, Any]) -> str:
     s = res["setup"]
     lines = [f"Monte-Carlo cost per chip, Fashion-MNIST test ({s['test_samples']} images, batch {s['batch_size']}), "
@@ -181,6 +299,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--batched", action="store_true", help="measure chips in batches (chips_per_pass)")
+    p.add_argument("--chips-per-pass", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--lenet-1000", action="store_true", help="--batched: also K=1000 for LeNet-5")
+    p.add_argument("--min-chips", type=int, default=10, help="--batched: chips measured at least, per K")
+    p.add_argument("--max-rows", type=int, default=10000, help="--batched: at most this many rows per pass")
+    p.add_argument("--load-note", default=None, help="--batched: what else ran on the machine")
+    p.add_argument("--no-conv-strategies", dest="conv_strategies", action="store_false")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,6 +316,22 @@ def main() -> None:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     res: dict[str, Any] = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "machine": machine, "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}, "models": {}}
+    if args.batched:
+        import subprocess
+        res["setup"]["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                                cwd=Path(__file__).parent).stdout.strip()
+        res["setup"]["versions"] = cn.checkpoint.versions() if hasattr(cn, "checkpoint") else {}
+        res["setup"]["load"] = (f"load average at start {Path('/proc/loadavg').read_text().split()[:3]} on "
+                                f"{__import__('os').cpu_count()} CPUs; set it with --load-note")
+        if args.load_note:
+            res["setup"]["load"] = args.load_note
+        for name in args.models:
+            res["models"][name] = bench_batched(name, args, data, device)
+        out = args.out or Path(__file__).parent / "results" / f"mc_speed_batched_{device.type}.json"
+        out.write_text(json.dumps(res, indent=1))
+        out.with_suffix(".md").write_text(table_batched(res))
+        print(table_batched(res))
+        return
     for name in args.models:
         res["models"][name] = bench_model(name, args, data, device)
     out = args.out or Path(__file__).parent / "results" / f"mc_speed_{device.type}.json"
