@@ -49,7 +49,7 @@ class CompensationConfig:
 
     steps: int = 500
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-2
     distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
     temperature: float = 1.0   # KD softmax temperature
     check_chips: int = 8       # after training: reset the compensators if they hurt on these chips (0: off)
@@ -80,9 +80,9 @@ class CalibrationConfig:
     """
 
     steps: int = 60
-    n_images: int = 2000
+    n_images: int = 1000
     batch_size: int = 128
-    lr: float = 3e-3
+    lr: float = 1e-2
     temperature: float = 1.0
     batchnorm: bool = True     # re-estimate BatchNorm running statistics on the chip first
     start: str = "best"        # trained | zero | best (see the class docstring)

@@ -46,7 +46,7 @@ _FOLDED = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 class Compensator(nn.Module):
     """Digital correction for one analog layer; ``forward(x, y) -> y + correction`` (shape of ``y``)."""
 
-    def __init__(self, layer: nn.Module, *, kind: str = "input", rank: int = 4, affine: bool = True) -> None:
+    def __init__(self, layer: nn.Module, *, kind: str = "output", rank: int = 4, affine: bool = True) -> None:
         super().__init__()
         if kind not in KINDS:
             raise ConfigError(f"compensation kind must be one of {list(KINDS)}, got {kind!r}")
@@ -180,7 +180,7 @@ def resolve_placement(model: nn.Module, placement: Mapping[str, int] | Iterable[
 
 
 def attach_compensation(model: nn.Module, placement: Mapping[str, int] | Iterable[str] | str, *,
-                        kind: str = "input", rank: int = 4, affine: bool = True, seed: int = 0
+                        kind: str = "output", rank: int = 4, affine: bool = True, seed: int = 0
                         ) -> dict[str, Compensator]:
     """Attach a fresh (no-op) compensator to each placed analog layer of ``model``, in place.
 

@@ -175,7 +175,7 @@ class LipschitzRegularizer:
     left after a following BatchNorm subtracts the channel mean (needs ``per_channel``).
     """
 
-    def __init__(self, kind: str = "relative", strength: float = 1e-2, target: float | None = None,
+    def __init__(self, kind: str = "relative", strength: float = 0.02, target: float | None = None,
                  input_shapes: dict[str, tuple[int, ...]] | None = None, seed: int = 0, samples: int = 8,
                  per_channel: bool = True, centered: bool = False):
         if kind not in KINDS:

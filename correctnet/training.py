@@ -43,7 +43,7 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 64
     optimizer: str = "adam"
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     schedule: str = "cosine"
