@@ -75,9 +75,10 @@ attention in-projections: ``F.linear``; recurrent layers: PyTorch's fused kernel
 weights), so a chip's analog outputs are bit-identical to one-by-one ``"chip"`` mode; converters act per
 sample anyway. Measured on CPU (``experiments/results/mc_speed_batched_cpu.md``), the per-chip loop beat
 one grouped convolution (``groups = K * groups`` over channel-stacked inputs) and unfold + ``bmm``, which
-need two extra copies of the activations (or ``k*k`` times their memory). The gain of a chip batch is
-in everything else: one pass of the digital layers and the Python overhead over K chips, and, on a GPU,
-kernels K times larger. Inputs must have a batch dimension divisible by K (unbatched attention/RNN
+need two extra copies of the activations (or ``k*k`` times their memory). On CPU a chip batch measured
+*slower* per chip than one by one (K times larger activations leave the caches); what it saves is one
+pass of the digital layers and the Python overhead over K chips, which is meant for GPUs (kernels K
+times larger; not measured yet). Inputs must have a batch dimension divisible by K (unbatched attention/RNN
 inputs and ``PackedSequence`` are refused in this mode, with a message).
 
 Seeding of the static draws: :func:`correctnet.seeding.weight_key`. **Tied weights**: a Parameter used by
