@@ -33,7 +33,7 @@ from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig,
 from .checkpoint import atomic_write, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import dataset_from_config
-from .errors import ConfigError, CorrectNetError, DataNotFoundError, is_int
+from .errors import ConfigError, CorrectNetError, is_int
 from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import model_from_config

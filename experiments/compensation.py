@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -42,26 +41,9 @@ from correctnet.lipschitz import LipschitzRegularizer, input_shapes
 from correctnet.seeding import Stream
 from correctnet.training import TrainConfig, train
 
+from common import add_base_args, add_run_args, apply_threads, machine_line, portable, record  # noqa: F401 (re-exported)
+
 BASES = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
-
-
-def add_base_args(p: argparse.ArgumentParser) -> None:
-    """The options :func:`base_model` reads (data, architecture, training), shared by the benchmarks."""
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--model", default="lenet5")
-    p.add_argument("--width", type=float, default=0.25)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lip-strength", type=float, default=0.02)
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    """``--threads`` (torch CPU threads), ``--progress`` (bars) and ``--out`` (result JSON), shared by the benchmarks."""
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
 
 
 def base_model(name: str, sigma: float, args, data, cache: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -182,16 +164,13 @@ def main() -> None:
     p.add_argument("--models", type=Path, default=None, help="base-model cache folder (default: <out>_models)")
     add_run_args(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = args.out or Path(__file__).parent / "results" / f"compensation_{args.dataset}_{args.model}.json"
     cache = args.models or out.with_name(out.stem + "_models")
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("entries", {})
-    results["setup"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__}
+    results["setup"] = {**portable(vars(args)), **record()}
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=1))

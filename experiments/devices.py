@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,8 @@ from correctnet.compensation import attach_compensation, overhead
 from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, input_shapes
 from correctnet.training import TrainConfig, train
+
+from common import machine_line, portable, record
 
 CONF = CONFIG_DIR  # the package's Hydra config groups
 
@@ -117,10 +116,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("entries", {})
-    results["setup"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
-        "command": " ".join(["python experiments/devices.py", *map(shlex.quote, sys.argv[1:])]),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-        "torch": torch.__version__}
+    results["setup"] = {**portable(vars(args)), **record()}
 
     def save() -> None:
         atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)), overwrite=True)
@@ -166,7 +162,7 @@ def main() -> None:
 def table(results: dict[str, Any]) -> str:
     s = results["setup"]
     lines = [f"LeNet-5 ({s['model']}) on {s['dataset']}, {s['epochs']} epochs, {s['chips']} chips, "
-             f"{s['test_samples'] or 'all'} test images; {s['machine']}, torch {s['torch']}.",
+             f"{s['test_samples'] or 'all'} test images; {machine_line(s)}.",
              f"Command: `{s['command']}`", "",
              "| variation | method | clean | mean ± sem | std | p5 | min | +params | +MACs | eval time |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -23,13 +23,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 import correctnet as cn
 from correctnet.calibration import CompensationConfig, train_compensation
@@ -37,8 +34,8 @@ from correctnet.compensation import attach_compensation, overhead
 from correctnet.data import load_dataset
 from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compensation import BASES, add_base_args, add_run_args, base_model  # noqa: E402  (the same cached base models)
+from common import add_base_args, add_run_args, apply_threads, machine_line, portable, record
+from compensation import BASES, base_model  # the same cached base models
 
 
 def final_test(model, evaluator: PlacementEvaluator, layers: list[str], args, train_data, test) -> dict[str, Any]:
@@ -65,7 +62,7 @@ def table(res: dict[str, Any]) -> str:
     lines = [f"Placement search, {s['model']} on {s['dataset']}, base {s['base']}, lognormal sigma={s['sigma']}, "
              f"{len(res['evaluator']['layers'])} layers ({2 ** len(res['evaluator']['layers'])} placements), "
              f"price {res['price']:.4g} pp per % {s['cost']}, {s['search_chips']} search chips x "
-             f"{s['val_images']} validation images; machine: {s['machine']}", "",
+             f"{s['val_images']} validation images; machine: {machine_line(s)}", "",
              "| strategy | chosen layers | objective (pp) | % of optimum | recovered (pp) | overhead % | "
              "evaluations | % of placements | search s | test mean | test p5 |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -113,14 +110,11 @@ def main() -> None:
                         "their measured time + their evaluations x the exhaustive search's seconds per evaluation)")
     add_run_args(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = args.out or Path(__file__).parent / "results" / f"placement_{args.dataset}_{args.model}.json"
     cache = Path(__file__).parent / "results" / f"compensation_{args.dataset}_{args.model}_models"
     cache.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "torch": torch.__version__, "command": " ".join(sys.argv)}, "runs": {}, "test": {}}
+    res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "runs": {}, "test": {}}
 
     def save() -> None:
         out.write_text(json.dumps(res, indent=1))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+import common
 
 from correctnet.placement.evaluator import Evaluation, Placement, layer_info
 from correctnet.placement.search import PPOConfig, search
@@ -101,9 +101,8 @@ def main() -> None:
     print(f"{kw}: mean {100 * ratios.mean():.1f}%, min {100 * ratios.min():.1f}%, "
           f"{int((ratios >= 0.98).sum())}/{len(ratios)} seeds >= 98%")
     if args.out:
-        args.out.write_text(json.dumps({"results": str(args.results), "ppo": kw, "optimum": opt, "rows": rows,
-                                        "command": " ".join(sys.argv),
-                                        "machine": f"{platform.machine()}, 1 torch thread"}, indent=1))
+        args.out.write_text(json.dumps({"results": common.portable(args.results), "ppo": kw, "optimum": opt, "rows": rows,
+                                        **common.record(args)}, indent=1))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -31,8 +29,7 @@ from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from correctnet.training import TrainConfig, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from compensation import add_base_args, add_run_args  # noqa: E402  (the benchmarks' shared options)
+from common import add_base_args, add_run_args, apply_threads, portable, record
 
 METHODS = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
 
@@ -105,12 +102,12 @@ def main() -> None:
     p.add_argument("--profile-samples", type=int, default=1000)
     add_run_args(p)  # --threads --progress --out
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args)
     out = args.out or Path(f"experiments/results/suppression_{args.dataset}_{args.model}.json")
     state = json.loads(out.read_text()) if out.exists() else {"results": {}}
-    state["args"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    state["machine"] = f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    state["args"] = portable(vars(args))
+    state.pop("machine", None)  # (older files: a string naming the host)
+    state["setup"] = record()
     data = load_dataset(args.dataset, seed=args.seed)
     if args.test_samples:
         x, y = data.test.tensors
