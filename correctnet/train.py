@@ -15,7 +15,6 @@ import logging
 import os
 import platform
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -489,16 +488,23 @@ def _log_to_file(level: int, msg: str) -> None:
 
 def _remove_if_unused(out_dir: Path) -> None:
     """Remove the run directory when the run wrote nothing in it but Hydra's records, its log and an empty
-    resume store (it failed validation): no empty run directories are left behind."""
-    resume = out_dir / "resume"
-    if resume.is_dir() and any(p.name != "config.json" for p in resume.iterdir()):
-        return
+    resume store (it failed validation): no empty run directories are left behind. Only those files are
+    removed, and the directory itself only when it is then empty (and not the working directory)."""
+    ours = [out_dir / ".hydra" / f for f in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    ours += [out_dir / "resume" / "config.json", *out_dir.glob("*.log")]
     try:
-        entries = list(out_dir.iterdir())
+        if any(p not in ours for p in [*out_dir.iterdir(), *(out_dir / ".hydra").glob("*"),
+                                       *(out_dir / "resume").glob("*")] if p.name not in (".hydra", "resume")):
+            return
+        for p in ours:
+            p.unlink(missing_ok=True)
+        for d in (out_dir / ".hydra", out_dir / "resume"):
+            if d.is_dir():
+                d.rmdir()
+        if out_dir.resolve() != Path.cwd().resolve():
+            out_dir.rmdir()
     except OSError:
-        return
-    if all(p.name in (".hydra", "resume") or (p.is_file() and p.suffix == ".log") for p in entries):
-        shutil.rmtree(out_dir, ignore_errors=True)
+        pass
 
 
 def _snapshots(out_dir: Path) -> list[str]:

@@ -50,6 +50,7 @@ def test_threads_and_progress_settings(monkeypatch):
         resolve_progress("maybe")
 
 
+@pytest.mark.slow
 def test_threads_are_recorded_and_evaluate_reuses_them_to_reproduce(tmp_path):
     out = tmp_path / "run"
     r = train_cli(*TINY, "training.epochs=2", "threads=2", f"hydra.run.dir={out}")
@@ -78,6 +79,7 @@ def _wait_for(path: Path, p: subprocess.Popen, seconds: float = 240) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_saved_and_the_command_that_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "correctnet.train", *TINY, f"hydra.run.dir={out}"]

@@ -226,6 +226,7 @@ def digits_lenet():
     return model, data
 
 
+@pytest.mark.slow
 def test_compensation_recovers_accuracy_on_held_out_chips(digits_lenet):
     base, data = digits_lenet
     none = cn.monte_carlo(base, data.test, n_chips=20, seed=0, progress=False)

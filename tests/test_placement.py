@@ -249,6 +249,7 @@ def test_bad_strategy_and_placement_shapes_are_refused(evaluator):
         PPOConfig(explore=0)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_the_search_and_fine_tunes_the_chosen_placement(tmp_path):
     r = run_cli(*FAST, "compensation=all", "compensation.steps=30", "placement=greedy", "placement.chips=2",
                 "placement.val_images=100", "placement.shared_steps=30", f"hydra.run.dir={tmp_path}")

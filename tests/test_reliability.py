@@ -237,6 +237,7 @@ def _finish(p: subprocess.Popen) -> None:
     assert p.returncode == 0, err
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_and_same_seed_reproduces_metrics(tmp_path):
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     pa, pb, pc = _start(a), _start(b), _start(c)  # two uninterrupted runs and one to be killed, side by side

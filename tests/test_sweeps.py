@@ -77,6 +77,7 @@ def joblib_sweep(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_every_job_and_records_the_method(joblib_sweep):
     metrics = [json.loads((joblib_sweep / str(i) / "metrics.json").read_text()) for i in (0, 1)]
     assert sorted(m["variation"]["sigma"] for m in metrics) == [0.3, 0.5]
@@ -86,6 +87,7 @@ def test_joblib_sweep_runs_every_job_and_records_the_method(joblib_sweep):
         assert m["original_accuracy"] == m["stages"]["baseline"]["clean_accuracy"]
 
 
+@pytest.mark.slow
 def test_aggregate_turns_a_sweep_into_table_csv_and_plot(joblib_sweep, tmp_path):
     out = tmp_path / "report"
     r = run_cli(str(joblib_sweep), f"out={out}", module="correctnet.aggregate", timeout=120)
@@ -106,6 +108,7 @@ def test_aggregate_turns_a_sweep_into_table_csv_and_plot(joblib_sweep, tmp_path)
     assert "](accuracy_vs_sigma.png)" in md and "layer_profile_compensated.png" in md
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_runs_every_job(tmp_path):
     r = run_cli("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5", "variation.sigma=0.3,0.5",
                 *TINY, f"hydra.sweep.dir={tmp_path}")
@@ -114,6 +117,7 @@ def test_submitit_local_sweep_runs_every_job(tmp_path):
     assert sigmas == [0.3, 0.5]
 
 
+@pytest.mark.slow
 def test_a_failed_job_keeps_the_finished_runs_and_is_reported(tmp_path):
     # the failed job is recorded (its error in its train.log), the sweep goes on, and exits non-zero at the end
     sweep = tmp_path / "sweep"
@@ -132,6 +136,7 @@ def test_a_failed_job_keeps_the_finished_runs_and_is_reported(tmp_path):
     assert png_size(tmp_path / "report" / "accuracy_vs_sigma.png")[0] > 0
 
 
+@pytest.mark.slow
 def test_an_interrupted_sweep_resumed_beside_it_has_no_gaps(tmp_path):
     first = tmp_path / "first"
     assert run_cli("-m", "variation.sigma=0.3,0.5", *TINY, f"hydra.sweep.dir={first}").returncode == 0

@@ -72,6 +72,7 @@ def test_default_job_tells_the_story_in_one_table(story):
     assert meta["stage"] == "compensated" and meta["compensation"]
 
 
+@pytest.mark.slow
 def test_calibration_replays_from_the_checkpoint_in_a_fresh_process(story, tmp_path):
     out, _, m = story
     chip_file = tmp_path / "chip2.safetensors"
@@ -105,6 +106,7 @@ def test_calibration_replays_from_the_checkpoint_in_a_fresh_process(story, tmp_p
     assert plain.returncode == 0 and "reproduces" not in plain.stdout and "DIFFERS" not in plain.stdout
 
 
+@pytest.mark.slow
 def test_noise_aware_training_reports_its_stage(tmp_path):
     r = run_cli(*FAST, "training=noise_aware", "training.noise_sigma=0.3", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
@@ -112,6 +114,7 @@ def test_noise_aware_training_reports_its_stage(tmp_path):
     assert stage["training"]["noise_variation"] == {"name": "lognormal", "sigma": 0.3}
 
 
+@pytest.mark.slow
 def test_suppression_stage_reports_constants_profile_and_plot(tmp_path):
     r = run_cli(*FAST, "training=lipschitz_noise_aware", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
@@ -123,6 +126,7 @@ def test_suppression_stage_reports_constants_profile_and_plot(tmp_path):
     assert (tmp_path / stage["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_compensation_and_calibration_stages(tmp_path):
     out = tmp_path / "run"
     r = run_cli(*FAST, "compensation=all", "compensation.placement=[fc1,fc2]", "compensation.rank=2",
@@ -145,6 +149,7 @@ def test_compensation_and_calibration_stages(tmp_path):
     assert again.accuracies == comp["mc"]["accuracies"]
 
 
+@pytest.mark.slow
 def test_multirun_sweeps_sigma(tmp_path):
     r = run_cli("-m", "variation.sigma=0.1,0.5", "training.epochs=1", "evaluation.n_chips=2", "progress=false",
                 f"hydra.sweep.dir={tmp_path}")
@@ -153,22 +158,23 @@ def test_multirun_sweeps_sigma(tmp_path):
     assert sigmas == [0.1, 0.5]
 
 
+# each case is a process start (~5 s): a few in the default suite, the rest with -m slow
 @pytest.mark.parametrize("args, needle", [
     (["variation.sigma=-1"], "variation.sigma"),
-    (["variation.sigma=abc"], "variation.sigma"),
-    (["variation.name=lognorm"], "variation.name"),
+    pytest.param(["variation.sigma=abc"], "variation.sigma", marks=pytest.mark.slow),
+    pytest.param(["variation.name=lognorm"], "variation.name", marks=pytest.mark.slow),
     (["model.name=resnet999"], "model.name"),
-    (["dataset.name=imagenet"], "imagenet"),
-    (["dataset=fashion_mnist", "dataset.root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
-    (["training.epochs=0"], "training.epochs"),
-    (["evaluation.n_chips=0"], "evaluation.n_chips"),
-    (["training=lipschitz", "training.lipschitz.kind=frobenius"], "training.lipschitz.kind"),
-    (["training=lipschitz", "training.lipschitz.strength=-1"], "training.lipschitz.strength"),
-    (["compensation=all", "compensation.placement=[fc9]"], "fc9"),
-    (["compensation=all", "compensation.rank=-1"], "compensation.rank"),
+    pytest.param(["dataset.name=imagenet"], "imagenet", marks=pytest.mark.slow),
+    pytest.param(["dataset=fashion_mnist", "dataset.root=/nonexistent/fmnist"], "/nonexistent/fmnist", marks=pytest.mark.slow),
+    pytest.param(["training.epochs=0"], "training.epochs", marks=pytest.mark.slow),
+    pytest.param(["evaluation.n_chips=0"], "evaluation.n_chips", marks=pytest.mark.slow),
+    pytest.param(["training=lipschitz", "training.lipschitz.kind=frobenius"], "training.lipschitz.kind", marks=pytest.mark.slow),
+    pytest.param(["training=lipschitz", "training.lipschitz.strength=-1"], "training.lipschitz.strength", marks=pytest.mark.slow),
+    pytest.param(["compensation=all", "compensation.placement=[fc9]"], "fc9", marks=pytest.mark.slow),
+    pytest.param(["compensation=all", "compensation.rank=-1"], "compensation.rank", marks=pytest.mark.slow),
     (["compensation=all", "compensation.kind=sideways"], "compensation.kind"),
-    (["compensation=all", "compensation.lr=0"], "compensation.lr"),
-    (["calibration=per_chip"], "needs compensation modules"),
+    pytest.param(["compensation=all", "compensation.lr=0"], "compensation.lr", marks=pytest.mark.slow),
+    pytest.param(["calibration=per_chip"], "needs compensation modules", marks=pytest.mark.slow),
     (["compensation=all", "calibration=per_chip", "calibration.n_images=5000"], "calibration.n_images"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needle):

@@ -581,6 +581,7 @@ def test_cli_trains_a_user_model_and_evaluate_reproduces_it(netdir, tmp_path):
     assert spec["target"] == "e2e_usernet.Net" and spec["kwargs"] == {"in_channels": 1, "num_classes": 10, "hidden": 16}
 
 
+@pytest.mark.slow
 def test_cli_trains_on_a_data_file_and_evaluate_reproduces_it_after_a_move(netdir, tmp_path):
     env, out = _user_env(netdir), tmp_path / "run"
     from sklearn.datasets import load_digits
@@ -609,9 +610,9 @@ def test_cli_trains_on_a_data_file_and_evaluate_reproduces_it_after_a_move(netdi
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["model=custom"], ["model._target_"]),
+    pytest.param(["model=custom"], ["model._target_"], marks=pytest.mark.slow),
     (["model=custom", "model._target_=e2e_nowhere.Net"], ["e2e_nowhere", "PYTHONPATH"]),
-    (["model=custom", "model._target_=e2e_usernet.Net", "+model.depth=3"], ["depth", "does not accept"]),
+    pytest.param(["model=custom", "model._target_=e2e_usernet.Net", "+model.depth=3"], ["depth", "does not accept"], marks=pytest.mark.slow),
     (["dataset=file"], ["dataset.path"]),
 ])
 def test_cli_user_model_and_data_errors_are_one_clear_message(netdir, tmp_path, args, needles):
@@ -622,6 +623,7 @@ def test_cli_user_model_and_data_errors_are_one_clear_message(netdir, tmp_path, 
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 3
 
 
+@pytest.mark.slow
 def test_cli_reference_models_resnet20_and_vit(tmp_path):
     for model, extra in (("resnet20", ["model.width=0.25"]), ("vit", ["model.patch_size=2", "model.dim=16"])):
         out = tmp_path / model
