@@ -45,13 +45,17 @@ per method, stage and sigma. Failed and never-started jobs are listed with their
 KEYS = ("dir", "out", "stages")
 FIRST_STAGES = ("baseline", "noise_aware", "suppressed")
 STAGE_RANK = {**{s: 0 for s in FIRST_STAGES}, "compensated": 1, "calibrated": 2}
-METHOD_ORDER = ("vanilla", "noise_aware", "suppression", "correctnet", "correctnet_noise_aware")
+METHOD_ORDER = ("none", "vanilla", "noise_aware", "suppression", "correctnet", "correctnet_calibrated",
+                "correctnet_noise_aware")
+STAGE_LABELS = {"baseline": "vanilla", "noise_aware": "noise-aware", "suppressed": "suppressed",
+                "compensated": "CorrectNet chip-agnostic", "calibrated": "CorrectNet calibrated"}
 REPLICATE_KEYS = ("seed",)            # runs that differ only in these are averaged
 GROUP_KEYS = ("method", "variation.sigma")   # shown in their own columns, not in the setting
 NO_METHOD = "-"
 CSV_FIELDS = ("method", "setting", "stage", "final", "sigma", "status", "n_runs", "seeds", "clean_mean", "clean_std",
               "acc_mean", "acc_std", "p5_mean", "min_mean", "chip_std_mean", "p95_mean", "n_chips", "params_pct",
-              "macs_pct", "seconds_mean", "failed", "overrides", "error", "run_dirs")
+              "macs_pct", "mean_of_original", "mean_of_original_std", "p5_of_original", "seconds_mean", "failed",
+              "overrides", "error", "run_dirs")
 
 
 @dataclass
@@ -85,6 +89,7 @@ class Group:
     runs: list[Run]
     final: bool = False
     failed: list[Run] = field(default_factory=list)
+    originals: dict[tuple[str, Any], float] = field(default_factory=dict)  # (setting, seed) -> original accuracy
 
     def values(self, fn: Callable[[Run], Any]) -> list[float]:
         """``fn(run)`` for each run of the group, as floats, leaving out missing values."""
@@ -103,6 +108,11 @@ class Group:
         over = self.values(lambda r: _overhead(r, self.stage, "params_pct"))
         macs = self.values(lambda r: _overhead(r, self.stage, "macs_pct"))
         chips = sorted({int(mc(r)["n_chips"]) for r in self.runs if "n_chips" in mc(r)})
+
+        def of_original(key: str) -> list[float]:
+            return self.values(lambda r: mc(r).get(key) / self.originals[(r.setting, r.seed)]
+                               if (r.setting, r.seed) in self.originals and mc(r).get(key) is not None else None)
+        rel_mean, rel_p5 = of_original("mean"), of_original("p5")
         return {
             "n_runs": len(self.runs),
             "seeds": [r.seed for r in self.runs],
@@ -115,6 +125,8 @@ class Group:
             "p95_mean": _mean(self.values(lambda r: _percentile(mc(r), 95))),
             "n_chips": "/".join(map(str, chips)),
             "params_pct": _mean(over), "macs_pct": _mean(macs),
+            "mean_of_original": _mean(rel_mean), "mean_of_original_std": _std(rel_mean),
+            "p5_of_original": _mean(rel_p5),
             "seconds_mean": _mean(self.values(lambda r: (r.metrics or {}).get("seconds"))),
         }
 
@@ -352,8 +364,26 @@ def group_runs(runs: list[Run]) -> list[Group]:
         for stage in stages:
             with_stage = [r for r in ok if stage in r.stages]
             groups.append(Group(method, setting, stage, sigma, with_stage, final=stage == stages[-1], failed=failed))
+    originals = original_accuracies(runs)
+    for g in groups:
+        g.originals = originals
     groups.sort(key=lambda g: (_method_key(g.method), g.setting, _sigma_key(g.sigma), STAGE_RANK.get(g.stage, 3)))
     return groups
+
+
+def original_accuracies(runs: list[Run]) -> dict[tuple[str, Any], float]:
+    """The original accuracy (the vanilla network's clean accuracy) per (setting, seed): a run's own vanilla
+    reference (``original_accuracy`` in metrics.json), else the clean accuracy of a ``vanilla`` run."""
+    out: dict[tuple[str, Any], float] = {}
+    for r in runs:
+        if r.status != "ok":
+            continue
+        orig = (r.metrics or {}).get("original_accuracy")
+        if orig is None and r.method == "vanilla" and "baseline" in r.stages:
+            orig = r.stages["baseline"].get("clean_accuracy")
+        if orig is not None:
+            out.setdefault((r.setting, r.seed), float(orig))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -362,6 +392,11 @@ def _pct(v: float | None, std: float | None = None) -> str:
     if v is None:
         return "—"
     return f"{100 * v:.2f}%" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _ratio(v: float | None, std: float | None = None) -> str:
+    """A fraction of the original accuracy, in percent."""
+    return "—" if v is None else f"{100 * v:.1f}%" + (f" ± {100 * std:.1f}" if std is not None else "")
 
 
 def _num(v: Any, fmt: str = ".2f") -> str:
@@ -399,7 +434,8 @@ def csv_rows(groups: list[Group], runs: list[Run], out: Path) -> list[dict[str, 
 
 def _table(groups: list[Group], show_setting: bool) -> list[str]:
     head = ["method"] + (["setting"] if show_setting else []) + [
-        "stage", "σ", "n", "clean", "chip mean", "p5", "min", "chip std", "+params", "+MACs", "s/run", "failed"]
+        "stage", "σ", "n", "clean", "chip mean", "p5", "min", "chip std", "mean/orig", "p5/orig", "+params", "+MACs",
+        "s/run", "failed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         s = g.stats()
@@ -407,6 +443,7 @@ def _table(groups: list[Group], show_setting: bool) -> list[str]:
             g.stage, _sigma_str(g.sigma), str(s["n_runs"]), _pct(s["clean_mean"], s["clean_std"]),
             _pct(s["acc_mean"], s["acc_std"]), _pct(s["p5_mean"]), _pct(s["min_mean"]),
             _num(None if s["chip_std_mean"] is None else 100 * s["chip_std_mean"]),
+            _ratio(s["mean_of_original"], s["mean_of_original_std"]), _ratio(s["p5_of_original"]),
             "—" if s["params_pct"] is None else f"{s['params_pct']:.2f}%",
             "—" if s["macs_pct"] is None else f"{s['macs_pct']:.2f}%", _num(s["seconds_mean"], ".1f"),
             str(len(g.failed)) if g.failed else ""]
@@ -425,7 +462,7 @@ def _failed_only(runs: list[Run], groups: list[Group], show_setting: bool) -> li
         seen.add(key)
         n = sum(1 for x in runs if (x.method, x.setting, _sigma_key(x.sigma)) == key)
         cells = [r.method] + ([r.setting or "—"] if show_setting else []) + [
-            f"**{r.status}**", _sigma_str(r.sigma), "0"] + ["—"] * 8 + [str(n)]
+            f"**{r.status}**", _sigma_str(r.sigma), "0"] + ["—"] * 10 + [str(n)]
         lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
     return lines
 
@@ -494,8 +531,9 @@ def write_plot(path: Path, groups: list[Group], stages: str = "final") -> Path |
         return None
     series: dict[tuple[str, str, str], list[tuple[float, dict[str, Any]]]] = {}
     for g in chosen:
-        label_stage = g.stage if stages == "all" else ""
+        label_stage = STAGE_LABELS.get(g.stage, g.stage) if stages == "all" else ""
         series.setdefault((g.method, g.setting, label_stage), []).append((float(g.sigma), g.stats()))
+    tiers = [k[2] for k in series]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, ((method, setting, stage), pts) in enumerate(series.items()):
         pts.sort(key=lambda p: p[0])
@@ -503,7 +541,10 @@ def write_plot(path: Path, groups: list[Group], stages: str = "final") -> Path |
         y = np.array([100 * p[1]["acc_mean"] for p in pts])
         lo = np.array([100 * (p[1]["band_lo"] if p[1]["band_lo"] is not None else p[1]["acc_mean"]) for p in pts])
         hi = np.array([100 * (p[1]["p95_mean"] if p[1]["p95_mean"] is not None else p[1]["acc_mean"]) for p in pts])
-        label = " ".join(t for t in (method if method != NO_METHOD else "", setting, stage) if t) or "runs"
+        # with stages=all a stage that only one method produces is named by what it is (e.g. "CorrectNet calibrated")
+        who = "" if stage and tiers.count(stage) == 1 else (method if method != NO_METHOD else "")
+        label = " ".join(t for t in (stage, who, setting) if t) if stage else \
+            " ".join(t for t in (method if method != NO_METHOD else "", setting) if t) or "runs"
         color = f"C{i % 10}"
         line, = ax.plot(x, y, marker="o", color=color, label=label)
         if len(x) > 1:
