@@ -1,0 +1,110 @@
+"""Compare the deployment tiers of sweeps run with experiments/sweep_correctnet_fashion_mnist.sh.
+
+For each sigma: vanilla (the vanilla reference, stage "baseline" of correctnet runs), noise-aware training
+(method=noise_aware), CorrectNet chip-agnostic (stage "compensated") and CorrectNet calibrated (stage
+"calibrated"): mean over seeds of the chip-mean accuracy (± std over seeds), of the p5 and min over chips, as %
+of the original (the same seed's vanilla clean accuracy), and the difference chip-agnostic − noise-aware in
+standard errors over seeds (Welch). Writes a markdown table and a JSON file with the provenance record.
+
+    python experiments/compare_methods.py SWEEP_DIR [SWEEP_DIR ...] --out experiments/results/NAME
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import record
+
+TIERS = (("vanilla", "correctnet_calibrated", "baseline"), ("noise-aware", "noise_aware", "noise_aware"),
+         ("CorrectNet chip-agnostic", "correctnet_calibrated", "compensated"),
+         ("CorrectNet calibrated", "correctnet_calibrated", "calibrated"))
+
+
+def load(dirs: list[Path]) -> list[dict[str, Any]]:
+    runs = []
+    for d in dirs:
+        for p in sorted(d.glob("*/metrics.json")):
+            m = json.loads(p.read_text())
+            runs.append({"method": (m["config"].get("method") or {}).get("name"), "sigma": m["variation"]["sigma"],
+                         "seed": m["config"]["seed"], "stages": m["stages"], "original": m.get("original_accuracy"),
+                         "model": m["model"], "overhead": m.get("overhead")})
+    return runs
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    originals = {(r["sigma"], r["seed"]): r["original"] for r in runs if r["original"] is not None}
+    rows = []
+    for sigma in sorted({r["sigma"] for r in runs}):
+        per_tier: dict[str, list[float]] = {}
+        for label, method, stage in TIERS:
+            sel = [r for r in runs if r["sigma"] == sigma and r["method"] == method and stage in r["stages"]]
+            if not sel:
+                continue
+            mc = [r["stages"][stage]["mc"] for r in sel]
+            orig = [originals.get((sigma, r["seed"])) for r in sel]
+            means = [m["mean"] for m in mc]
+            per_tier[label] = means
+            rel = [m["mean"] / o for m, o in zip(mc, orig) if o]
+            rel_p5 = [m["p5"] / o for m, o in zip(mc, orig) if o]
+            over = [((r["stages"][stage].get("overhead") or {}).get("total") or {}) for r in sel]
+            rows.append({"sigma": sigma, "tier": label, "seeds": [r["seed"] for r in sel],
+                         "clean": float(np.mean([r["stages"][stage]["clean_accuracy"] for r in sel])),
+                         "mean": float(np.mean(means)), "mean_std": float(np.std(means, ddof=1)) if len(sel) > 1 else None,
+                         "p5": float(np.mean([m["p5"] for m in mc])), "min": float(np.mean([m["min"] for m in mc])),
+                         "n_chips": sorted({m["n_chips"] for m in mc}),
+                         "of_original": float(np.mean(rel)) if rel else None,
+                         "p5_of_original": float(np.mean(rel_p5)) if rel_p5 else None,
+                         "params_pct": float(np.mean([o["params_pct"] for o in over])) if all(over) else None,
+                         "macs_pct": float(np.mean([o["macs_pct"] for o in over])) if all(over) else None})
+        a, b = per_tier.get("CorrectNet chip-agnostic"), per_tier.get("noise-aware")
+        if a and b and len(a) > 1 and len(b) > 1:
+            se = math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
+            diff = float(np.mean(a) - np.mean(b))
+            rows.append({"sigma": sigma, "tier": "chip-agnostic − noise-aware", "diff": diff, "se": se,
+                         "z": diff / se if se > 0 else math.inf})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], models: list[str]) -> str:
+    pct = lambda v: "—" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    lines = [f"Models: {', '.join(models)}. Mean over seeds; ± std over seeds; p5/min: over chips, mean over seeds.", "",
+             "| σ | tier | seeds | clean | chip mean | p5 | min | mean / orig | p5 / orig | +params | +MACs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "diff" in r:
+            lines.append(f"| {r['sigma']:g} | **{r['tier']}** | | | {100 * r['diff']:+.2f} pts "
+                         f"({r['z']:.1f} SE, SE {100 * r['se']:.2f}) | | | | | | |")
+            continue
+        std = "" if r["mean_std"] is None else f" ± {100 * r['mean_std']:.2f}"
+        rel = "—" if r["of_original"] is None else f"{100 * r['of_original']:.1f}%"
+        rel5 = "—" if r["p5_of_original"] is None else f"{100 * r['p5_of_original']:.1f}%"
+        params = "—" if r["params_pct"] is None else f"{r['params_pct']:.2f}%"
+        macs = "—" if r["macs_pct"] is None else f"{r['macs_pct']:.2f}%"
+        seeds = " ".join(map(str, r["seeds"]))
+        lines.append(f"| {r['sigma']:g} | {r['tier']} | {seeds} | {pct(r['clean'])} | {pct(r['mean'])}{std} | "
+                     f"{pct(r['p5'])} | {pct(r['min'])} | {rel} | {rel5} | {params} | {macs} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    args = p.parse_args()
+    runs = load(args.dirs)
+    rows = summarize(runs)
+    md = markdown(rows, sorted({r["model"] for r in runs}))
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    setup = record({"dirs": [d.name for d in args.dirs], "out": str(args.out)})
+    args.out.with_suffix(".md").write_text(f"Command: `{setup['command']}` (commit {setup['git'].get('commit')})\n\n" + md)
+    args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
