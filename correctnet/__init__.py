@@ -11,7 +11,8 @@ from .evaluate import MCResult, accuracy, clean_accuracy, evaluate_checkpoint, m
 from .lipschitz import LipschitzRegularizer, error_profile, lipschitz_constants  # noqa: E402
 from .models import build_model  # noqa: E402
 from .seeding import Stream, chip_seed  # noqa: E402
-from .variation import Gaussian, LogNormal, VariationModel, make_variation  # noqa: E402
+from .registry import make_variation  # noqa: E402
+from .variation import Gaussian, LogNormal, VariationModel  # noqa: E402
 
 __all__ = [
     "AnalogLayer", "DigitalWeightsWarning", "analog_layers", "analogize", "chip", "chips", "program_chips",

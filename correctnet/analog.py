@@ -822,7 +822,7 @@ def analog_layers(model: nn.Module) -> dict[str, AnalogLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, AnalogLayer)}
 
 
-def _require_analog(model: nn.Module) -> dict[str, AnalogLayer]:
+def require_analog(model: nn.Module) -> dict[str, AnalogLayer]:
     layers = analog_layers(model)
     if not layers:
         raise ConfigError(f"{type(model).__name__} has no analog layers; call correctnet.analogize(model, variation) first")
@@ -831,7 +831,7 @@ def _require_analog(model: nn.Module) -> dict[str, AnalogLayer]:
 
 def program_chip(model: nn.Module, seed: int) -> None:
     """Simulate programming chip ``seed``: every analog layer draws its static variations."""
-    for layer in _require_analog(model).values():
+    for layer in require_analog(model).values():
         layer.program(seed)
 
 
@@ -840,13 +840,13 @@ def program_chips(model: nn.Module, seeds: Sequence[int]) -> None:
     of ``seeds`` (stacked, memory ``K`` times one chip's). Run the model on ``x.repeat(K, 1, ...)``: the
     outputs of group ``k`` of the batch are chip ``seeds[k]``'s, as ``program_chip(model, seeds[k])`` gives."""
     seeds = list(seeds)
-    for layer in _require_analog(model).values():
+    for layer in require_analog(model).values():
         layer.program_chips(seeds)
 
 
 def set_noise_aware(model: nn.Module, seed: int) -> None:
     """Noise-aware mode: every forward of every analog layer draws fresh variations (seeded stream)."""
-    for layer in _require_analog(model).values():
+    for layer in require_analog(model).values():
         layer.set_noisy(seed)
 
 
@@ -858,7 +858,7 @@ def set_nominal(model: nn.Module) -> None:
 
 def set_variation(model: nn.Module, variation: VariationModel) -> None:
     """Use another variation model on every analog layer (drops any programmed chip)."""
-    layers = _require_analog(model)
+    layers = require_analog(model)
     for layer in layers.values():
         layer.set_off()
         layer.variation = variation

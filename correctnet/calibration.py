@@ -163,7 +163,7 @@ class CompensationResult:
                 "chips": len(self.chip_seeds), "chip_stream": Stream.COMPENSATION.name}
 
 
-def _tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+def data_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(data, TensorDataset):
         return data.tensors[0], data.tensors[1]
     if isinstance(data, tuple):
@@ -187,7 +187,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     caller makes sure it belongs to the same model, data and config; ``on_step`` must be a function of
     the step index, or fast-forward its own state to it, as the placement search's does).
     """
-    x, y = _tensors(train_data)
+    x, y = data_tensors(train_data)
     dev = model_device(model)
     t_start = time.perf_counter()
     if teacher is None:
@@ -295,7 +295,7 @@ def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int
     kept = with_comp >= without
     if not kept:
         _zero(model)
-    return {"chips": chips, "chip_stream": Stream.CHECK.name, "images": len(_tensors(val)[0]), "with": with_comp,
+    return {"chips": chips, "chip_stream": Stream.CHECK.name, "images": len(data_tensors(val)[0]), "with": with_comp,
             "without": without, "kept": kept}
 
 
@@ -336,7 +336,7 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 25
 
 def calibration_images(train_data: Data, n_images: int, seed: int) -> torch.Tensor:
     """``n_images`` images drawn without replacement from the training split (``Stream.CALIBRATION``)."""
-    x, _ = _tensors(train_data)
+    x, _ = data_tensors(train_data)
     if n_images > len(x):
         raise ConfigError(f"calibration.n_images={n_images} exceeds the {len(x)} training images")
     gen = torch.Generator().manual_seed(chip_seed(Stream.CALIBRATION, seed, 0) >> 1)

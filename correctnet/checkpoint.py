@@ -63,7 +63,7 @@ from .compensation import attach_from_spec, compensation_spec
 from .data import normalize
 from .errors import ConfigError, CorrectNetError
 from .models import MODELS, build_model, build_target, importable, locate, target_name
-from .variation import make_variation
+from .registry import make_variation
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_metadata", "normalize", "atomic_write", "tensor_digest",
            "versions"]

@@ -259,7 +259,7 @@ def bypass(model: nn.Module) -> Iterator[nn.Module]:
 
 # ----------------------------------------------------------------------------- overhead
 
-def _macs(module: nn.Module, out: torch.Tensor) -> int:
+def layer_macs(module: nn.Module, out: torch.Tensor) -> int:
     """Multiply-accumulates of one Linear/Conv call that produced ``out`` (batch included)."""
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
@@ -289,7 +289,7 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
 
     def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
         name = owner.get(module, "network")
-        macs[name] += _macs(module, out) // n_batch
+        macs[name] += layer_macs(module, out) // n_batch
 
     ran: set[str] = set()
 

@@ -44,7 +44,7 @@ from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
 from .runtime import resolve_progress, resolve_threads
 from .training import TrainConfig, TrainingDivergedError, train
-from .variation import make_variation
+from .registry import make_variation
 
 log = logging.getLogger("correctnet")
 

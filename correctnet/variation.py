@@ -104,18 +104,3 @@ class Gaussian(VariationModel):
     def apply(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         scale = weight.detach().abs().max()
         return weight + (self.sigma * scale) * noise
-
-
-from .devices import RRAM  # noqa: E402  (devices builds on VariationModel above)
-
-VARIATIONS: dict[str, type[VariationModel]] = {m.name: m for m in (LogNormal, Gaussian, RRAM)}
-
-
-def make_variation(name: str, sigma: float, **kwargs: Any) -> VariationModel:
-    """Build a variation model by name; unknown names and bad parameters raise ``ConfigError``."""
-    if name not in VARIATIONS:
-        raise ConfigError(f"variation.name must be one of {sorted(VARIATIONS)}, got {name!r}")
-    try:
-        return VARIATIONS[name](sigma=sigma, **kwargs)
-    except TypeError as e:  # unexpected keyword
-        raise ConfigError(f"bad parameters for variation {name!r}: {e}") from None

@@ -28,12 +28,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from ..analog import _require_analog, chip, chips, digitize, nominal, set_variation
+from ..analog import require_analog, chip, chips, digitize, nominal, set_variation
 from ..checkpoint import load_checkpoint, versions
 from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
 from ..errors import ConfigError
 from ..seeding import Stream, chip_seed
-from ..variation import VariationModel, make_variation
+from ..registry import make_variation
+from ..variation import VariationModel
 
 Data = TensorDataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
 
@@ -145,7 +146,7 @@ def chip_copy(model: nn.Module, seed: int) -> nn.Module:
     layer kind is copied (``AnalogLayer.analog_parameters``: attention in-projections and recurrent
     weights included); a tied weight holds its one chip draw.
     """
-    layers = _require_analog(model)
+    layers = require_analog(model)
     for layer in layers.values():
         if layer.variation.reads or layer.variation.converts:
             raise ConfigError(f"chip_copy: layer {layer.analog_name!r} has per-read noise or converters "
@@ -225,7 +226,7 @@ def chip_bytes(model: nn.Module, x: torch.Tensor) -> int:
     leaf modules), scaled to ``len(x)``.
     """
     weights = 0
-    for layer in _require_analog(model).values():
+    for layer in require_analog(model).values():
         for p in layer.analog_parameters:  # noise: up to 4 draws per cell (RRAM with faults) + the weight read
             weights += 5 * getattr(layer, p).numel() * getattr(layer, p).element_size()
     largest = [0]

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 from ..analog import analog_layers, chip
-from ..calibration import CompensationConfig, _tensors, teacher_logits, train_compensation
-from ..compensation import _macs, attach_compensation, compensators, overhead
+from ..calibration import CompensationConfig, data_tensors, teacher_logits, train_compensation
+from ..compensation import layer_macs, attach_compensation, compensators, overhead
 from ..errors import ConfigError, is_int, is_number, require
 from ..evaluate import accuracy, clean_accuracy, eval_mode, model_device
 from ..lipschitz import lipschitz_constants
@@ -157,7 +157,7 @@ class PlacementEvaluator:
         tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
         tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
         # the clean network's logits on the training images: also the teacher of the final fine-tuning
-        self.teacher = teacher_logits(self.model, _tensors(train_data)[0]) if tcfg.distill > 0 else None
+        self.teacher = teacher_logits(self.model, data_tensors(train_data)[0]) if tcfg.distill > 0 else None
         self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
                                            stage="shared compensators", on_step=random_subset, resume=resume,
                                            resume_key="placement_shared", teacher=self.teacher).to_dict()
@@ -281,7 +281,7 @@ def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) ->
     layers = analog_layers(model)
     macs: dict[str, int] = {}
     macs = {n: 0 for n in names}
-    hooks = [layers[n].register_forward_hook(lambda m, a, out, n=n: macs.__setitem__(n, macs[n] + _macs(m, out)))
+    hooks = [layers[n].register_forward_hook(lambda m, a, out, n=n: macs.__setitem__(n, macs[n] + layer_macs(m, out)))
              for n in names]
     try:
         with eval_mode(model):
