@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from common import record
+from common import portable, record
 
 TIERS = (("vanilla", "correctnet_calibrated", "baseline"), ("noise-aware", "noise_aware", "noise_aware"),
          ("CorrectNet chip-agnostic", "correctnet_calibrated", "compensated"),
@@ -101,7 +101,10 @@ def main() -> None:
     md = markdown(rows, sorted({r["model"] for r in runs}))
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    setup = record({"dirs": [d.name for d in args.dirs], "out": str(args.out)})
+    setup = record({"dirs": [d.name for d in args.dirs], "out": portable(args.out.resolve())})
+    # the sweep directories by name (they live outside the checkout), the output relative to it
+    setup["command"] = (f"python experiments/compare_methods.py {' '.join(d.name for d in args.dirs)} "
+                        f"--out {portable(args.out.resolve())}")
     args.out.with_suffix(".md").write_text(f"Command: `{setup['command']}` (commit {setup['git'].get('commit')})\n\n" + md)
     args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
 
