@@ -42,6 +42,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -105,26 +106,37 @@ def forward_predictions(model: torch.nn.Module, batches: list[tuple[torch.Tensor
         return torch.cat([model(x).argmax(1) for x, _ in batches])
 
 
-def bench_model(name: str, args: argparse.Namespace, data, device: torch.device) -> dict[str, Any]:
+def _prepare(name: str, args: argparse.Namespace, data, device: torch.device, widths: tuple[int, int],
+             **clean_extra: Any):
+    """The test images and labels, the plain and analog model, the evaluation batches (NCHW and channels-last), the rows dict with its
+    ``add(key, seconds, chips, mem, **extra)`` printer, and the two clean-forward rows already measured."""
     x, y = data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples]
     kw = {"width": args.width} if name.startswith("vgg") else {}
     torch.manual_seed(args.seed)
     plain = cn.build_model(name, data.input_shape, data.num_classes, **kw).to(device).eval()
     batches = list(iter_batches((x, y), args.batch_size, device))
     batches_cl = [(to_channels_last(a), b) for a, b in batches]
-    model = cn.analogize(plain, cn.LogNormal(args.sigma))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reference models declare what stays digital; nothing to report here
+        model = cn.analogize(plain, cn.LogNormal(args.sigma))
     rows: dict[str, dict[str, Any]] = {}
 
     def add(key: str, seconds: float, chips: int, mem: dict[str, float], **extra: Any) -> None:
         rows[key] = {"seconds": seconds, "chips": chips, "per_chip_s": seconds / chips, **mem, **extra}
-        print(f"{name:<7} {key:<18} {seconds / chips:8.4f} s per {'pass' if key.startswith('clean') else 'chip'}"
+        print(f"{name:<{widths[0]}} {key:<{widths[1]}} {seconds / chips:8.4f} s per "
+              f"{'pass' if key.startswith('clean') else 'chip'}"
               f"  peak {mem['peak_mib']:7.0f} MiB (+{mem['growth_mib']:.0f})", flush=True)
 
     forward_predictions(plain, batches)  # warm-up
     t, mem, _ = timed(lambda: forward_predictions(plain, batches), device, args.repeat)
-    add("clean", t, 1, mem)
+    add("clean", t, 1, mem, **clean_extra)
     t, mem, _ = timed(lambda: forward_predictions(plain, batches_cl), device, args.repeat)
-    add("clean_cl", t, 1, mem)
+    add("clean_cl", t, 1, mem, **clean_extra)
+    return x, y, plain, model, batches, batches_cl, rows, add
+
+
+def bench_model(name: str, args: argparse.Namespace, data, device: torch.device) -> dict[str, Any]:
+    x, y, plain, model, batches, batches_cl, rows, add = _prepare(name, args, data, device, (7, 18))
 
     n_simple = min(10, max(args.chips))
     seeds = [chip_seed(Stream.EVAL, 0, i) for i in range(n_simple)]
@@ -198,27 +210,7 @@ def conv_strategies(model: torch.nn.Module, x: torch.Tensor, k: int) -> list[dic
 
 
 def bench_batched(name: str, args: argparse.Namespace, data, device: torch.device) -> dict[str, Any]:
-    x, y = data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples]
-    kw = {"width": args.width} if name.startswith("vgg") else {}
-    torch.manual_seed(args.seed)
-    plain = cn.build_model(name, data.input_shape, data.num_classes, **kw).to(device).eval()
-    batches = list(iter_batches((x, y), args.batch_size, device))
-    batches_cl = [(to_channels_last(a), b) for a, b in batches]
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
-        model = cn.analogize(plain, cn.LogNormal(args.sigma))
-    rows: dict[str, dict[str, Any]] = {}
-
-    def add(key: str, seconds: float, chips: int, mem: dict[str, float], **extra: Any) -> None:
-        rows[key] = {"seconds": seconds, "chips": chips, "per_chip_s": seconds / chips, **mem, **extra}
-        print(f"{name:<8} {key:<10} {seconds / chips:8.4f} s per {'pass' if key.startswith('clean') else 'chip'}"
-              f"  peak {mem['peak_mib']:7.0f} MiB (+{mem['growth_mib']:.0f})", flush=True)
-
-    forward_predictions(plain, batches)  # warm-up
-    t, mem, _ = timed(lambda: forward_predictions(plain, batches), device, args.repeat)
-    add("clean", t, 1, mem, batch=args.batch_size)
-    t, mem, _ = timed(lambda: forward_predictions(plain, batches_cl), device, args.repeat)
-    add("clean_cl", t, 1, mem, batch=args.batch_size)
+    x, y, plain, model, batches, batches_cl, rows, add = _prepare(name, args, data, device, (8, 10), batch=args.batch_size)
     ks = list(args.chips_per_pass) + ([1000] if name == "lenet5" and args.lenet_1000 else [])
     accs: dict[int, list[float]] = {}
     for k in ks:
