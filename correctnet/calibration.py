@@ -423,7 +423,8 @@ def calibration_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What per-chip calibration changes, by ``state_dict`` name: compensator parameters and BatchNorm
     running statistics (copies, on the model's device)."""
     comp = {n for n, _ in model.named_parameters() if ".compensator." in f".{n}" or n.startswith("compensator.")}
-    bn = {f"{name}.{b}" if name else b for name, m in model.named_modules() if m in set(_batchnorms(model))
+    norms = set(_batchnorms(model))
+    bn = {f"{name}.{b}" if name else b for name, m in model.named_modules() if m in norms
           for b in ("running_mean", "running_var", "num_batches_tracked")}
     return {k: v.detach().clone() for k, v in model.state_dict().items() if k in comp or k in bn}
 

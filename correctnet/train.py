@@ -249,12 +249,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(device))
     example = data.test.tensors[0][:1].to(device)
 
-    def measure(m: torch.nn.Module, name: str, desc: str = "chips", **kw: Any) -> dict[str, Any]:
+    def measure(m: torch.nn.Module, desc: str = "chips", clean: float | None = None, **kw: Any) -> dict[str, Any]:
+        """Clean accuracy (unless given) and the Monte-Carlo evaluation of ``m`` on the test split."""
         t0 = time.perf_counter()
         mc = monte_carlo(m, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress,
                          desc=desc, **kw)
-        return {"clean_accuracy": clean_accuracy(m, data.test, batch_size=eval_batch), "mc": mc.to_dict(),
-                "eval_seconds": time.perf_counter() - t0}
+        if clean is None:
+            clean = clean_accuracy(m, data.test, batch_size=eval_batch)
+        return {"clean_accuracy": clean, "mc": mc.to_dict(), "eval_seconds": time.perf_counter() - t0}
 
     def profile_of(m: torch.nn.Module, name: str) -> dict[str, Any]:
         lipschitz = lipschitz_constants(m, example)
@@ -278,7 +280,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         ref_seconds = time.perf_counter() - t0
         _check_outputs(reference, data.test, "baseline")
         set_variation(reference, variation)
-        stages["baseline"] = {**measure(reference, "baseline", desc="baseline"),
+        stages["baseline"] = {**measure(reference, desc="baseline"),
                               "training": {"noise_aware": False, "noise_variation": None, "lipschitz": None,
                                            "epochs": tcfg.epochs, "seconds": ref_seconds, "history": history},
                               "reference": True, **profile_of(reference, "baseline")}
@@ -301,7 +303,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
                      "lipschitz": lip_params if regularizer else None, "epochs": tcfg.epochs,
                      "seconds": train_seconds, "history": history, "joint_compensation": joint}
     if not joint:
-        stages[stage] = {**measure(model, stage), "training": base_training, **profile_of(model, stage)}
+        stages[stage] = {**measure(model), "training": base_training, **profile_of(model, stage)}
 
     placement_record = None
     evaluator: PlacementEvaluator | None = None
@@ -342,7 +344,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
                             "compensators reset to a no-op; the chip-agnostic deployment carries none",
                             100 * check["without"], 100 * check["with"], check["chips"])
         deployed = cost if check is None or check["kept"] else _no_overhead(cost)
-        stages[stage] = {**measure(model, stage, desc=stage),
+        stages[stage] = {**measure(model, desc=stage),
                          "training": {**asdict(comp_cfg), **(result.to_dict() if result else {}),
                                       **({"base": base_training} if joint else {})},
                          "check": check, "placement": compensation_spec(model), "overhead": deployed,
@@ -355,9 +357,9 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         # stage 4: per-chip calibration of every evaluation chip on unlabeled training images
         images = calibration_images(data.train, cal_cfg.n_images, cal_cfg.seed).to(device)
         calibrator = ChipCalibrator(model, images, cal_cfg, teacher=_calibration_teacher(cal_cfg, model, reference, joint))
-        stages["calibrated"] = {**measure(model, "calibrated", desc="calibrated", calibrate=calibrator),
+        stages["calibrated"] = {**measure(model, desc="calibrated", clean=stages[stage]["clean_accuracy"],
+                                          calibrate=calibrator),
                                 "calibration": calibrator.stats(), "overhead": cost}
-        stages["calibrated"]["clean_accuracy"] = stages[stage]["clean_accuracy"]
     cost = stages.get("compensated", {}).get("overhead", cost)
 
 
