@@ -86,7 +86,9 @@ class CalibrationConfig:
     temperature: float = 1.0
     batchnorm: bool = True     # re-estimate BatchNorm running statistics on the chip first
     start: str = "best"        # trained | zero | best (see the class docstring)
-    teacher: str = "self"      # pipeline: whose clean logits to match: self (the model) | reference (vanilla)
+    teacher: str = "ensemble"  # what calibration matches (see TEACHERS); auto: the pipeline picks on validation chips
+    teacher_chips: int = 32    # ensemble: chips of Stream.TEACHER whose mean prediction is the teacher
+    select_chips: int = 8      # auto: validation chips (Stream.CHECK) each candidate teacher is scored on
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,11 +101,19 @@ class CalibrationConfig:
         require(isinstance(self.batchnorm, bool), f"{o}.batchnorm", "true or false", self.batchnorm)
         require(self.start in START, f"{o}.start", f"one of {list(START)}", self.start)
         require(self.teacher in TEACHERS, f"{o}.teacher", f"one of {list(TEACHERS)}", self.teacher)
+        require(is_int(self.teacher_chips) and self.teacher_chips >= 1, f"{o}.teacher_chips", "an integer >= 1",
+                self.teacher_chips)
+        require(is_int(self.select_chips) and self.select_chips >= 1, f"{o}.select_chips", "an integer >= 1",
+                self.select_chips)
         require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
 
 
 START = ("trained", "zero", "best")
-TEACHERS = ("self", "reference")
+# ensemble: the model's mean prediction over ``teacher_chips`` sampled chips (what the trained network does on
+# an average chip; its nominal logits are no good target after strong noise-aware training); self: the model's
+# clean logits; reference: the vanilla reference network's clean logits; auto (pipeline only): the better of
+# ensemble and reference on ``select_chips`` validation chips.
+TEACHERS = ("ensemble", "self", "reference", "auto")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -132,6 +142,22 @@ def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
             reestimate_batchnorm(teacher, x[:batchnorm_images], batch_size)
     with torch.no_grad(), nominal(teacher), skip(teacher), eval_mode(teacher):
         return torch.cat([teacher(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
+
+
+def ensemble_logits(model: nn.Module, x: torch.Tensor, chips: int, seed: int = 0, batch_size: int = 1000
+                    ) -> torch.Tensor:
+    """Log of the mean softmax ``[N, classes]`` of ``model`` (eval mode, compensators on) over ``chips`` chips
+    of ``Stream.TEACHER``: the network's prediction on an average chip, a teacher for per-chip calibration that
+    needs no other network. The model's analog mode is restored afterwards."""
+    dev = model_device(model)
+    probs: torch.Tensor | None = None
+    with torch.no_grad(), eval_mode(model):
+        for i in range(chips):
+            with chip(model, chip_seed(Stream.TEACHER, seed, i)):
+                p = torch.cat([F.softmax(model(x[j:j + batch_size].to(dev)), 1) for j in range(0, len(x), batch_size)])
+            probs = p if probs is None else probs + p
+    assert probs is not None
+    return torch.log(probs / chips)
 
 
 @contextlib.contextmanager
@@ -346,11 +372,13 @@ def calibration_images(train_data: Data, n_images: int, seed: int) -> torch.Tens
 class ChipCalibrator:
     """Calibrates the chip a model is programmed as: ``calibrator(model, chip_seed)``.
 
-    Built once per model from unlabeled calibration images ``[n, C, H, W]``; the clean teacher's logits
-    are computed then. Each call re-estimates BatchNorm statistics (if enabled and present), puts the
-    compensators in their start state (``cfg.start``), then runs ``cfg.steps`` Adam steps on them with
-    a KD loss to the teacher. The caller restores the
-    model's state between chips (``monte_carlo`` does). ``seconds`` lists the time spent per chip.
+    Built once per model from unlabeled calibration images ``[n, C, H, W]``; the teacher's logits are
+    computed then (``cfg.teacher``: ``ensemble``, the model's mean prediction over ``cfg.teacher_chips`` chips;
+    ``self``, the clean model, compensators bypassed unless ``teacher`` is given; ``reference``, the clean
+    ``teacher`` network, e.g. the vanilla reference). Each call re-estimates BatchNorm statistics (if enabled
+    and present), puts the compensators in their start state (``cfg.start``), then runs ``cfg.steps`` Adam
+    steps on them with a KD loss to the teacher. The caller restores the model's state between chips
+    (``monte_carlo`` does). ``seconds`` lists the time spent per chip.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, *,
@@ -362,12 +390,19 @@ class ChipCalibrator:
         if not (self.has_compensators and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
             raise ConfigError("per-chip calibration has nothing to adjust: the model has no compensation modules "
                               "(or calibration.steps=0) and no BatchNorm to re-estimate")
+        if cfg.teacher == "auto":
+            raise ConfigError("calibration.teacher=auto is chosen by the training pipeline; pass the chosen teacher "
+                              f"(one of {list(TEACHERS[:3])}) to ChipCalibrator")
+        if cfg.teacher == "reference" and teacher is None:
+            raise ConfigError("calibration.teacher=reference needs the reference network: ChipCalibrator(..., teacher=net)")
         self.teacher = None
         if self.has_compensators and cfg.steps > 0:
-            # the clean network by default; a given teacher (e.g. the vanilla reference) is used as it is, with
-            # its own compensators (jointly trained ones are part of the network)
-            self.teacher = (teacher_logits(model, images) if teacher is None
-                            else teacher_logits(teacher, images, bypass_compensators=False))
+            if cfg.teacher == "ensemble":
+                self.teacher = ensemble_logits(model, images, cfg.teacher_chips, cfg.seed)
+            elif teacher is None:  # self: the clean network
+                self.teacher = teacher_logits(model, images)
+            else:  # a given network is used as it is, with its own compensators (jointly trained ones are part of it)
+                self.teacher = teacher_logits(teacher, images, bypass_compensators=False)
         self.seconds: list[float] = []
         self.starts: list[str] = []
 
@@ -410,6 +445,16 @@ class ChipCalibrator:
             for m, t in flags.items():
                 m.training = t
         self.seconds.append(time.perf_counter() - t0)
+
+    def last_record(self) -> dict[str, Any]:
+        """What the last call recorded (seconds, start state): sent back by forked Monte-Carlo workers."""
+        return {"seconds": self.seconds[-1], "start": self.starts[-1] if self.teacher is not None else None}
+
+    def add_record(self, record: dict[str, Any]) -> None:
+        """Add a chip's record made by another process (see :meth:`last_record`)."""
+        self.seconds.append(record["seconds"])
+        if record["start"] is not None:
+            self.starts.append(record["start"])
 
     def stats(self) -> dict[str, Any]:
         """What calibration cost: steps, images, seconds per chip (mean over calibrated chips)."""
@@ -488,11 +533,37 @@ def load_calibrated_chip(model: nn.Module, path: str | os.PathLike) -> int:
     return int(meta["chip_seed"])
 
 
+def load_reference(path: str | os.PathLike, meta: dict[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
+    """The vanilla reference network exported beside the checkpoint at ``path`` (``meta["reference"]``: its file
+    name in the same directory and the digest of its tensors), as :func:`~correctnet.checkpoint.load_checkpoint`
+    builds it. Raises :class:`CheckpointError` when the run kept none, or the file is missing or is another one."""
+    from .checkpoint import checkpoint_digest, load_checkpoint
+
+    ref = meta.get("reference") if isinstance(meta, dict) else None
+    if not isinstance(ref, dict) or not ref.get("file"):
+        raise CheckpointError(f"{path} has no vanilla reference beside it (the run had reference=false); calibrate "
+                              f"with calibration.teacher=ensemble or self (other numbers than the exported ones)")
+    file = Path(path).parent / ref["file"]
+    if not file.is_file():
+        raise CheckpointError(f"the vanilla reference of {path} is missing: expected {file} (copy it with the "
+                              f"checkpoint)")
+    if checkpoint_digest(file) != ref.get("sha256"):
+        raise CheckpointError(f"{file} is not the vanilla reference exported with {path} (its digest differs)")
+    return load_checkpoint(file, device=device)[0]
+
+
 def checkpoint_calibration(meta: dict[str, Any], overrides: dict[str, Any] | None = None) -> CalibrationConfig:
     """The calibration settings of the run that exported a checkpoint (``meta["config"]["calibration"]``), with
-    ``overrides``; the library defaults where the run recorded none."""
+    ``overrides``; the library defaults where the run recorded none. ``teacher=auto`` becomes the teacher the
+    run chose (recorded in its ``calibrated`` stage)."""
     stored = ((meta.get("config") or {}).get("calibration") or {}) if isinstance(meta, dict) else {}
     params = {k: v for k, v in stored.items() if k in CalibrationConfig.__dataclass_fields__}
+    if params.get("teacher") == "auto":
+        cal = (((meta.get("metrics") or {}).get("stages") or {}).get("calibrated") or {}).get("calibration") or {}
+        if cal.get("teacher") not in TEACHERS[:3]:
+            raise CheckpointError("the checkpoint's run chose its calibration teacher automatically but did not record "
+                                  "the choice; pass calibration={'teacher': 'ensemble'} (or self, reference)")
+        params["teacher"] = cal["teacher"]
     if "seed" not in params and isinstance((meta.get("config") or {}).get("seed"), int):
         params["seed"] = meta["config"]["seed"]
     unknown = set(overrides or {}) - set(CalibrationConfig.__dataclass_fields__)
@@ -519,14 +590,18 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
     if chip_path is not None and Path(chip_path).exists() and not overwrite:
         raise ConfigError(f"{chip_path} already exists; pass overwrite=true to replace it")
     built: list[tuple[nn.Module, ChipCalibrator, dict[str, Any]]] = []
+    references: dict[str, nn.Module] = {}
+
     def factory(model: nn.Module, data: Any, meta: dict[str, Any]) -> ChipCalibrator:
         cfg = checkpoint_calibration(meta, calibration)
-        if cfg.teacher == "reference":
-            raise ConfigError("this checkpoint was calibrated against the vanilla reference, which checkpoints do not "
-                              "hold; pass calibration={'teacher': 'self'} (other numbers than the exported ones)")
         joint = bool(((meta.get("config") or {}).get("compensation") or {}).get("joint"))
+        teacher: nn.Module | None = model if joint and cfg.teacher == "self" else None
+        if cfg.teacher == "reference":
+            if "net" not in references:
+                references["net"] = load_reference(path, meta, device=model_device(model))
+            teacher = references["net"]
         images = calibration_images(data.train, cfg.n_images, cfg.seed).to(model_device(model))
-        built.append((model, ChipCalibrator(model, images, cfg, teacher=model if joint else None), meta))
+        built.append((model, ChipCalibrator(model, images, cfg, teacher=teacher), meta))
         return built[-1][1]
 
     res = evaluate_checkpoint(path, calibrate=factory, **kwargs)
@@ -548,5 +623,5 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
 
 __all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
            "calibrate_chip", "calibration_state", "check_compensation", "checkpoint_calibration",
-           "evaluate_calibrated", "distillation_loss",
+           "evaluate_calibrated", "distillation_loss", "ensemble_logits", "load_reference",
            "load_calibrated_chip", "save_calibrated_chip", "reestimate_batchnorm", "teacher_logits", "train_compensation"]

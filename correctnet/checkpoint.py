@@ -304,6 +304,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _stored_meta(Path(path))[1]
 
 
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of the tensors of the checkpoint at ``path``, as recorded at export (from the header alone)."""
+    return str(_stored_meta(Path(path))[0].get("correctnet_sha256"))
+
+
 def _stored_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the safetensors ``__metadata__``, the parsed correctnet metadata) of ``path``, after the header checks."""
     if not path.is_file():

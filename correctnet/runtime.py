@@ -8,6 +8,11 @@ in the README. Large models on an idle machine gain from ``threads=N`` (N <= the
 recorded (``metrics.json: environment.torch_threads``) because CPU results can differ in the last bit between
 thread counts; ``correctnet evaluate`` uses the recorded count by default so that it reproduces a run exactly.
 
+``workers`` (``evaluation.workers``): processes the Monte-Carlo chips are spread over (CPU; each with ``threads``
+threads). ``auto`` is the idle cores divided by ``threads``: the usable cores minus the 1-minute load average (what
+other processes keep busy), at least 1, so an idle 2-core machine evaluates and calibrates two chips at a time and a
+busy one stays at one. Per-chip results do not depend on it.
+
 ``progress``: ``auto`` (bars only when stderr is a terminal: a redirected log is not flooded), ``true`` or ``false``.
 """
 from __future__ import annotations
@@ -48,6 +53,27 @@ def set_threads(value: Any, key: str = "threads") -> int:
     return n
 
 
+def auto_workers(threads: int = 1) -> int:
+    """What ``workers=auto`` means: idle cores (usable cores minus the 1-minute load average) // ``threads``, >= 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):  # not available on this platform
+        load = 0.0
+    return max(1, int(cores - load + 0.5) // max(threads, 1))
+
+
+def resolve_workers(value: Any, threads: int = 1, key: str = "evaluation.workers") -> int:
+    """The worker count ``value`` (``auto``, an int, or its string) stands for, with ``threads`` per worker."""
+    if value is None or value == "auto":
+        return auto_workers(threads)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if not is_int(value) or value < 1:
+        raise ConfigError(f"{key} must be auto or an integer >= 1, got {value!r}")
+    return value
+
+
 def resolve_progress(value: Any, key: str = "progress", stream: Any = None) -> bool:
     """Whether to draw progress bars: ``auto`` draws them only when ``stream`` (default stderr) is a terminal."""
     if isinstance(value, str):
@@ -64,4 +90,4 @@ def resolve_progress(value: Any, key: str = "progress", stream: Any = None) -> b
     return value
 
 
-__all__ = ["auto_threads", "resolve_progress", "resolve_threads", "set_threads"]
+__all__ = ["auto_threads", "auto_workers", "resolve_progress", "resolve_threads", "resolve_workers", "set_threads"]

@@ -33,7 +33,8 @@ class Stream(enum.IntEnum):
     SEARCH = 2        # chips used by the placement search
     CALIBRATION = 3   # per-chip calibration randomness (calibration images, batch order)
     COMPENSATION = 4  # chips drawn while training compensation modules (one per batch)
-    CHECK = 5         # chips of the compensation check (neither search, training nor evaluation chips)
+    CHECK = 5         # chips of the compensation check and of the calibration-teacher choice
+    TEACHER = 6       # chips whose mean prediction is the calibration teacher (calibration.teacher=ensemble)
 
 
 def chip_seed(stream: Stream | int, seed: int, index: int) -> int:

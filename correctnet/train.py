@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .analog import analogize, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
                           teacher_logits, train_compensation)
-from .checkpoint import atomic_write, save_checkpoint, versions
+from .checkpoint import atomic_write, checkpoint_digest, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import dataset_from_config
 from .errors import ConfigError, CorrectNetError, is_int
@@ -42,7 +42,8 @@ from .plots import plot_layer_profile
 from .evaluate import first_samples, resolve_device
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
-from .runtime import resolve_progress, resolve_threads
+from .runtime import resolve_progress, resolve_threads, resolve_workers
+from .seeding import Stream
 from .training import TrainConfig, TrainingDivergedError, train
 from .registry import make_variation
 
@@ -178,6 +179,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         raise ConfigError(f"resume must be one of {list(RESUME_MODES)}, got {resume_mode!r}")
     progress = resolve_progress(cfg.get("progress", "auto"))
     threads = resolve_threads(cfg.get("threads", "auto"))
+    workers = resolve_workers(cfg.evaluation.get("workers", "auto"), threads)
     variation = _variation(cfg)
     tcfg, noise_sigma, lip_params = _train_config(cfg)
     regularizer = _regularizer(lip_params, cfg.seed)
@@ -198,6 +200,9 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
                           f"placement=fixed, or compensation.joint=false")
     if cal_cfg is not None and cal_cfg.teacher == "reference" and not use_reference:
         raise ConfigError("calibration.teacher=reference needs the vanilla reference: set reference=true")
+    if cal_cfg is not None and cal_cfg.teacher == "auto" and not use_reference:
+        raise ConfigError("calibration.teacher=auto chooses between the chip ensemble and the vanilla reference, "
+                          "which needs reference=true; or set calibration.teacher=ensemble")
     n_chips = _positive_int(cfg, "evaluation.n_chips")
     profile_chips = _positive_int(cfg, "evaluation.profile_chips")
     profile_samples = _positive_int(cfg, "evaluation.profile_samples")
@@ -230,6 +235,9 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if strategy is not None and len(data.val) == 0:
         raise ConfigError("the placement search scores placements on the validation split, which is empty; "
                           "set dataset.val_fraction > 0")
+    if cal_cfg is not None and cal_cfg.teacher == "auto" and len(data.val) == 0:
+        raise ConfigError("calibration.teacher=auto scores the candidate teachers on the validation split, which is "
+                          "empty; set dataset.val_fraction > 0 or choose calibration.teacher=ensemble|self|reference")
     if cal_cfg is not None and cal_cfg.n_images > len(data.train):
         raise ConfigError(f"calibration.n_images={cal_cfg.n_images} exceeds the {len(data.train)} training images")
     if cal_cfg is not None and placement is None and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
@@ -253,7 +261,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         """Clean accuracy (unless given) and the Monte-Carlo evaluation of ``m`` on the test split."""
         t0 = time.perf_counter()
         mc = monte_carlo(m, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress,
-                         desc=desc, **kw)
+                         desc=desc, workers=workers, **kw)
         if clean is None:
             clean = clean_accuracy(m, data.test, batch_size=eval_batch)
         return {"clean_accuracy": clean, "mc": mc.to_dict(), "eval_seconds": time.perf_counter() - t0}
@@ -356,10 +364,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if cal_cfg is not None:
         # stage 4: per-chip calibration of every evaluation chip on unlabeled training images
         images = calibration_images(data.train, cal_cfg.n_images, cal_cfg.seed).to(device)
+        choice = None
+        if cal_cfg.teacher == "auto":
+            check_val = _unscored(data.val, search_cfg if strategy is not None else None)
+            cal_cfg, choice = _choose_teacher(model, reference, images, cal_cfg, check_val, joint, eval_batch, workers)
         calibrator = ChipCalibrator(model, images, cal_cfg, teacher=_calibration_teacher(cal_cfg, model, reference, joint))
         stages["calibrated"] = {**measure(model, desc="calibrated", clean=stages[stage]["clean_accuracy"],
                                           calibrate=calibrator),
-                                "calibration": calibrator.stats(), "overhead": cost}
+                                "calibration": {**calibrator.stats(), "teacher_choice": choice}, "overhead": cost}
     cost = stages.get("compensated", {}).get("overhead", cost)
 
 
@@ -375,6 +387,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
         "versions": vers,
         "device": str(device),
         "environment": {"torch_threads": torch.get_num_threads(), "threads": cfg.get("threads", "auto"),
+                        "workers": workers,
                         "platform": platform.platform(), "cpu_count": os.cpu_count()},
         "command": command,
         "seconds": time.perf_counter() - t_start,
@@ -383,6 +396,11 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
             "variation": variation.to_dict(), "analog": {"include": include, "exclude": list(cfg.analog.exclude)},
             "dataset": data.name, "stage": stage, "config": resolved, "versions": vers}
     metrics["checkpoint"] = str(out_dir / cfg.checkpoint.name)
+    if reference is not None:  # the vanilla reference, a checkpoint of its own: the calibration teacher can be replayed
+        ref_file = out_dir / f"reference_{cfg.checkpoint.name}"
+        metrics["reference_checkpoint"] = str(ref_file)
+        save_checkpoint(ref_file, reference, {**meta, "stage": "baseline", "metrics": metrics}, overwrite=True)
+        meta["reference"] = {"file": ref_file.name, "sha256": checkpoint_digest(ref_file)}
     meta["metrics"] = metrics
     save_checkpoint(out_dir / cfg.checkpoint.name, model, meta, overwrite=True)
     atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)), overwrite=True)
@@ -410,13 +428,35 @@ def _no_overhead(cost: dict[str, Any]) -> dict[str, Any]:
     return {**cost, "layers": {}, "total": {**cost["total"], **total}, "reset_by_check": True}
 
 
+def _choose_teacher(model: torch.nn.Module, reference: torch.nn.Module | None, images: torch.Tensor,
+                    cal_cfg: CalibrationConfig, val: Any, joint: bool, batch_size: int, workers: int = 1
+                    ) -> tuple[CalibrationConfig, dict[str, Any]]:
+    """``calibration.teacher=auto``: calibrate ``select_chips`` chips of ``Stream.CHECK`` with each candidate
+    teacher (the chip ensemble, the vanilla reference) and keep the one with the higher mean accuracy on the
+    validation images ``val`` (a tie keeps the ensemble, which needs no second network). Returns the config with
+    the chosen teacher and the record of the choice."""
+    scores: dict[str, float] = {}
+    for name in ("ensemble", "reference") if reference is not None else ("ensemble",):
+        c = dataclasses.replace(cal_cfg, teacher=name)
+        cal = ChipCalibrator(model, images, c, teacher=_calibration_teacher(c, model, reference, joint))
+        scores[name] = monte_carlo(model, val, n_chips=cal_cfg.select_chips, seed=cal_cfg.seed, stream=Stream.CHECK,
+                                   batch_size=batch_size, progress=False, calibrate=cal, workers=workers).mean
+    chosen = max(scores, key=lambda k: scores[k])  # first (ensemble) on a tie
+    log.info("calibration teacher: %s (validation accuracy on %d calibrated check chips: %s)", chosen,
+             cal_cfg.select_chips, ", ".join(f"{k} {100 * v:.2f}%" for k, v in scores.items()))
+    return dataclasses.replace(cal_cfg, teacher=chosen), {
+        "chosen": chosen, "validation_accuracy": scores, "chips": cal_cfg.select_chips,
+        "chip_stream": Stream.CHECK.name, "images": len(val.tensors[0])}
+
+
 def _calibration_teacher(cal_cfg: CalibrationConfig, model: torch.nn.Module, reference: torch.nn.Module | None,
                          joint: bool) -> torch.nn.Module | None:
     """The network whose clean logits calibration matches: the vanilla reference, or the model itself (with its
-    compensators when they were trained jointly: without them it is not the trained network)."""
+    compensators when they were trained jointly: without them it is not the trained network); None for the
+    chip ensemble (the calibrator computes it from the model)."""
     if cal_cfg.teacher == "reference":
         return reference
-    return model if joint else None
+    return model if joint and cal_cfg.teacher == "self" else None
 
 
 def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) -> None:

@@ -338,7 +338,7 @@ def test_calibration_start_state_zero_trained_or_the_better_of_the_two():
     trained_state = {k: v.clone() for k, v in model.state_dict().items()}
     starts: dict[str, dict[str, torch.Tensor]] = {}
     for start in ("trained", "zero", "best"):
-        cal = ChipCalibrator(model, images, CalibrationConfig(steps=1, lr=1e-12, n_images=64, start=start))
+        cal = ChipCalibrator(model, images, CalibrationConfig(steps=1, lr=1e-12, n_images=64, start=start, teacher="self"))
         with cn.chip(model, 5):
             cal(model, 5)
         starts[start] = {k: v.clone() for k, v in model.state_dict().items()}

@@ -70,6 +70,18 @@ def test_default_job_tells_the_story_in_one_table(story):
     # the checkpoint holds the deployed CorrectNet network and reproduces its chip-agnostic stage
     model, meta = cn.load_checkpoint(out / "model.safetensors")
     assert meta["stage"] == "compensated" and meta["compensation"]
+    # the calibration teacher was chosen on validation chips, and the choice is what the stage used
+    cal = m["stages"]["calibrated"]["calibration"]
+    choice = cal["teacher_choice"]
+    assert set(choice["validation_accuracy"]) == {"ensemble", "reference"} and choice["chip_stream"] == "CHECK"
+    assert cal["teacher"] == choice["chosen"] == max(choice["validation_accuracy"], key=choice["validation_accuracy"].get)
+    # the vanilla reference is exported beside it, and reproduces the baseline stage
+    ref, ref_meta = cn.load_checkpoint(out / meta["reference"]["file"])
+    assert ref_meta["stage"] == "baseline" and not ref_meta["compensation"]
+    test = load_dataset("digits", val_fraction=0.2, seed=0).test
+    base = m["stages"]["baseline"]
+    assert cn.clean_accuracy(ref, test) == base["clean_accuracy"]
+    assert cn.monte_carlo(ref, test, n_chips=4, seed=0, progress=False).accuracies == base["mc"]["accuracies"]
 
 
 @pytest.mark.slow
@@ -84,6 +96,7 @@ def test_calibration_replays_from_the_checkpoint_in_a_fresh_process(story, tmp_p
     assert "reproduces the exported metrics exactly" in r.stdout, r.stdout
     res = json.loads((tmp_path / "eval.json").read_text())
     accs = m["stages"]["calibrated"]["mc"]["accuracies"]
+    assert res["results"][0]["reproduces_export"] is True
     assert res["stage"] == "calibrated" and res["results"][0]["mc"]["accuracies"] == accs
     # the exported chip, loaded into the checkpoint's model, is that calibrated chip
     script = (f"import correctnet as cn, json\n"
@@ -189,3 +202,26 @@ def test_bad_input_is_one_clear_message(tmp_path, args, needle):
 def test_unknown_config_group_option_is_refused(tmp_path):
     r = run_cli(*FAST, "model=resnet999", f"hydra.run.dir={tmp_path}")
     assert r.returncode != 0 and "resnet999" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_reference_teacher_replays_from_the_checkpoint_and_its_reference(tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "correctnet.train", *STORY, "calibration.teacher=reference",
+                        f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stages"]["calibrated"]["calibration"]["teacher"] == "reference"
+    assert m["stages"]["calibrated"]["calibration"]["teacher_choice"] is None
+    replay = subprocess.run([sys.executable, "-m", "correctnet.evaluate", f"checkpoint={out / 'model.safetensors'}",
+                             "calibration=per_chip", "progress=false"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env=ONE_THREAD)
+    assert replay.returncode == 0 and "reproduces the exported metrics exactly" in replay.stdout, replay.stdout
+    # the checkpoint copied without its reference: a clear error naming the missing file
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    bad = subprocess.run([sys.executable, "-m", "correctnet.evaluate", f"checkpoint={alone / 'model.safetensors'}",
+                          "calibration=per_chip", "progress=false"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env=ONE_THREAD)
+    assert bad.returncode != 0 and "reference_model.safetensors" in bad.stderr and "Traceback" not in bad.stderr

@@ -287,11 +287,35 @@ def _chip_batch_correct(model: nn.Module, batches: Sequence[tuple[torch.Tensor, 
     return [0] * k if correct is None else [int(c) for c in correct.tolist()]
 
 
+_WORK: dict[str, Any] = {}  # what forked chip workers read (inherited at fork, never pickled)
+
+
+def _work_chip(i: int) -> tuple[int, float, Any]:
+    """A forked worker: chip ``i`` of the evaluation in ``_WORK`` (calibrated first, then restored)."""
+    model, batches, seeds, calibrate, snapshot = _WORK["args"]
+    with chip(model, seeds[i]):
+        if calibrate is not None:
+            calibrate(model, seeds[i])
+        acc = _accuracy(model, batches)
+    if snapshot is not None:
+        model.load_state_dict(snapshot)
+    record = getattr(calibrate, "last_record", None)
+    return i, acc, record() if record is not None else None
+
+
+def can_fork_workers(model: nn.Module) -> bool:
+    """Whether chips can be evaluated in forked worker processes: a CPU model on a platform with ``fork``."""
+    import multiprocessing
+
+    return "fork" in multiprocessing.get_all_start_methods() and all(
+        t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+
+
 def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int = 1000,
                 stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips",
                 calibrate: Callable[[nn.Module, int], None] | None = None,
                 channels_last: bool | None = None, chips_per_pass: int | None = None,
-                memory_budget: int | None = None) -> MCResult:
+                memory_budget: int | None = None, workers: int = 1) -> MCResult:
     """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips.
 
     The model must have analog layers (:func:`correctnet.analogize`). Data is moved to the model's
@@ -315,12 +339,19 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     (parameters and buffers) is restored after each chip, so every chip is calibrated from the same
     starting point. Calibrated chips run one by one (``chips_per_pass`` is ignored): each chip trains
     its own copy of the digital modules.
+
+    ``workers=N`` (> 1) spreads the one-by-one chips over N forked processes, each with the current torch
+    thread count (CPU models only, where ``fork`` exists; otherwise chips run here). Each chip computes the
+    same thing as in this process, so the per-chip accuracies are identical; a calibrator's per-chip records
+    (``last_record``/``add_record``, as :class:`~correctnet.calibration.ChipCalibrator` has) come back to it.
     """
     if n_chips < 1:
         raise ValueError(f"n_chips must be >= 1, got {n_chips}")
     if chips_per_pass is not None and (isinstance(chips_per_pass, bool) or not isinstance(chips_per_pass, int)
                                        or chips_per_pass < 1):
         raise ConfigError(f"chips_per_pass must be null (chosen from memory) or an integer >= 1, got {chips_per_pass!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     batches = eval_batches(data, batch_size, model, channels_last)
     seeds = [chip_seed(stream, seed, i) for i in range(n_chips)]
     accs: list[float] = []
@@ -335,7 +366,21 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     bar = tqdm(total=n_chips, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     with eval_mode(model):
         try:
-            if k == 1:
+            if k == 1 and workers > 1 and n_chips > 1 and can_fork_workers(model):
+                import multiprocessing
+
+                _WORK["args"] = (model, batches, seeds, calibrate, snapshot)
+                try:
+                    with multiprocessing.get_context("fork").Pool(min(workers, n_chips)) as pool:
+                        for _, acc, record in pool.imap(_work_chip, range(n_chips)):
+                            accs.append(acc)
+                            if record is not None:
+                                calibrate.add_record(record)  # type: ignore[union-attr]
+                            bar.update(1)
+                            bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+                finally:
+                    _WORK.clear()
+            elif k == 1:
                 for s in seeds:
                     with chip(model, s):
                         if calibrate is not None:

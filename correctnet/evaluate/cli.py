@@ -49,7 +49,8 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads")
-CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "seed")
+CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
+                    "select_chips", "seed")
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str] | None:
