@@ -28,6 +28,7 @@ import numpy as np
 import yaml
 
 from .errors import ConfigError, run_command
+from .stages import Stage, stage_label, stage_rank
 
 USAGE = """\
 usage: python -m correctnet.aggregate DIR [key=value ...]
@@ -43,12 +44,8 @@ per method, stage and sigma. Failed and never-started jobs are listed with their
 """
 
 KEYS = ("dir", "out", "stages")
-FIRST_STAGES = ("baseline", "noise_aware", "suppressed")
-STAGE_RANK = {**{s: 0 for s in FIRST_STAGES}, "compensated": 1, "calibrated": 2}
 METHOD_ORDER = ("none", "vanilla", "noise_aware", "suppression", "correctnet", "correctnet_calibrated",
                 "correctnet_noise_aware")
-STAGE_LABELS = {"baseline": "vanilla", "noise_aware": "noise-aware", "suppressed": "suppressed",
-                "compensated": "CorrectNet chip-agnostic", "calibrated": "CorrectNet calibrated"}
 REPLICATE_KEYS = ("seed",)            # runs that differ only in these are averaged
 GROUP_KEYS = ("method", "variation.sigma")   # shown in their own columns, not in the setting
 NO_METHOD = "-"
@@ -146,7 +143,7 @@ def _percentile(mc: dict[str, Any], q: float) -> float | None:
 
 def _overhead(run: Run, stage: str, key: str) -> float | None:
     """Extra parameters / MACs (%) of the compensation modules; None for stages without them."""
-    if STAGE_RANK.get(stage, 0) == 0:
+    if stage_rank(stage, 0) == 0:
         return None
     cost = run.stages.get(stage, {}).get("overhead") or (run.metrics or {}).get("overhead")
     return (cost or {}).get("total", {}).get(key)
@@ -359,7 +356,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for (method, setting, _), members in cells.items():
         ok = [r for r in members if r.status == "ok"]
         failed = [r for r in members if r.status != "ok"]
-        stages = sorted({s for r in ok for s in r.stages}, key=lambda s: (STAGE_RANK.get(s, 3), s))
+        stages = sorted({s for r in ok for s in r.stages}, key=lambda s: (stage_rank(s), s))
         sigma = members[0].sigma
         for stage in stages:
             with_stage = [r for r in ok if stage in r.stages]
@@ -367,7 +364,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     originals = original_accuracies(runs)
     for g in groups:
         g.originals = originals
-    groups.sort(key=lambda g: (_method_key(g.method), g.setting, _sigma_key(g.sigma), STAGE_RANK.get(g.stage, 3)))
+    groups.sort(key=lambda g: (_method_key(g.method), g.setting, _sigma_key(g.sigma), stage_rank(g.stage)))
     return groups
 
 
@@ -379,8 +376,8 @@ def original_accuracies(runs: list[Run]) -> dict[tuple[str, Any], float]:
         if r.status != "ok":
             continue
         orig = (r.metrics or {}).get("original_accuracy")
-        if orig is None and r.method == "vanilla" and "baseline" in r.stages:
-            orig = r.stages["baseline"].get("clean_accuracy")
+        if orig is None and r.method == "vanilla" and Stage.BASELINE in r.stages:
+            orig = r.stages[Stage.BASELINE].get("clean_accuracy")
         if orig is not None:
             out.setdefault((r.setting, r.seed), float(orig))
     return out
@@ -531,7 +528,7 @@ def write_plot(path: Path, groups: list[Group], stages: str = "final") -> Path |
         return None
     series: dict[tuple[str, str, str], list[tuple[float, dict[str, Any]]]] = {}
     for g in chosen:
-        label_stage = STAGE_LABELS.get(g.stage, g.stage) if stages == "all" else ""
+        label_stage = stage_label(g.stage) if stages == "all" else ""
         series.setdefault((g.method, g.setting, label_stage), []).append((float(g.sigma), g.stats()))
     tiers = [k[2] for k in series]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))

@@ -31,7 +31,7 @@ from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig,
                           teacher_logits, train_compensation)
 from .checkpoint import atomic_write, checkpoint_digest, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
-from .data import dataset_from_config
+from .data import DataSplits, dataset_from_config
 from .errors import ConfigError, CorrectNetError, is_int
 from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
@@ -44,8 +44,10 @@ from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
 from .runtime import resolve_progress, resolve_threads, resolve_workers
 from .seeding import Stream
+from .stages import Stage, stage_label
 from .training import TrainConfig, TrainingDivergedError, train
 from .registry import make_variation
+from .variation import VariationModel
 
 log = logging.getLogger("correctnet")
 
@@ -160,17 +162,54 @@ def _prefixed(key: str, error: CorrectNetError) -> CorrectNetError:
     return error if str(error).startswith(key) else type(error)(f"{key}: {error}")
 
 
-def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
-    """Run the pipeline described by ``cfg``, writing the checkpoint and ``metrics.json`` into ``out_dir``.
+@dataclasses.dataclass
+class Job:
+    """A validated pipeline config: what :func:`run` will do, decided before any work starts."""
 
-    Everything is validated before any work starts (a :class:`ConfigError` naming the key, its value and
-    what is accepted). ``cfg.resume`` (``auto`` | ``fresh`` | ``require`` | ``off``, see
-    :func:`correctnet.resume.open_store`) decides whether snapshots in ``<out_dir>/resume/`` are continued
-    from; they are removed once ``metrics.json`` is written. ``command`` (the command line) is recorded.
-    """
-    out_dir = Path(out_dir)
-    t_start = time.perf_counter()
-    # validate everything before any work starts
+    cfg: DictConfig
+    resume_mode: str
+    progress: bool
+    threads: int
+    workers: int                        # processes the Monte-Carlo chips are spread over
+    variation: VariationModel           # the chips the stages are evaluated on
+    train_variation: VariationModel     # what noise-aware training draws
+    tcfg: TrainConfig
+    lip_params: dict[str, Any]
+    regularizer: LipschitzRegularizer | None
+    placement: Any                      # as configured; resolved to {layer: rank} by prepare()
+    attach_kw: dict[str, Any]
+    comp_cfg: CompensationConfig | None
+    cal_cfg: CalibrationConfig | None
+    strategy: str | None
+    search_cfg: SearchConfig | None
+    ppo_cfg: PPOConfig | None
+    use_reference: bool
+    n_chips: int
+    profile_chips: int
+    profile_samples: int
+    eval_batch: int
+    eval_seed: int
+    device: torch.device
+
+    @property
+    def joint(self) -> bool:
+        """Compensators trained with the network (``compensation.joint``)."""
+        return self.comp_cfg is not None and self.comp_cfg.joint
+
+    @property
+    def base_stage(self) -> Stage:
+        if self.joint:
+            return Stage.COMPENSATED
+        return Stage.SUPPRESSED if self.regularizer else Stage.NOISE_AWARE if self.tcfg.noise_aware else Stage.BASELINE
+
+    @property
+    def trains_reference(self) -> bool:
+        """A separate vanilla reference is trained (the base training is not plain training already)."""
+        return self.use_reference and not (self.regularizer is None and not self.tcfg.noise_aware and not self.joint)
+
+
+def validate(cfg: DictConfig) -> Job:
+    """Every check that needs no data: a :class:`ConfigError` naming the key, its value and what is accepted."""
     seed = cfg.get("seed")
     if not is_int(seed) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -193,8 +232,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     use_reference = cfg.get("reference", False)
     if not isinstance(use_reference, bool):
         raise ConfigError(f"reference must be true or false, got {use_reference!r}")
-    joint = comp_cfg is not None and comp_cfg.joint
-    if joint and strategy is not None:
+    if comp_cfg is not None and comp_cfg.joint and strategy is not None:
         raise ConfigError(f"compensation.joint=true trains the compensators with the network, so their placement must "
                           f"be fixed before training; placement.strategy={strategy} chooses it after training. Use "
                           f"placement=fixed, or compensation.joint=false")
@@ -203,211 +241,315 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if cal_cfg is not None and cal_cfg.teacher == "auto" and not use_reference:
         raise ConfigError("calibration.teacher=auto chooses between the chip ensemble and the vanilla reference, "
                           "which needs reference=true; or set calibration.teacher=ensemble")
-    n_chips = _positive_int(cfg, "evaluation.n_chips")
-    profile_chips = _positive_int(cfg, "evaluation.profile_chips")
-    profile_samples = _positive_int(cfg, "evaluation.profile_samples")
-    eval_batch = _positive_int(cfg, "evaluation.batch_size")
     eval_seed = cfg.evaluation.seed
     if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
         raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
-    device = resolve_device(cfg.device)
-    torch.set_num_threads(threads)  # before any work (the dataset and the model are built next)
+    return Job(cfg=cfg, resume_mode=resume_mode, progress=progress, threads=threads, workers=workers,
+               variation=variation, train_variation=train_variation, tcfg=tcfg, lip_params=lip_params,
+               regularizer=regularizer, placement=placement, attach_kw=attach_kw, comp_cfg=comp_cfg, cal_cfg=cal_cfg,
+               strategy=strategy, search_cfg=search_cfg, ppo_cfg=ppo_cfg, use_reference=use_reference,
+               n_chips=_positive_int(cfg, "evaluation.n_chips"),
+               profile_chips=_positive_int(cfg, "evaluation.profile_chips"),
+               profile_samples=_positive_int(cfg, "evaluation.profile_samples"),
+               eval_batch=_positive_int(cfg, "evaluation.batch_size"), eval_seed=eval_seed,
+               device=resolve_device(cfg.device))
+
+
+@dataclasses.dataclass
+class Workspace:
+    """What the stages share: the job, the data splits, the analog model, the run directory and its resume store."""
+
+    job: Job
+    out_dir: Path
+    data: DataSplits
+    model: torch.nn.Module
+    model_spec: dict[str, Any]
+    include: list[str] | None
+    placement: dict[str, int] | None    # resolved; None until chosen when a search decides it
+    store: ResumeStore | None
+    resolved: dict[str, Any]            # the resolved config, as recorded
+    vers: dict[str, str]
+    example: torch.Tensor               # one test input [1, *input_shape] (overheads, Lipschitz constants)
+
+    def measure(self, m: torch.nn.Module, desc: str = "chips", clean: float | None = None, **kw: Any) -> dict[str, Any]:
+        """Clean accuracy (unless given) and the Monte-Carlo evaluation of ``m`` on the test split."""
+        j, t0 = self.job, time.perf_counter()
+        mc = monte_carlo(m, self.data.test, n_chips=j.n_chips, seed=j.eval_seed, batch_size=j.eval_batch,
+                         progress=j.progress, desc=desc, workers=j.workers, **kw)
+        if clean is None:
+            clean = clean_accuracy(m, self.data.test, batch_size=j.eval_batch)
+        return {"clean_accuracy": clean, "mc": mc.to_dict(), "eval_seconds": time.perf_counter() - t0}
+
+    def profile(self, m: torch.nn.Module, stage: Stage) -> dict[str, Any]:
+        """Per-layer Lipschitz constants and error-amplification profile of ``m``, plotted into the run directory."""
+        j, v = self.job, self.job.variation
+        lipschitz = lipschitz_constants(m, self.example)
+        profile = error_profile(m, self.data.test.tensors[0][:j.profile_samples], n_chips=j.profile_chips,
+                                seed=j.eval_seed)
+        plot = plot_layer_profile(lipschitz, profile, self.out_dir / f"layer_profile_{stage}.png",
+                                  title=f"{self.model_spec['name']} on {self.data.name}, {stage}, {v.name} sigma={v.sigma:g}")
+        return {"lipschitz": lipschitz, "plot": plot.name,
+                "error_profile": {"n_chips": j.profile_chips, "n_samples": j.profile_samples, "seed": j.eval_seed,
+                                  "relative_error": profile}}
+
+
+def prepare(job: Job, out_dir: Path) -> Workspace:
+    """Build the data splits and the analog model, then run the checks that need them; opens the resume store."""
+    cfg = job.cfg
+    torch.set_num_threads(job.threads)  # before any work (the dataset and the model are built next)
     model_params = OmegaConf.to_container(cfg.model, resolve=True)
     assert isinstance(model_params, dict)
-
     data = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed=cfg.seed)  # type: ignore[arg-type]
     data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
     model, model_spec = model_from_config(model_params, data.input_shape, data.num_classes)  # built-in or _target_
-    model_name = model_spec["name"]
     include = list(cfg.analog.include) if cfg.analog.include is not None else None
     try:
-        model = analogize(model, train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)
+        model = analogize(model, job.train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)
     except ConfigError as e:
         key = "analog.include" if include and any(repr(p) in str(e) for p in include) else "analog.exclude"
         raise _prefixed(key if "pattern" in str(e) else "analog", e) from None
-    model = model.to(device)
-    if placement is not None:
+    model = model.to(job.device)
+    placement = None
+    if job.placement is not None:
         try:  # bad names fail before training
-            placement = resolve_placement(model, placement, attach_kw.get("rank", 4))
+            placement = resolve_placement(model, job.placement, job.attach_kw.get("rank", 4))
         except ConfigError as e:
             raise _prefixed("compensation.placement", e) from None
-    if strategy is not None and len(data.val) == 0:
+    cal = job.cal_cfg
+    if job.strategy is not None and len(data.val) == 0:
         raise ConfigError("the placement search scores placements on the validation split, which is empty; "
                           "set dataset.val_fraction > 0")
-    if cal_cfg is not None and cal_cfg.teacher == "auto" and len(data.val) == 0:
+    if cal is not None and cal.teacher == "auto" and len(data.val) == 0:
         raise ConfigError("calibration.teacher=auto scores the candidate teachers on the validation split, which is "
                           "empty; set dataset.val_fraction > 0 or choose calibration.teacher=ensemble|self|reference")
-    if cal_cfg is not None and cal_cfg.n_images > len(data.train):
-        raise ConfigError(f"calibration.n_images={cal_cfg.n_images} exceeds the {len(data.train)} training images")
-    if cal_cfg is not None and placement is None and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-                                                             for m in model.modules()):
+    if cal is not None and cal.n_images > len(data.train):
+        raise ConfigError(f"calibration.n_images={cal.n_images} exceeds the {len(data.train)} training images")
+    if cal is not None and placement is None and not _has_batchnorm(model):
         raise ConfigError("calibration=per_chip needs compensation modules (compensation=all or "
                           "compensation.placement=[...]) or a model with BatchNorm to re-estimate")
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_name, data.name,
-             len(data.train), len(data.val), len(data.test), n_params, device)
-
+    log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_spec["name"], data.name,
+             len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
-    store = open_store(out_dir / "resume", resume_mode, _resume_record(resolved, vers, threads))
+    store = open_store(out_dir / "resume", job.resume_mode, _resume_record(resolved, vers, job.threads))
+    if job.regularizer is not None:  # conv layers need their input shapes for the spectral form
+        job.regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(job.device))
+    return Workspace(job=job, out_dir=out_dir, data=data, model=model, model_spec=model_spec, include=include,
+                     placement=placement, store=store, resolved=resolved, vers=vers,
+                     example=data.test.tensors[0][:1].to(job.device))
 
-    if regularizer is not None:  # conv layers need their input shapes for the spectral form
-        regularizer.shapes = input_shapes(model, data.train.tensors[0][:1].to(device))
-    example = data.test.tensors[0][:1].to(device)
 
-    def measure(m: torch.nn.Module, desc: str = "chips", clean: float | None = None, **kw: Any) -> dict[str, Any]:
-        """Clean accuracy (unless given) and the Monte-Carlo evaluation of ``m`` on the test split."""
-        t0 = time.perf_counter()
-        mc = monte_carlo(m, data.test, n_chips=n_chips, seed=eval_seed, batch_size=eval_batch, progress=progress,
-                         desc=desc, workers=workers, **kw)
-        if clean is None:
-            clean = clean_accuracy(m, data.test, batch_size=eval_batch)
-        return {"clean_accuracy": clean, "mc": mc.to_dict(), "eval_seconds": time.perf_counter() - t0}
+@dataclasses.dataclass
+class StageResult:
+    """One stage's entry of ``metrics.json["stages"]``."""
 
-    def profile_of(m: torch.nn.Module, name: str) -> dict[str, Any]:
-        lipschitz = lipschitz_constants(m, example)
-        profile = error_profile(m, data.test.tensors[0][:profile_samples], n_chips=profile_chips, seed=eval_seed)
-        plot = plot_layer_profile(lipschitz, profile, out_dir / f"layer_profile_{name}.png",
-                                  title=f"{model_name} on {data.name}, {name}, {variation.name} sigma={variation.sigma:g}")
-        return {"lipschitz": lipschitz, "plot": plot.name,
-                "error_profile": {"n_chips": profile_chips, "n_samples": profile_samples, "seed": eval_seed,
-                                  "relative_error": profile}}
+    stage: Stage
+    record: dict[str, Any]
 
-    stages: dict[str, Any] = {}
-    reference: torch.nn.Module | None = None
-    base_is_plain = regularizer is None and not tcfg.noise_aware and not joint
-    if use_reference and not base_is_plain:
-        # stage 0: the vanilla reference (same initialisation, plain training): the original accuracy
-        reference = copy.deepcopy(model)
-        ref_cfg = dataclasses.replace(tcfg, noise_aware=False)
-        t0 = time.perf_counter()
-        history = train(reference, data.train, data.val, ref_cfg, progress=progress, stage="baseline",
-                        resume=store, resume_key="reference")
-        ref_seconds = time.perf_counter() - t0
-        _check_outputs(reference, data.test, "baseline")
-        set_variation(reference, variation)
-        stages["baseline"] = {**measure(reference, desc="baseline"),
-                              "training": {"noise_aware": False, "noise_variation": None, "lipschitz": None,
-                                           "epochs": tcfg.epochs, "seconds": ref_seconds, "history": history},
-                              "reference": True, **profile_of(reference, "baseline")}
 
-    # stage 1: base training (noise-aware and/or Lipschitz; with compensation.joint the compensators train with it)
-    stage = "suppressed" if regularizer else "noise_aware" if tcfg.noise_aware else "baseline"
-    cost = None
-    if joint:
-        assert placement is not None
-        attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
-        stage = "compensated"
+def train_reference(ws: Workspace) -> tuple[torch.nn.Module, StageResult]:
+    """The vanilla reference (same initialisation and epochs, plain training): the original accuracy and vanilla
+    under variation (stage ``baseline``)."""
+    j = ws.job
+    reference = copy.deepcopy(ws.model)
     t0 = time.perf_counter()
-    history = train(model, data.train, data.val, tcfg, regularizer=regularizer, progress=progress, stage=stage,
-                    resume=store)
-    train_seconds = time.perf_counter() - t0
-    _check_outputs(model, data.test, stage)
-    set_variation(model, variation)
-    base_training = {"noise_aware": tcfg.noise_aware,
-                     "noise_variation": train_variation.to_dict() if tcfg.noise_aware else None,
-                     "lipschitz": lip_params if regularizer else None, "epochs": tcfg.epochs,
-                     "seconds": train_seconds, "history": history, "joint_compensation": joint}
-    if not joint:
-        stages[stage] = {**measure(model), "training": base_training, **profile_of(model, stage)}
-
-    placement_record = None
-    evaluator: PlacementEvaluator | None = None
-    if strategy is not None:
-        assert search_cfg is not None and comp_cfg is not None
-        evaluator, chosen, placement_record = _search(model, data, strategy, search_cfg, ppo_cfg, attach_kw,
-                                                      comp_cfg, progress, store)
-        placement = evaluator.to_placement(chosen) or None
-        if placement is None:
-            log.info("the search chose no compensation: no compensated stage")
-    if placement is not None:
-        # stages 2-3: compensation modules (attached now, or trained jointly above), chip-agnostic
-        assert comp_cfg is not None
-        stage = "compensated"
-        if not joint:
-            attach_compensation(model, placement, seed=cfg.seed, **attach_kw)
-            if evaluator is not None:  # fine-tune the search's shared compensators
-                evaluator.load_shared(model, chosen)
-        cost = overhead(model, example)
-        log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(placement),
-                 cost["total"]["params_pct"], cost["total"]["macs_pct"])
-        result = None
-        if comp_cfg.steps > 0:
-            teacher = evaluator.teacher if evaluator is not None else None
-            if joint and comp_cfg.distill > 0:  # bypassing jointly trained compensators breaks the network
-                teacher = teacher_logits(reference if reference is not None else model, data.train.tensors[0],
-                                         bypass_compensators=False)
-            result = train_compensation(model, data.train, comp_cfg, progress=progress, stage=stage, resume=store,
-                                        teacher=teacher)
-            _check_outputs(model, data.test, stage)
-        check = None
-        if comp_cfg.check_chips > 0 and len(data.val) > 0 and not joint:
-            check_val = _unscored(data.val, search_cfg if strategy is not None else None)
-            check = check_compensation(model, check_val, chips=comp_cfg.check_chips, seed=comp_cfg.seed,
-                                       batch_size=eval_batch)
-            if not check["kept"]:
-                log.warning("chip-agnostic compensation lowered validation accuracy (%.2f%% -> %.2f%% on %d chips): "
-                            "compensators reset to a no-op; the chip-agnostic deployment carries none",
-                            100 * check["without"], 100 * check["with"], check["chips"])
-        deployed = cost if check is None or check["kept"] else _no_overhead(cost)
-        stages[stage] = {**measure(model, desc=stage),
-                         "training": {**asdict(comp_cfg), **(result.to_dict() if result else {}),
-                                      **({"base": base_training} if joint else {})},
-                         "check": check, "placement": compensation_spec(model), "overhead": deployed,
-                         **(profile_of(model, stage) if joint else {})}
-    if cal_cfg is not None and placement is None and strategy is not None and not any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage")
-        cal_cfg = None
-    if cal_cfg is not None:
-        # stage 4: per-chip calibration of every evaluation chip on unlabeled training images
-        images = calibration_images(data.train, cal_cfg.n_images, cal_cfg.seed).to(device)
-        choice = None
-        if cal_cfg.teacher == "auto":
-            check_val = _unscored(data.val, search_cfg if strategy is not None else None)
-            cal_cfg, choice = _choose_teacher(model, reference, images, cal_cfg, check_val, joint, eval_batch, workers)
-        calibrator = ChipCalibrator(model, images, cal_cfg, teacher=_calibration_teacher(cal_cfg, model, reference, joint))
-        stages["calibrated"] = {**measure(model, desc="calibrated", clean=stages[stage]["clean_accuracy"],
-                                          calibrate=calibrator),
-                                "calibration": {**calibrator.stats(), "teacher_choice": choice}, "overhead": cost}
-    cost = stages.get("compensated", {}).get("overhead", cost)
+    history = train(reference, ws.data.train, ws.data.val, dataclasses.replace(j.tcfg, noise_aware=False),
+                    progress=j.progress, stage=Stage.BASELINE.value, resume=ws.store, resume_key="reference")
+    seconds = time.perf_counter() - t0
+    _check_outputs(reference, ws.data.test, Stage.BASELINE)
+    set_variation(reference, j.variation)
+    record = {**ws.measure(reference, desc=Stage.BASELINE.value),
+              "training": {"noise_aware": False, "noise_variation": None, "lipschitz": None, "epochs": j.tcfg.epochs,
+                           "seconds": seconds, "history": history},
+              "reference": True, **ws.profile(reference, Stage.BASELINE)}
+    return reference, StageResult(Stage.BASELINE, record)
 
 
+def train_base(ws: Workspace) -> tuple[dict[str, Any], StageResult | None]:
+    """Base training (plain, noise-aware and/or Lipschitz); with ``compensation.joint`` the compensators are attached
+    first and train with the network. Returns the training record and, unless the compensators trained jointly
+    (their stage is recorded by :func:`compensate`), the stage."""
+    j, model = ws.job, ws.model
+    stage = j.base_stage
+    if j.joint:
+        assert ws.placement is not None
+        attach_compensation(model, ws.placement, seed=j.cfg.seed, **j.attach_kw)
+    t0 = time.perf_counter()
+    history = train(model, ws.data.train, ws.data.val, j.tcfg, regularizer=j.regularizer, progress=j.progress,
+                    stage=stage.value, resume=ws.store)
+    seconds = time.perf_counter() - t0
+    _check_outputs(model, ws.data.test, stage)
+    set_variation(model, j.variation)
+    training = {"noise_aware": j.tcfg.noise_aware,
+                "noise_variation": j.train_variation.to_dict() if j.tcfg.noise_aware else None,
+                "lipschitz": j.lip_params if j.regularizer else None, "epochs": j.tcfg.epochs,
+                "seconds": seconds, "history": history, "joint_compensation": j.joint}
+    if j.joint:
+        return training, None
+    return training, StageResult(stage, {**ws.measure(model), "training": training, **ws.profile(model, stage)})
+
+
+def search_placement(ws: Workspace) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
+    """The placement search (``placement.strategy``): the evaluator, the chosen placement and its metrics record."""
+    j = ws.job
+    assert j.strategy is not None and j.search_cfg is not None and j.comp_cfg is not None
+    return _search(ws.model, ws.data, j.strategy, j.search_cfg, j.ppo_cfg, j.attach_kw, j.comp_cfg, j.progress, ws.store)
+
+
+def compensate(ws: Workspace, base_training: dict[str, Any], reference: torch.nn.Module | None,
+               evaluator: PlacementEvaluator | None = None, chosen: Placement | None = None
+               ) -> tuple[StageResult, dict[str, Any]]:
+    """Compensation modules at ``ws.placement`` (attached now, or trained jointly by :func:`train_base`), one set for
+    every chip: optional chip-agnostic training, the check, the measurement. Returns the stage and the modules' cost
+    (the stage records the deployed overhead: none when the check reset them)."""
+    j, model, comp_cfg = ws.job, ws.model, ws.job.comp_cfg
+    assert comp_cfg is not None and ws.placement is not None
+    stage = Stage.COMPENSATED
+    if not j.joint:
+        attach_compensation(model, ws.placement, seed=j.cfg.seed, **j.attach_kw)
+        if evaluator is not None:  # fine-tune the search's shared compensators
+            evaluator.load_shared(model, chosen)
+    cost = overhead(model, ws.example)
+    log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(ws.placement),
+             cost["total"]["params_pct"], cost["total"]["macs_pct"])
+    result = None
+    if comp_cfg.steps > 0:
+        teacher = evaluator.teacher if evaluator is not None else None
+        if j.joint and comp_cfg.distill > 0:  # bypassing jointly trained compensators breaks the network
+            teacher = teacher_logits(reference if reference is not None else model, ws.data.train.tensors[0],
+                                     bypass_compensators=False)
+        result = train_compensation(model, ws.data.train, comp_cfg, progress=j.progress, stage=stage.value,
+                                    resume=ws.store, teacher=teacher)
+        _check_outputs(model, ws.data.test, stage)
+    check = None
+    if comp_cfg.check_chips > 0 and len(ws.data.val) > 0 and not j.joint:
+        check_val = _unscored(ws.data.val, j.search_cfg if j.strategy is not None else None)
+        check = check_compensation(model, check_val, chips=comp_cfg.check_chips, seed=comp_cfg.seed,
+                                   batch_size=j.eval_batch)
+        if not check["kept"]:
+            log.warning("chip-agnostic compensation lowered validation accuracy (%.2f%% -> %.2f%% on %d chips): "
+                        "compensators reset to a no-op; the chip-agnostic deployment carries none",
+                        100 * check["without"], 100 * check["with"], check["chips"])
+    deployed = cost if check is None or check["kept"] else _no_overhead(cost)
+    record = {**ws.measure(model, desc=stage.value),
+              "training": {**asdict(comp_cfg), **(result.to_dict() if result else {}),
+                           **({"base": base_training} if j.joint else {})},
+              "check": check, "placement": compensation_spec(model), "overhead": deployed,
+              **(ws.profile(model, stage) if j.joint else {})}
+    return StageResult(stage, record), cost
+
+
+def calibrate_chips(ws: Workspace, reference: torch.nn.Module | None, clean: float,
+                    cost: dict[str, Any] | None) -> StageResult:
+    """Per-chip calibration of every evaluation chip on unlabeled training images (stage ``calibrated``), with the
+    configured teacher (``auto``: chosen first on calibrated validation chips). ``clean``: the model's clean
+    accuracy (calibration changes only what chips do)."""
+    j, model = ws.job, ws.model
+    cal_cfg = j.cal_cfg
+    assert cal_cfg is not None
+    images = calibration_images(ws.data.train, cal_cfg.n_images, cal_cfg.seed).to(j.device)
+    choice = None
+    if cal_cfg.teacher == "auto":
+        check_val = _unscored(ws.data.val, j.search_cfg if j.strategy is not None else None)
+        cal_cfg, choice = _choose_teacher(model, reference, images, cal_cfg, check_val, j.joint, j.eval_batch,
+                                          j.workers)
+    calibrator = ChipCalibrator(model, images, cal_cfg, teacher=_calibration_teacher(cal_cfg, model, reference, j.joint))
+    record = {**ws.measure(model, desc=Stage.CALIBRATED.value, clean=clean, calibrate=calibrator),
+              "calibration": {**calibrator.stats(), "teacher_choice": choice}, "overhead": cost}
+    return StageResult(Stage.CALIBRATED, record)
+
+
+def export(ws: Workspace, stages: dict[str, Any], *, final: Stage, reference: torch.nn.Module | None,
+           placement_record: dict[str, Any] | None, seconds: float, command: str | None) -> dict[str, Any]:
+    """Write the checkpoint (the model of stage ``final``), the vanilla reference beside it, and ``metrics.json``."""
+    cfg, data = ws.job.cfg, ws.data
     metrics: dict[str, Any] = {
         "dataset": data.name,
-        "model": model_name,
-        "variation": variation.to_dict(),
+        "model": ws.model_spec["name"],
+        "variation": ws.job.variation.to_dict(),
         "stages": stages,
         "original_accuracy": original_accuracy({"stages": stages}),
-        "overhead": cost,
+        "overhead": stages.get(Stage.COMPENSATED.value, {}).get("overhead"),
         "placement": placement_record,
-        "config": resolved,
-        "versions": vers,
-        "device": str(device),
+        "config": ws.resolved,
+        "versions": ws.vers,
+        "device": str(ws.job.device),
         "environment": {"torch_threads": torch.get_num_threads(), "threads": cfg.get("threads", "auto"),
-                        "workers": workers,
-                        "platform": platform.platform(), "cpu_count": os.cpu_count()},
+                        "workers": ws.job.workers, "platform": platform.platform(), "cpu_count": os.cpu_count()},
         "command": command,
-        "seconds": time.perf_counter() - t_start,
+        "seconds": seconds,
     }
-    meta = {"model": model_spec, "normalization": data.normalization(), "dataset_source": data.source,
-            "variation": variation.to_dict(), "analog": {"include": include, "exclude": list(cfg.analog.exclude)},
-            "dataset": data.name, "stage": stage, "config": resolved, "versions": vers}
-    metrics["checkpoint"] = str(out_dir / cfg.checkpoint.name)
+    meta = {"model": ws.model_spec, "normalization": data.normalization(), "dataset_source": data.source,
+            "variation": ws.job.variation.to_dict(), "analog": {"include": ws.include, "exclude": list(cfg.analog.exclude)},
+            "dataset": data.name, "stage": final.value, "config": ws.resolved, "versions": ws.vers}
+    metrics["checkpoint"] = str(ws.out_dir / cfg.checkpoint.name)
     if reference is not None:  # the vanilla reference, a checkpoint of its own: the calibration teacher can be replayed
-        ref_file = out_dir / f"reference_{cfg.checkpoint.name}"
+        ref_file = ws.out_dir / f"reference_{cfg.checkpoint.name}"
         metrics["reference_checkpoint"] = str(ref_file)
-        save_checkpoint(ref_file, reference, {**meta, "stage": "baseline", "metrics": metrics}, overwrite=True)
+        save_checkpoint(ref_file, reference, {**meta, "stage": Stage.BASELINE.value, "metrics": metrics},
+                        overwrite=True)
         meta["reference"] = {"file": ref_file.name, "sha256": checkpoint_digest(ref_file)}
     meta["metrics"] = metrics
-    save_checkpoint(out_dir / cfg.checkpoint.name, model, meta, overwrite=True)
-    atomic_write(out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)), overwrite=True)
-    if store is not None:
-        store.clear()  # the results are written: the snapshots are no longer needed
-    _print_summary(metrics, out_dir)
+    save_checkpoint(ws.out_dir / cfg.checkpoint.name, ws.model, meta, overwrite=True)
+    atomic_write(ws.out_dir / "metrics.json", lambda tmp: Path(tmp).write_text(json.dumps(metrics, indent=2)),
+                 overwrite=True)
     return metrics
+
+
+def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> dict[str, Any]:
+    """Run the pipeline described by ``cfg``, writing the checkpoint and ``metrics.json`` into ``out_dir``.
+
+    The stages, in order: :func:`train_reference` (with ``reference=true``), :func:`train_base`, the placement
+    search (:func:`search_placement`, with ``placement.strategy``), :func:`compensate`, :func:`calibrate_chips`,
+    :func:`export`. Everything is validated before any work starts (:func:`validate`, then :func:`prepare`).
+    ``cfg.resume`` (``auto`` | ``fresh`` | ``require`` | ``off``, see :func:`correctnet.resume.open_store`)
+    decides whether snapshots in ``<out_dir>/resume/`` are continued from; they are removed once ``metrics.json``
+    is written. ``command`` (the command line) is recorded.
+    """
+    t_start = time.perf_counter()
+    job = validate(cfg)
+    ws = prepare(job, Path(out_dir))
+    stages: dict[str, Any] = {}
+
+    def add(result: StageResult | None) -> None:
+        if result is not None:
+            stages[result.stage.value] = result.record
+
+    reference = None
+    if job.trains_reference:
+        reference, result = train_reference(ws)
+        add(result)
+    base_training, result = train_base(ws)
+    add(result)
+    final = job.base_stage
+    evaluator, chosen, placement_record = None, None, None
+    if job.strategy is not None:
+        evaluator, chosen, placement_record = search_placement(ws)
+        ws.placement = evaluator.to_placement(chosen) or None
+        if ws.placement is None:
+            log.info("the search chose no compensation: no compensated stage")
+    cost = None
+    if ws.placement is not None:
+        result, cost = compensate(ws, base_training, reference, evaluator, chosen)
+        add(result)
+        final = Stage.COMPENSATED
+    if job.cal_cfg is not None and ws.placement is None and job.strategy is not None and not _has_batchnorm(ws.model):
+        log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage")
+    elif job.cal_cfg is not None:
+        add(calibrate_chips(ws, reference, stages[final]["clean_accuracy"], cost))
+    metrics = export(ws, stages, final=final, reference=reference, placement_record=placement_record,
+                     seconds=time.perf_counter() - t_start, command=command)
+    if ws.store is not None:
+        ws.store.clear()  # the results are written: the snapshots are no longer needed
+    _print_summary(metrics, ws.out_dir)
+    return metrics
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
 
 
 def _unscored(val: Any, search_cfg: SearchConfig | None) -> Any:
@@ -493,18 +635,15 @@ def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: Search
     return evaluator, b.placement, record
 
 
-STAGE_LABELS = {"baseline": "vanilla", "noise_aware": "noise-aware", "suppressed": "Lipschitz-suppressed",
-                "compensated": "CorrectNet chip-agnostic", "calibrated": "CorrectNet calibrated"}
-
 
 def original_accuracy(metrics: dict[str, Any]) -> float | None:
     """The original accuracy: the vanilla network's clean accuracy (its ``baseline`` stage), when the run has one."""
-    base = metrics["stages"].get("baseline")
+    base = metrics["stages"].get(Stage.BASELINE)
     return base["clean_accuracy"] if base else None
 
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
-    rows = [(STAGE_LABELS.get(name, name), s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
+    rows = [(stage_label(name), s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
     over = metrics.get("overhead")
     print("\n" + format_summary(metrics["model"], metrics["dataset"], metrics["variation"], rows,
                                 original=original_accuracy(metrics))

@@ -1,5 +1,6 @@
 """The package's layering: no import cycles between its modules, no private names imported across them."""
 import ast
+import functools
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "correctnet"
@@ -11,6 +12,7 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+@functools.lru_cache(maxsize=None)  # parsed once: the cycle test asks for it in its inner loops
 def _imports() -> dict[str, list[tuple[str, list[str], bool]]]:
     """module -> [(imported module, names, at module level)] for imports inside the package."""
     out = {}
