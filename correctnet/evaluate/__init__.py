@@ -477,7 +477,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
                         progress: bool = False,
                         calibrate: Callable[[nn.Module, Any, Mapping[str, Any]], Callable[[nn.Module, int], None]]
-                        | None = None) -> dict[str, Any]:
+                        | None = None, workers: int = 1) -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
     Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
@@ -491,7 +491,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     ``calibrate(model, data, meta)``, if given, returns the per-chip calibrator to pass to
     :func:`monte_carlo` (``data``: the run's splits; see
     :func:`correctnet.calibration.evaluate_calibrated`); the results are then compared with the exported
-    ``calibrated`` stage.
+    ``calibrated`` stage. ``workers``: processes the chips are spread over (:func:`monte_carlo`).
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
@@ -549,7 +549,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         if calibrate is not None:  # built per variation model: its teacher and images are the same for all
             calibrator = calibrate(model, data, meta)
         mc = monte_carlo(model, data.test, n_chips=ev["n_chips"], seed=ev["seed"], batch_size=ev["batch_size"],
-                         progress=progress, desc=f"{stage} {v.name} {v.sigma:g}", calibrate=calibrator)
+                         progress=progress, desc=f"{stage} {v.name} {v.sigma:g}", calibrate=calibrator,
+                         workers=workers)
         same = None
         if exported and v.to_dict() == stored_var and (exported["mc"].get("seed"), exported["mc"].get("n_chips")) \
                 == (ev["seed"], ev["n_chips"]):

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from ..calibration import CalibrationConfig, evaluate_calibrated
 from ..checkpoint import atomic_write, read_metadata
 from ..errors import ConfigError, run_command
-from ..runtime import resolve_progress, set_threads
+from ..runtime import resolve_progress, resolve_workers, set_threads
 from . import evaluate_checkpoint, format_summary
 
 USAGE = """\
@@ -31,6 +31,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   evaluation.seed=S         chip i is seeding.chip_seed(Stream.EVAL, S, i)
   evaluation.batch_size=B
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
+  evaluation.workers=auto|N processes the chips are spread over (default auto: idle cores / threads)
   dataset.root=DIR          where the dataset is on this machine
   dataset.name=NAME  dataset.val_fraction=F  seed=S   only for checkpoints that do not record them
   dataset.path=FILE         a moved data file (dataset=file runs)
@@ -48,7 +49,8 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
-        "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads")
+        "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
+        "evaluation.workers")
 CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
                     "select_chips", "seed")
 
@@ -153,9 +155,10 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     if ("export_chip" in opts) != ("out_chip" in opts) or ("export_chip" in opts and mode != "per_chip"):
         raise ConfigError("export_chip=I and out_chip=FILE go together, with calibration=per_chip")
     progress = resolve_progress(opts.get("progress", "auto"))
-    set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
+    threads = set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
+    workers = resolve_workers(opts.get("evaluation.workers", "auto"), threads)
     common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress,
-                  **ints)
+                  workers=workers, **ints)
     if mode == "per_chip":
         export = _number("export_chip", opts["export_chip"], int) if "export_chip" in opts else None
         res = evaluate_calibrated(opts["checkpoint"], calibration=overrides, export_chip=export,
