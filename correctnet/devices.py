@@ -47,25 +47,59 @@ Learn. 2023); Joshi et al., Nat. Commun. 11, 2473 (2020) for read noise as a fra
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .errors import is_int, is_number, require
+from .errors import ConfigError, is_int, is_number, require
 from .variation import VariationModel
 
-WAN2022_COEFFS: tuple[float, ...] = (0.348, 16.030, -43.853, 45.393, -16.815)  # µS, powers x^0..x^4
+# aihwkit src/aihwkit/inference/noise/reram.py (ReRamWan2022NoiseModel.coeff_dic, commit 4545f11b), stored
+# there highest power first and reversed; here in µS, powers x^0..x^4, keyed by seconds after programming.
+WAN2022_FITS: dict[float, tuple[float, ...]] = {
+    1.0: (0.348, 16.030, -43.853, 45.393, -16.815),            # 1 s
+    86400.0: (0.701, 22.086, -50.773, 47.095, -16.458),        # 1 day
+    172800.0: (0.782, 20.274, -43.507, 37.062, -11.934),       # 2 days
+}
+WAN2022_COEFFS: tuple[float, ...] = WAN2022_FITS[1.0]
 WAN2022_G_MAX = 40.0  # µS, the g_max the coefficients were fitted for
 MAPPINGS = ("layer", "channel")
 PROGRAMMING = ("wan2022", "lognormal")
+DRIFT_COMPENSATION = ("none", "global")
 
 
-def wan2022_std(g: torch.Tensor, g_max: float) -> torch.Tensor:
-    """Programming-noise std in µS at target conductance ``g`` (µS): the Wan et al. 2022 polynomial."""
+def wan2022_coeffs(t_eval: float = 1.0) -> tuple[float, ...]:
+    """Polynomial coefficients (µS, powers x^0..x^4) of the programming-noise std ``t_eval`` s after programming.
+
+    The fit covers 1 s, 1 day and 2 days. At a fitted time: that fit, exactly. Between two fitted times
+    ``t0 < t < t1``: each coefficient linearly interpolated in ``log t``,
+    ``c = (1 - a) c(t0) + a c(t1)``, ``a = (ln t - ln t0) / (ln t1 - ln t0)``. Before 1 s: the 1 s fit;
+    after 2 days: the 2-day fit (clamped; no extrapolation).
+    """
+    times = sorted(WAN2022_FITS)
+    if t_eval <= times[0]:
+        return WAN2022_FITS[times[0]]
+    if t_eval >= times[-1]:
+        return WAN2022_FITS[times[-1]]
+    if t_eval in WAN2022_FITS:
+        return WAN2022_FITS[t_eval]
+    t1 = next(t for t in times if t > t_eval)
+    t0 = times[times.index(t1) - 1]
+    a = (math.log(t_eval) - math.log(t0)) / (math.log(t1) - math.log(t0))
+    return tuple((1 - a) * c0 + a * c1 for c0, c1 in zip(WAN2022_FITS[t0], WAN2022_FITS[t1]))
+
+
+def wan2022_std(g: torch.Tensor, g_max: float, t_eval: float = 1.0) -> torch.Tensor:
+    """Programming-noise std in µS at target conductance ``g`` (µS), ``t_eval`` s after programming.
+
+    The Wan et al. 2022 polynomial of :func:`wan2022_coeffs` in ``x = g / g_max``, scaled by
+    ``g_max / 40 µS`` (the fit's reference).
+    """
     x = g / g_max
     std = torch.zeros_like(g)
-    for c in reversed(WAN2022_COEFFS):  # Horner
+    for c in reversed(wan2022_coeffs(t_eval)):  # Horner
         std = std * x + c
     return std * (g_max / WAN2022_G_MAX)
 
@@ -107,6 +141,26 @@ def quantize_signal(x: torch.Tensor, bits: int, dims: Sequence[int]) -> torch.Te
     return _straight_through(x, q)
 
 
+def clip_quantize(x: torch.Tensor, full_scale: torch.Tensor | float, bits: int | None) -> torch.Tensor:
+    """Fixed-range converter: clip to ``[-F, F]`` (no gradient beyond the bounds), then, with ``bits``, round to
+    the signed grid ``k F / (2^(bits-1) - 1)`` (straight-through). ``F`` broadcasts against ``x``."""
+    f = torch.as_tensor(full_scale, dtype=x.dtype, device=x.device).clamp_min(torch.finfo(x.dtype).tiny)
+    c = torch.maximum(torch.minimum(x, f), -f)
+    if bits is None:
+        return c
+    n = 2 ** (bits - 1) - 1
+    return _straight_through(c, torch.round(c.detach() / f * n) * (f / n))
+
+
+def _abs_max(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    return x.detach().abs().amax(dim=tuple(dims), keepdim=True)
+
+
+def _opt_range(key: str, v: Any) -> str | float:
+    require(v == "auto" or (is_number(v) and v > 0), f"variation.{key}", "'auto' or a number > 0", v)
+    return v if v == "auto" else float(v)
+
+
 def _opt_int(key: str, v: Any, low: int, high: int | None = None) -> int | None:
     if v is None:
         return None
@@ -140,6 +194,11 @@ class RRAM(VariationModel):
     levels: int | None = None        # programmable conductance levels per cell; null = continuous
     dac_bits: int | None = None      # input DAC resolution; null = ideal
     adc_bits: int | None = None      # output ADC resolution; null = ideal
+    t_eval: float = 1.0              # s after programming at which the chip is read (Wan 2022 fits: 1 s-2 days)
+    drift_compensation: str = "none"  # none | global: rescale each layer by nominal / aged mean |W|
+    dac_range: Any = "auto"          # auto (per-vector max|x|) | r > 0: clip at r * the layer's calibrated range
+    adc_range: Any = "auto"          # auto (per-vector max|y|) | r > 0: clip at r * max|W| * DAC full scale
+    output_noise: float = 0.0        # std of additive noise per MVM output and read, fraction of the ADC full scale
     name: ClassVar[str] = "rram"
 
     def __post_init__(self) -> None:
@@ -161,6 +220,18 @@ class RRAM(VariationModel):
         set_("levels", _opt_int("levels", self.levels, 2))
         set_("dac_bits", _opt_int("dac_bits", self.dac_bits, 2, 24))
         set_("adc_bits", _opt_int("adc_bits", self.adc_bits, 2, 24))
+        require(is_number(self.t_eval) and self.t_eval >= 1, "variation.t_eval",
+                "a number >= 1 (seconds after programming; the Wan 2022 fits start at 1 s)", self.t_eval)
+        set_("t_eval", float(self.t_eval))
+        require(self.t_eval == 1 or self.programming == "wan2022", "variation.t_eval",
+                "1 with variation.programming=lognormal (only the wan2022 fit depends on time)", self.t_eval)
+        require(self.drift_compensation in DRIFT_COMPENSATION, "variation.drift_compensation",
+                f"one of {list(DRIFT_COMPENSATION)}", self.drift_compensation)
+        set_("dac_range", _opt_range("dac_range", self.dac_range))
+        set_("adc_range", _opt_range("adc_range", self.adc_range))
+        require(is_number(self.output_noise) and self.output_noise >= 0, "variation.output_noise",
+                "a number >= 0 (fraction of the ADC full scale)", self.output_noise)
+        set_("output_noise", float(self.output_noise))
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)  # frozen dataclass: normalise validated values
@@ -181,13 +252,16 @@ class RRAM(VariationModel):
     def conductances(self, weight: torch.Tensor, noise: torch.Tensor,
                      read: torch.Generator | None = None) -> torch.Tensor:
         """``[G+, G-]`` in µS as read once (shape ``[2, *weight.shape]``); read noise only with ``read``."""
+        return self._read(self._static_conductances(weight, noise), read)
+
+    def _static_conductances(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         g = to_conductance(weight, self.scale(weight), self.g_min, self.g_max)
         if self.levels is not None:
             g = quantize_levels(g, self.levels, self.g_min, self.g_max)
         eps = noise[:2]
         if self.sigma > 0:
             if self.programming == "wan2022":
-                g = (g + self.sigma * wan2022_std(g.detach(), self.g_max) * eps).clamp_min(0.0)
+                g = (g + self.sigma * wan2022_std(g.detach(), self.g_max, self.t_eval) * eps).clamp_min(0.0)
             else:
                 g = g * torch.exp(self.sigma * eps)
         if self.stuck_fraction > 0:
@@ -195,6 +269,9 @@ class RRAM(VariationModel):
             high = u < f * self.stuck_high
             g = torch.where(high, torch.full_like(g, self.g_max), g)
             g = torch.where(~high & (u < f), torch.full_like(g, self.g_min), g)
+        return g
+
+    def _read(self, g: torch.Tensor, read: torch.Generator | None) -> torch.Tensor:
         if read is not None and self.read_noise > 0:
             g = g + (self.read_noise * self.g_max) * torch.randn(g.shape, generator=read, device=g.device,
                                                                  dtype=g.dtype)
@@ -206,8 +283,22 @@ class RRAM(VariationModel):
 
     def apply_read(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The weight seen by one read: static deviations plus read noise drawn from ``generator``."""
-        return from_conductance(self.conductances(weight, noise, generator), self.scale(weight),
-                                self.g_min, self.g_max)
+        s = self.scale(weight)
+        g = self._static_conductances(weight, noise)
+        w = from_conductance(self._read(g, generator), s, self.g_min, self.g_max)
+        if self.drift_compensation == "global":
+            w = w * self.drift_factor(weight, from_conductance(g.detach(), s, self.g_min, self.g_max))
+        return w
+
+    @staticmethod
+    def drift_factor(weight: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """Global drift compensation ``alpha = mean|W| / mean|W'|`` over the layer (detached scalar).
+
+        ``W'`` is the chip's static weight (no read noise): aihwkit's ``GlobalDriftCompensation`` readout
+        (mean |output| over one-hot inputs = mean |W'|) against the exact nominal reference.
+        """
+        ref = weight.detach().abs().sum()
+        return ref / static.abs().sum().clamp_min(torch.finfo(static.dtype).tiny)
 
     # -- converters ------------------------------------------------------------------------------
     @property
@@ -216,7 +307,50 @@ class RRAM(VariationModel):
 
     @property
     def converts(self) -> bool:
-        return self.dac_bits is not None or self.adc_bits is not None
+        return self.dac_bits is not None or self.adc_bits is not None or not self._ideal_ranges
+
+    @property
+    def _ideal_ranges(self) -> bool:
+        return self.dac_range == "auto" and self.adc_range == "auto" and self.output_noise == 0
+
+    @property
+    def needs_input_range(self) -> bool:
+        return self.dac_range != "auto"
+
+    def weight_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale(weight)
+
+    def convert(self, mvm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dims: Sequence[int], *,
+                weight_scale: torch.Tensor | None = None, input_range: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """DAC, crossbar ``mvm``, output noise, ADC; see the module docstring for the ranges.
+
+        ``weight_scale``: the mapping's ``max|W|`` broadcastable to the output; ``input_range``: the
+        layer's calibrated input range (needed when ``dac_range`` is a number); ``generator``: the read stream.
+        """
+        if self._ideal_ranges:
+            return self.adc(mvm(self.dac(x, dims)), dims)
+        if self.dac_range == "auto":
+            x_fs: torch.Tensor | float = _abs_max(x, dims)
+            xq = self.dac(x, dims)
+        else:
+            if input_range is None:
+                raise ConfigError(f"variation.dac_range={self.dac_range:g} needs a calibrated input range "
+                                  f"(correctnet.analog.calibrate_input_ranges)")
+            x_fs = self.dac_range * input_range
+            xq = clip_quantize(x, x_fs, self.dac_bits)
+        y = mvm(xq)
+        if self.adc_range == "auto":
+            full = _abs_max(y, dims)
+        else:
+            s = weight_scale if weight_scale is not None else torch.ones((), dtype=y.dtype, device=y.device)
+            full = self.adc_range * s.detach() * x_fs
+        if self.output_noise > 0 and generator is not None:
+            eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+            y = y + (self.output_noise * full) * eps
+        if self.adc_range == "auto":
+            return self.adc(y, dims)
+        return clip_quantize(y, full, self.adc_bits)
 
     def dac(self, x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
         return x if self.dac_bits is None else quantize_signal(x, self.dac_bits, dims)
