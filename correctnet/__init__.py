@@ -1,9 +1,8 @@
 """correctnet: robustness of neural networks on analog in-memory computing (RRAM) hardware."""
 __version__ = "0.1.0"
 
-from .analog import (AnalogLayer, DigitalWeightsWarning, analog_layers, analogize, calibrate_input_ranges,  # noqa: E402
-                     chip, chips,
-                     digitize, noise_aware, nominal, program_chip, program_chips, set_noise_aware, set_nominal,
+from .analog import (AnalogLayer, DigitalWeightsWarning, analog_layers, analogize,  # noqa: E402
+                     calibrate_input_ranges, chip, chips, digitize, noise_aware, nominal, program_chip, program_chips, set_noise_aware, set_nominal,
                      set_variation)
 from .calibration import (evaluate_calibrated, load_calibrated_chip, save_calibrated_chip)  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, normalize, save_checkpoint  # noqa: E402

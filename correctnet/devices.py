@@ -6,6 +6,7 @@ compose them, and so does the command line, by overriding keys::
 
     python -m correctnet.train variation=rram_wan2022 variation.stuck_fraction=0.01 variation.levels=16
     python -m correctnet.train variation=rram_wan2022 variation.dac_bits=8 variation.adc_bits=8
+    python -m correctnet.train -m variation=rram_wan2022 variation.t_eval=1,3600,86400
 
 For one weight tensor ``W`` (shape ``[out, ...]``) of one chip; conductances ``G`` in µS:
 
@@ -15,12 +16,18 @@ For one weight tensor ``W`` (shape ``[out, ...]``) of one chip; conductances ``G
 2. levels (``levels=N``): each cell is programmed to the nearest of ``N`` evenly spaced conductances in
    ``[g_min, g_max]`` (straight-through gradient).
 3. programming noise, static per chip (``programming=wan2022``, Wan et al., Nature 608, 2022, as fitted
-   in IBM aihwkit's ``ReRamWan2022NoiseModel``, 1 s after programming):
-   ``G_p = max(0, G + sigma * std(G) * eps)``, ``eps ~ N(0, 1)`` per cell, with
-   ``std(G) = (g_max / 40 µS) * (0.348 + 16.030 x - 43.853 x^2 + 45.393 x^3 - 16.815 x^4) µS``,
-   ``x = G / g_max`` (the fit's reference g_max is 40 µS). ``sigma`` is the scale factor of this
-   noise: 1.0 = the measured device, 0 = exact programming. ``programming=lognormal`` uses CorrectNet's
-   ``G_p = G * exp(sigma * eps)`` instead (``sigma`` then is the log-space std).
+   in IBM aihwkit's ``ReRamWan2022NoiseModel``), read ``t_eval`` seconds after programming:
+   ``G_p = max(0, G + sigma * std_t(G) * eps)``, ``eps ~ N(0, 1)`` per cell, with
+   ``std_t(G) = (g_max / 40 µS) * sum_i c_i(t) x^i`` µS, ``x = G / g_max`` (the fit's reference g_max is
+   40 µS). At ``t_eval = 1`` (default) ``c = (0.348, 16.030, -43.853, 45.393, -16.815)``; aihwkit's fits
+   for 1 day and 2 days are in :data:`WAN2022_FITS`. Between fitted times each ``c_i`` is interpolated
+   linearly in ``log t``; beyond 2 days the 2-day fit is used (clamped); ``t_eval < 1`` is refused. The fit
+   gives only the spread at each time (the mean stays the target, but for the clamp at 0), so aging is
+   noise growth: a chip keeps its draw ``eps`` and its deviation from target grows with ``std_t``, which
+   makes the aged chip a deterministic function of (chip seed, layer, t_eval). (aihwkit instead redraws
+   the noise at each ``drift_weights`` call.) ``sigma`` is the scale factor of this noise: 1.0 = the
+   measured device, 0 = exact programming. ``programming=lognormal`` uses CorrectNet's
+   ``G_p = G * exp(sigma * eps)`` instead (``sigma`` then is the log-space std; ``t_eval`` must stay 1).
 4. stuck cells, static per chip: each cell is stuck with probability ``stuck_fraction``, at ``g_max``
    for a fraction ``stuck_high`` of the stuck cells and at ``g_min`` for the others, whatever its target.
    One uniform draw ``u`` per cell decides (stuck high if ``u < f * h``, low if ``f * h <= u < f``), so
@@ -29,6 +36,13 @@ For one weight tensor ``W`` (shape ``[out, ...]``) of one chip; conductances ``G
    ``G_r = G_p + read_noise * g_max * eps_r``, ``eps_r ~ N(0, 1)`` per cell and read; current noise,
    not clamped. One read serves a whole batch.
 6. unmapping: ``W' = (G+_r - G-_r) * s / (g_max - g_min)``. Without noise, levels and faults ``W' = W``.
+7. drift compensation (``drift_compensation=global``): ``W'' = alpha W'`` with
+   ``alpha = mean|W| / mean|W'_static|`` over the layer, ``W'_static`` the chip's weight without read noise
+   (detached, a constant of the chip). This is aihwkit's ``GlobalDriftCompensation`` readout (mean |output|
+   over one-hot inputs) against the exact nominal reference (aihwkit's ``...WithExactReference``); it is
+   applied as a scale of the read weight, i.e. before the ADC (aihwkit rescales digitally after it: the
+   same with an auto-ranging ADC). It restores mean|W| exactly; the output gain only approximately, and it
+   over-corrects when large zero-mean noise inflates mean|W'|.
 
 Converters act on the analog layer's input and output (the digital bias is added after the ADC):
 
@@ -38,8 +52,19 @@ Converters act on the analog layer's input and output (the digital bias is added
 * ADC (``adc_bits=b``): the same rule on the crossbar output ``W' x`` (per output vector / per sample):
   an ideal auto-ranging ADC whose full scale is the largest output of that vector. This is optimistic
   (real ADCs have a fixed range that clips or wastes levels): it measures resolution, not range.
+* fixed DAC range (``dac_range=r``, default ``auto`` = the per-vector rule above): full scale
+  ``X = r * R`` with ``R`` the layer's input range calibrated from data by
+  :func:`correctnet.analog.calibrate_input_ranges` (nearest-rank percentile of per-vector ``max|x|``);
+  inputs are clipped to ``[-X, X]`` and, with ``dac_bits``, rounded to ``k X / (2^(b-1) - 1)``.
+* fixed ADC range (``adc_range=r``, default ``auto``): full scale ``Y = r * s * X`` with ``s`` the mapping's
+  ``max|W|`` (per layer or per output channel, nominal) and ``X`` the DAC full scale of that vector: ``r = 1``
+  is the output of one cell at ``g_max`` driven at full input, aihwkit's ``out_bound`` unit (its default is
+  12). Outputs are clipped to ``[-Y, Y]`` and, with ``adc_bits``, rounded to ``k Y / (2^(b-1) - 1)``.
+* output noise (``output_noise=f``): ``y + f * Y * eps_o`` per MVM output and read before the ADC,
+  ``eps_o ~ N(0, 1)`` from the layer's read stream (reproducible per chip); with ``adc_range=auto``,
+  ``Y`` is the vector's noiseless ``max|y|``. ``f = 0.005`` at ``r = 12`` is aihwkit's ``out_noise`` 0.06.
 
-Both use a straight-through gradient. In a layer's ``off`` mode nothing is applied (nominal, exact, no
+Rounding uses a straight-through gradient; clipping passes no gradient beyond the bounds. In a layer's ``off`` mode nothing is applied (nominal, exact, no
 converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
 based on resistive random-access memory", Nature 608, 504-512 (2022); aihwkit (Rasch et al., APL Mach.
 Learn. 2023); Joshi et al., Nat. Commun. 11, 2473 (2020) for read noise as a fraction of g_max.
