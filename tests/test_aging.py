@@ -263,3 +263,16 @@ def test_t_eval_needs_the_time_dependent_fit():
     with pytest.raises(cn.ConfigError, match="variation.t_eval.*lognormal"):
         cn.make_variation("rram", sigma=0.5, programming="lognormal", t_eval=86400)
     assert cn.make_variation("rram", sigma=0.5, programming="lognormal").t_eval == 1.0
+
+
+def test_new_keys_round_trip_and_the_cli_refuses_an_uncalibrated_dac_range():
+    v = cn.make_variation("rram", sigma=1.0, t_eval=3600, drift_compensation="global", dac_range=0.8,
+                          adc_range=12, output_noise=0.005)
+    assert cn.make_variation(**v.to_dict()) == v and v.to_dict()["adc_range"] == 12.0
+    from hydra import compose, initialize_config_dir
+    from correctnet.train import validate
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=none", "variation=rram_periphery",
+                                                       "variation.dac_range=1.0"])
+    with pytest.raises(cn.ConfigError, match="variation.dac_range=1.0"):
+        validate(cfg)
