@@ -315,19 +315,44 @@ class AnalogLayer(nn.Module):
             raise ConfigError(f"analog layer {self.analog_name!r} has no input range for variation.dac_range="
                               f"{getattr(v, 'dac_range', '?')}: run correctnet.analog.calibrate_input_ranges(model, "
                               f"batches) on the nominal model first")
+        tiles = v.tiles(weight.shape[1:] if self.analog_mode == "chips" else weight.shape)
+        if tiles is not None and not self._can_tile():
+            raise ConfigError(f"analog layer {self.analog_name!r} ({type(self).__name__}) cannot be split into tiles "
+                              f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
         if weight_scale is None:
             weight_scale = v.weight_scale(self.weight)
-        if weight_scale is not None and weight_scale.numel() > 1:
+        if tiles is None and weight_scale is not None and weight_scale.numel() > 1:
             weight_scale = self._bias_view(weight_scale.reshape(-1))
-        kw = dict(weight_scale=weight_scale, input_range=self.input_range)
         if self.analog_mode == "chips":
             gens = self._read_gens or [None] * self.n_chips
-            y = torch.cat([v.convert(lambda xx, wk=weight[k]: self._mvm(xx, wk, None), xk, dims, generator=gens[k],
-                                     **kw) for k, xk in enumerate(self._chip_groups(x))])
+            y = torch.cat([self._convert(xk, weight[k], weight_scale, tiles, gens[k])
+                           for k, xk in enumerate(self._chip_groups(x))])
         else:
             gen = self._read_gen if self.analog_mode == "chip" else self._noise_gen
-            y = v.convert(lambda xx: self._mvm(xx, weight, None), x, dims, generator=gen, **kw)
+            y = self._convert(x, weight, weight_scale, tiles, gen)
         return y if bias is None else y + self._bias_view(bias)  # the bias is added after the ADC
+
+    def _can_tile(self) -> bool:
+        return getattr(self, "groups", 1) == 1 and not isinstance(self, nn.MultiheadAttention)
+
+    def _convert(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                 tiles: tuple[list[slice], list[slice]] | None, gen: torch.Generator | None) -> torch.Tensor:
+        """One chip's converted MVM; tiled: each tile has its own converters, row tiles' outputs summed digitally."""
+        v, dims = self.variation, self._vector_dims()
+        kw = dict(input_range=self.input_range, generator=gen)
+        if tiles is None:
+            return v.convert(lambda xx: self._mvm(xx, weight, None), x, dims, weight_scale=scale, **kw)
+        d = dims[0]  # the input channel / feature dimension of x, and the output's
+        outs = []
+        for o in tiles[0]:
+            acc = None
+            for i in tiles[1]:
+                s = None if scale is None else self._bias_view(scale[o, i].flatten(1).amax(1))
+                part = v.convert(lambda xx, wt=weight[o, i]: self._mvm(xx, wt, None),
+                                 x.narrow(d, i.start, i.stop - i.start), dims, weight_scale=s, **kw)
+                acc = part if acc is None else acc + part
+            outs.append(acc)
+        return torch.cat(outs, dim=d)
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._compensate(x, self._converted_mvm(x, self.analog_weight(), self.bias))
@@ -422,11 +447,17 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
         return self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
                                average_attn_weights, is_causal)
 
+    def analog_weights_nominal(self) -> list[torch.Tensor]:
+        return [getattr(self, p) for p in self.analog_parameters]
+
     def _qkv_scales(self) -> tuple[torch.Tensor | None, ...]:
         """The converters' full-scale weights of the q/k/v MVMs (a packed array has one mapping)."""
         v = self.variation
         if self.analog_mode == "off" or not v.converts:
             return None, None, None
+        if any(v.tiles(w.shape) is not None for w in self.analog_weights_nominal()):
+            raise ConfigError(f"analog attention {self.analog_name!r} cannot be split into tiles "
+                              f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
         if not self._qkv_same_embed_dim:
             return tuple(v.weight_scale(getattr(self, p)) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
         s = v.weight_scale(self.in_proj_weight)

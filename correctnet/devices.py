@@ -64,6 +64,15 @@ Converters act on the analog layer's input and output (the digital bias is added
   ``eps_o ~ N(0, 1)`` from the layer's read stream (reproducible per chip); with ``adc_range=auto``,
   ``Y`` is the vector's noiseless ``max|y|``. ``f = 0.005`` at ``r = 12`` is aihwkit's ``out_noise`` 0.06.
 
+* tiles (``tile_rows=R``, ``tile_cols=C``, default null = one array per layer): a weight ``[out, in, *k]``
+  is split into crossbar arrays of at most ``C`` outputs and ``R`` rows (a row per input and kernel
+  position: ``R // prod(k)`` whole input channels per tile, ``R >= prod(k)``). Each tile has its own mapping
+  scale ``s`` (its ``max|W|``, or per output row with ``mapping=channel``) and its own DAC (range over its
+  input slice), output noise and ADC (full scale ``r * s_tile * X_tile``); the partial outputs of a
+  column of tiles are summed digitally after their ADCs. Linear and ungrouped Conv layers only (attention
+  in-projections and grouped convolutions refuse tiles when converting; recurrent layers get the per-tile
+  mapping only, as they get no converters).
+
 Rounding uses a straight-through gradient; clipping passes no gradient beyond the bounds. In a layer's ``off`` mode nothing is applied (nominal, exact, no
 converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
 based on resistive random-access memory", Nature 608, 504-512 (2022); aihwkit (Rasch et al., APL Mach.
@@ -224,6 +233,8 @@ class RRAM(VariationModel):
     dac_range: Any = "auto"          # auto (per-vector max|x|) | r > 0: clip at r * the layer's calibrated range
     adc_range: Any = "auto"          # auto (per-vector max|y|) | r > 0: clip at r * max|W| * DAC full scale
     output_noise: float = 0.0        # std of additive noise per MVM output and read, fraction of the ADC full scale
+    tile_rows: int | None = None     # max rows (inputs x kernel positions) per crossbar array; null = one array
+    tile_cols: int | None = None     # max outputs per crossbar array; null = one array
     name: ClassVar[str] = "rram"
 
     def __post_init__(self) -> None:
@@ -257,6 +268,8 @@ class RRAM(VariationModel):
         require(is_number(self.output_noise) and self.output_noise >= 0, "variation.output_noise",
                 "a number >= 0 (fraction of the ADC full scale)", self.output_noise)
         set_("output_noise", float(self.output_noise))
+        set_("tile_rows", _opt_int("tile_rows", self.tile_rows, 1))
+        set_("tile_cols", _opt_int("tile_cols", self.tile_cols, 1))
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)  # frozen dataclass: normalise validated values
@@ -271,8 +284,35 @@ class RRAM(VariationModel):
         return torch.cat((eps, torch.rand((2, *weight.shape), **kw)))
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """The mapping's ``max|W|`` (layer scalar or ``[out, 1, ...]``), detached."""
-        return channel_scale(weight, self.mapping == "channel")
+        """The mapping's ``max|W|`` (layer scalar or ``[out, 1, ...]``; tiled: per tile, shaped like ``weight``), detached."""
+        tiles = self.tiles(weight.shape)
+        if tiles is None:
+            return channel_scale(weight, self.mapping == "channel")
+        s = torch.empty_like(weight, requires_grad=False)
+        for o in tiles[0]:
+            for i in tiles[1]:
+                s[o, i] = channel_scale(weight[o, i], self.mapping == "channel")
+        return s
+
+    def tiles(self, shape: Sequence[int]) -> tuple[list[slice], list[slice]] | None:
+        """Crossbar tiles of a weight ``[out, in, *kernel]``: slices of ``out`` and of ``in``; None for one tile.
+
+        A tile holds at most ``tile_cols`` outputs and ``tile_rows`` rows, a row per input and kernel
+        position, so it takes ``tile_rows // prod(kernel)`` whole input channels (conv) or ``tile_rows``
+        inputs (Linear).
+        """
+        if (self.tile_rows is None and self.tile_cols is None) or len(shape) < 2:
+            return None
+        per_channel = math.prod(shape[2:])
+        if self.tile_rows is not None and self.tile_rows < per_channel:
+            raise ConfigError(f"variation.tile_rows must be >= {per_channel} (the rows of one input channel's kernel "
+                              f"{tuple(shape[2:])}), got {self.tile_rows}")
+        rows = shape[1] if self.tile_rows is None else self.tile_rows // per_channel
+        cols = shape[0] if self.tile_cols is None else self.tile_cols
+        if rows >= shape[1] and cols >= shape[0]:
+            return None
+        return ([slice(a, min(a + cols, shape[0])) for a in range(0, shape[0], cols)],
+                [slice(a, min(a + rows, shape[1])) for a in range(0, shape[1], rows)])
 
     def conductances(self, weight: torch.Tensor, noise: torch.Tensor,
                      read: torch.Generator | None = None) -> torch.Tensor:

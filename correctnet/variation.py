@@ -86,6 +86,10 @@ class VariationModel:
         """Whether ``convert`` needs the layer's calibrated input range (a fixed-range DAC; off by default)."""
         return False
 
+    def tiles(self, shape: Sequence[int]) -> tuple[list[slice], list[slice]] | None:
+        """Crossbar tiles (slices of the weight's output and input dimensions) or None: one array (default)."""
+        return None
+
     def weight_scale(self, weight: torch.Tensor) -> torch.Tensor | None:
         """The full-scale weight of the array mapping ``weight`` (for fixed-range converters); None by default."""
         return None

@@ -276,3 +276,83 @@ def test_new_keys_round_trip_and_the_cli_refuses_an_uncalibrated_dac_range():
                                                        "variation.dac_range=1.0"])
     with pytest.raises(cn.ConfigError, match="variation.dac_range=1.0"):
         validate(cfg)
+
+
+# -- 3. tiles ---------------------------------------------------------------------------------------
+def test_each_tile_has_its_own_mapping_scale():
+    torch.manual_seed(0)
+    w = torch.randn(10, 7)
+    v = RRAM(**QUIET, tile_rows=3, tile_cols=4)
+    s = v.scale(w)
+    for o in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        for i in (slice(0, 3), slice(3, 6), slice(6, 7)):
+            assert torch.all(s[o, i] == w[o, i].abs().max())
+    g = v.conductances(w, draw(v, w))
+    assert (g[0] - g[1])[:4, :3].abs().max().item() == pytest.approx(40.0)  # every tile uses the full range
+    assert torch.allclose(v.apply(w, draw(v, w)), w, atol=1e-6)
+    assert torch.equal(RRAM(tile_rows=7, tile_cols=10).scale(w), RRAM().scale(w))  # one tile: unchanged
+    sc = RRAM(**QUIET, tile_rows=3, mapping="channel").scale(w)
+    assert torch.equal(sc[:, 3:6], w[:, 3:6].abs().amax(1, keepdim=True).expand(10, 3))
+
+
+def test_tiled_linear_converts_per_tile_and_sums_digitally():
+    model = linear_model(RRAM(**QUIET, tile_rows=3, tile_cols=4, dac_bits=4, adc_bits=4, adc_range=1.5),
+                         n_in=7, n_out=10)
+    layer = model[0]
+    x = torch.randn(5, 7)
+    with torch.no_grad(), cn.chip(model, 0):
+        out = model(x)
+    w = layer.weight.detach()
+    expect = torch.zeros(5, 10)
+    for o in (slice(0, 4), slice(4, 8), slice(8, 10)):
+        for i in (slice(0, 3), slice(3, 6), slice(6, 7)):
+            xs = x[:, i]
+            xf = xs.abs().amax(-1, keepdim=True)
+            xq = torch.round(xs / xf * 7) * xf / 7
+            full = 1.5 * w[o, i].abs().max() * xf
+            expect[:, o] += clip_quantize(xq @ w[o, i].T, full, 4)
+    assert torch.allclose(out, expect + layer.bias, atol=1e-5)
+    untiled = linear_model(RRAM(**QUIET, dac_bits=4, adc_bits=4, adc_range=1.5), n_in=7, n_out=10)
+    with torch.no_grad(), cn.chip(untiled, 0):
+        assert not torch.allclose(untiled(x), out, atol=1e-3)
+
+
+def test_tiled_conv_and_chip_batches():
+    torch.manual_seed(0)
+    model = cn.analogize(nn.Sequential(nn.Conv2d(5, 6, 3)),
+                         RRAM(sigma=1.0, read_noise=0.01, tile_rows=18, tile_cols=4, adc_range=2.0, adc_bits=6,
+                              output_noise=0.01))
+    conv = model[0]
+    x = torch.randn(3, 5, 8, 8)
+    with torch.no_grad(), cn.chip(model, 1):
+        one = model(x)
+    with torch.no_grad(), cn.chips(model, [1, 2]):
+        both = model(x.repeat(2, 1, 1, 1))
+    assert torch.equal(both[:3], one) and one.shape == (3, 6, 6, 6)
+    quiet = cn.analogize(nn.Sequential(nn.Conv2d(5, 6, 3)), RRAM(**QUIET, tile_rows=18, tile_cols=4, adc_range=2.0))
+    quiet.load_state_dict(model.state_dict())
+    with torch.no_grad(), cn.chip(quiet, 1):
+        out = quiet(x)
+    w, expect = conv.weight.detach(), torch.zeros(3, 6, 6, 6)
+    for o in (slice(0, 4), slice(4, 6)):
+        for i in (slice(0, 2), slice(2, 4), slice(4, 5)):  # 18 rows = 2 channels of a 3x3 kernel
+            full = 2.0 * w[o, i].abs().max() * x[:, i].abs().amax((1, 2, 3), keepdim=True)
+            expect[:, o] += clip_quantize(F.conv2d(x[:, i], w[o, i]), full, None)
+    assert torch.allclose(out, expect + conv.bias.view(-1, 1, 1), atol=1e-5)
+
+
+def test_bad_tiles_are_config_errors():
+    for value in (0, 2.5, True):
+        with pytest.raises(cn.ConfigError, match="variation.tile_rows"):
+            cn.make_variation("rram", sigma=1.0, tile_rows=value)
+    model = cn.analogize(nn.Sequential(nn.Conv2d(5, 6, 3)), RRAM(**QUIET, tile_rows=8, adc_bits=8))
+    with pytest.raises(cn.ConfigError, match="variation.tile_rows must be >= 9"), cn.chip(model, 0):
+        model(torch.randn(1, 5, 8, 8))
+    grouped = cn.analogize(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), RRAM(**QUIET, tile_cols=1, adc_bits=8))
+    with pytest.raises(cn.ConfigError, match="tiles"), cn.chip(grouped, 0):
+        grouped(torch.randn(1, 4, 8, 8))
+    att = cn.analogize(nn.Sequential(nn.MultiheadAttention(8, 2, batch_first=True)),
+                       RRAM(**QUIET, tile_cols=4, adc_bits=8))
+    q = torch.randn(2, 3, 8)
+    with pytest.raises(cn.ConfigError, match="tiles"), cn.chip(att, 0):
+        att[0](q, q, q)
