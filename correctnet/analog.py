@@ -307,7 +307,7 @@ class AnalogLayer(nn.Module):
         """
         v = self.variation
         dims = self._vector_dims()
-        if self._input_ranges is not None:  # calibrate_input_ranges: per-vector max|x| of the nominal model
+        if getattr(self, "_input_ranges", None) is not None:  # calibrate_input_ranges: per-vector max|x| of the nominal model
             self._input_ranges.append(x.detach().abs().amax(dim=dims).flatten().float().cpu())
         if self.analog_mode == "off" or not v.converts:
             return self._mvm_any(x, weight, bias)
@@ -413,7 +413,8 @@ def _observed(module: nn.Module) -> bool:
     if module._forward_hooks or module._forward_pre_hooks:
         return True
     return isinstance(module, AnalogLayer) and (module.analog_mode != "off"
-                                                or module._modules.get("compensator") is not None)
+                                                or module._modules.get("compensator") is not None
+                                                or getattr(module, "_input_ranges", None) is not None)
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -440,7 +441,7 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.analog_mode == "off" and not _observed(self.out_proj):
+        if self.analog_mode == "off" and not _observed(self.out_proj) and not _observed(self):
             return nn.MultiheadAttention.forward(
                 self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                 attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -993,7 +994,7 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
         raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
     layers = analog_layers(model)
-    was_training = model.training
+    training = {m: m.training for m in model.modules()}
     for layer in layers.values():
         layer._input_ranges = []
     try:
@@ -1013,4 +1014,5 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
     finally:
         for layer in layers.values():
             layer._input_ranges = None
-        model.train(was_training)
+        for m, flag in training.items():
+            m.training = flag

@@ -356,3 +356,16 @@ def test_bad_tiles_are_config_errors():
     q = torch.randn(2, 3, 8)
     with pytest.raises(cn.ConfigError, match="tiles"), cn.chip(att, 0):
         att[0](q, q, q)
+
+
+def test_calibration_sees_attention_inputs_inside_a_transformer():
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0), 1)
+    model = cn.analogize(enc, RRAM(**QUIET, dac_range=1.0, dac_bits=8))
+    model.layers[0].norm1.eval()  # a mixed training state is restored as it was
+    x = 3 * torch.randn(4, 5, 16)
+    ranges = cn.calibrate_input_ranges(model, [x])
+    assert ranges["layers.0.self_attn"] == pytest.approx(x.abs().max().item())  # query = key = value = x
+    assert set(ranges) == set(cn.analog_layers(model)) and model.training and not model.layers[0].norm1.training
+    with torch.no_grad(), cn.chip(model, 0):
+        assert torch.isfinite(model(x)).all()
