@@ -73,8 +73,8 @@ Converters act on the analog layer's input and output (the digital bias is added
   in-projections and grouped convolutions refuse tiles when converting; recurrent layers get the per-tile
   mapping only, as they get no converters).
 
-Rounding uses a straight-through gradient; clipping passes no gradient beyond the bounds. In a layer's ``off`` mode nothing is applied (nominal, exact, no
-converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
+Rounding uses a straight-through gradient; clipping passes no gradient beyond the bounds. In a layer's
+``off`` mode nothing is applied (nominal, exact, no converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
 based on resistive random-access memory", Nature 608, 504-512 (2022); aihwkit (Rasch et al., APL Mach.
 Learn. 2023); Joshi et al., Nat. Commun. 11, 2473 (2020) for read noise as a fraction of g_max.
 """
