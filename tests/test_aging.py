@@ -369,3 +369,16 @@ def test_calibration_sees_attention_inputs_inside_a_transformer():
     assert set(ranges) == set(cn.analog_layers(model)) and model.training and not model.layers[0].norm1.training
     with torch.no_grad(), cn.chip(model, 0):
         assert torch.isfinite(model(x)).all()
+
+
+def test_evaluate_sweeps_time_like_sigma():
+    from correctnet.evaluate.cli import parse_args, sweep_variations
+    opts = parse_args(["checkpoint=m.safetensors", "variation.sigma=0.5,1", "variation.t_eval=1,86400"])
+    sweep = sweep_variations(opts)
+    assert sweep == [{"sigma": 0.5, "t_eval": 1.0}, {"sigma": 0.5, "t_eval": 86400.0},
+                     {"sigma": 1.0, "t_eval": 1.0}, {"sigma": 1.0, "t_eval": 86400.0}]
+    stored = cn.make_variation("rram", sigma=1.0, read_noise=0.01).to_dict()
+    assert cn.make_variation(**{**stored, **sweep[1]}) == RRAM(sigma=0.5, read_noise=0.01, t_eval=86400)
+    assert sweep_variations(parse_args(["checkpoint=m.safetensors"])) is None
+    with pytest.raises(cn.ConfigError, match="variation.t_eval"):
+        sweep_variations(parse_args(["checkpoint=m.safetensors", "variation.t_eval=1d"]))
