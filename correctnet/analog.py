@@ -154,6 +154,9 @@ class AnalogLayer(nn.Module):
         self._read_gens: list[torch.Generator] | None = None
         self._chips_cache: dict[str, tuple[Any, torch.Tensor]] = {}
         self._digital_class = digital_class
+        #: fixed DAC range (input units) set by :func:`calibrate_input_ranges`; None = not calibrated
+        self.input_range: float | None = None
+        self._input_ranges: list[torch.Tensor] | None = None
         self.analog_parameters: tuple[str, ...] = self._analog_parameter_names()
         self._draw_keys = {p: weight_key(name, p) for p in self.analog_parameters}
         for p in self.analog_parameters:
@@ -295,14 +298,61 @@ class AnalogLayer(nn.Module):
     def _mvm_any(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._chips_mvm(x, weight, bias) if self.analog_mode == "chips" else self._mvm(x, weight, bias)
 
-    def _converted_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """One crossbar MVM with the layer's converters (in chip/chips/noisy modes); the bias is digital."""
+    def _converted_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """One crossbar MVM with the layer's converters (in chip/chips/noisy modes); the bias is digital.
+
+        ``weight_scale``: the converters' full-scale weight (``VariationModel.weight_scale`` of the nominal
+        array this MVM reads; default: of ``self.weight``), shaped like the weight's first dimension or a scalar.
+        """
         v = self.variation
+        dims = self._vector_dims()
+        if getattr(self, "_input_ranges", None) is not None:  # calibrate_input_ranges: per-vector max|x| of the nominal model
+            self._input_ranges.append(x.detach().abs().amax(dim=dims).flatten().float().cpu())
         if self.analog_mode == "off" or not v.converts:
             return self._mvm_any(x, weight, bias)
-        dims = self._vector_dims()
-        y = v.adc(self._mvm_any(v.dac(x, dims), weight, None), dims)
+        if v.needs_input_range and self.input_range is None:
+            raise ConfigError(f"analog layer {self.analog_name!r} has no input range for variation.dac_range="
+                              f"{getattr(v, 'dac_range', '?')}: run correctnet.analog.calibrate_input_ranges(model, "
+                              f"batches) on the nominal model first")
+        tiles = v.tiles(weight.shape[1:] if self.analog_mode == "chips" else weight.shape)
+        if tiles is not None and not self._can_tile():
+            raise ConfigError(f"analog layer {self.analog_name!r} ({type(self).__name__}) cannot be split into tiles "
+                              f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
+        if weight_scale is None:
+            weight_scale = v.weight_scale(self.weight)
+        if tiles is None and weight_scale is not None and weight_scale.numel() > 1:
+            weight_scale = self._bias_view(weight_scale.reshape(-1))
+        if self.analog_mode == "chips":
+            gens = self._read_gens or [None] * self.n_chips
+            y = torch.cat([self._convert(xk, weight[k], weight_scale, tiles, gens[k])
+                           for k, xk in enumerate(self._chip_groups(x))])
+        else:
+            gen = self._read_gen if self.analog_mode == "chip" else self._noise_gen
+            y = self._convert(x, weight, weight_scale, tiles, gen)
         return y if bias is None else y + self._bias_view(bias)  # the bias is added after the ADC
+
+    def _can_tile(self) -> bool:
+        return getattr(self, "groups", 1) == 1 and not isinstance(self, nn.MultiheadAttention)
+
+    def _convert(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
+                 tiles: tuple[list[slice], list[slice]] | None, gen: torch.Generator | None) -> torch.Tensor:
+        """One chip's converted MVM; tiled: each tile has its own converters, row tiles' outputs summed digitally."""
+        v, dims = self.variation, self._vector_dims()
+        kw = dict(input_range=self.input_range, generator=gen)
+        if tiles is None:
+            return v.convert(lambda xx: self._mvm(xx, weight, None), x, dims, weight_scale=scale, **kw)
+        d = dims[0]  # the input channel / feature dimension of x, and the output's
+        outs = []
+        for o in tiles[0]:
+            acc = None
+            for i in tiles[1]:
+                s = None if scale is None else self._bias_view(scale[o, i].flatten(1).amax(1))
+                part = v.convert(lambda xx, wt=weight[o, i]: self._mvm(xx, wt, None),
+                                 x.narrow(d, i.start, i.stop - i.start), dims, weight_scale=s, **kw)
+                acc = part if acc is None else acc + part
+            outs.append(acc)
+        return torch.cat(outs, dim=d)
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._compensate(x, self._converted_mvm(x, self.analog_weight(), self.bias))
@@ -363,7 +413,8 @@ def _observed(module: nn.Module) -> bool:
     if module._forward_hooks or module._forward_pre_hooks:
         return True
     return isinstance(module, AnalogLayer) and (module.analog_mode != "off"
-                                                or module._modules.get("compensator") is not None)
+                                                or module._modules.get("compensator") is not None
+                                                or getattr(module, "_input_ranges", None) is not None)
 
 
 def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -390,12 +441,30 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.analog_mode == "off" and not _observed(self.out_proj):
+        if self.analog_mode == "off" and not _observed(self.out_proj) and not _observed(self):
             return nn.MultiheadAttention.forward(
                 self, query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                 attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
         return self._attention(query, key, value, key_padding_mask, need_weights, attn_mask,
                                average_attn_weights, is_causal)
+
+    def analog_weights_nominal(self) -> list[torch.Tensor]:
+        return [getattr(self, p) for p in self.analog_parameters]
+
+    def _qkv_scales(self) -> tuple[torch.Tensor | None, ...]:
+        """The converters' full-scale weights of the q/k/v MVMs (a packed array has one mapping)."""
+        v = self.variation
+        if self.analog_mode == "off" or not v.converts:
+            return None, None, None
+        if any(v.tiles(w.shape) is not None for w in self.analog_weights_nominal()):
+            raise ConfigError(f"analog attention {self.analog_name!r} cannot be split into tiles "
+                              f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
+        if not self._qkv_same_embed_dim:
+            return tuple(v.weight_scale(getattr(self, p)) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+        s = v.weight_scale(self.in_proj_weight)
+        if s is None or s.numel() == 1:
+            return s, s, s
+        return s.reshape(-1).chunk(3)
 
     def _attention(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
                    is_causal):
@@ -432,9 +501,10 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
         bq = bk = bv = None
         if self.in_proj_bias is not None:
             bq, bk, bv = self.in_proj_bias.chunk(3)
-        q = self._converted_mvm(query, wq, bq)
-        k = self._converted_mvm(key, wk, bk)
-        v = self._converted_mvm(value, wv, bv)
+        sq, sk, sv = self._qkv_scales()
+        q = self._converted_mvm(query, wq, bq, sq)
+        k = self._converted_mvm(key, wk, bk, sk)
+        v = self._converted_mvm(value, wv, bv, sv)
         src = k.shape[1]
         if am is not None:
             if am.dim() == 2:
@@ -908,3 +978,41 @@ def nominal(model: nn.Module) -> Iterator[nn.Module]:
     with _restoring(model):
         set_nominal(model)
         yield model
+
+
+def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile: float = 100.0) -> dict[str, float]:
+    """Set each analog layer's fixed DAC range from calibration data; returns ``{layer name: range}``.
+
+    Runs ``model`` nominally (eval mode, no gradients; its modes and training flag are restored) on every
+    batch (a tensor, or a tuple/list whose first item is the input, as a DataLoader yields) and records, per
+    analog layer, the ``max|x|`` of each input vector its converters see (last dimension for Linear, one
+    sample's whole input map for conv; attention: its query, key and value). The range is the
+    nearest-rank ``percentile`` of those maxima (100 = the largest ``|x|`` seen); ``variation.dac_range=r``
+    then clips at ``r`` times it. Layers that saw no input keep their range (None if never calibrated).
+    """
+    require_analog(model)
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    layers = analog_layers(model)
+    training = {m: m.training for m in model.modules()}
+    for layer in layers.values():
+        layer._input_ranges = []
+    try:
+        model.eval()
+        with _restoring(model), torch.no_grad():
+            set_nominal(model)
+            for batch in batches:
+                model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        out = {}
+        for name, layer in layers.items():
+            seen = layer._input_ranges or []
+            if seen:
+                v = torch.cat(seen).sort().values
+                layer.input_range = float(v[max(0, math.ceil(percentile / 100 * v.numel()) - 1)])
+                out[name] = layer.input_range
+        return out
+    finally:
+        for layer in layers.values():
+            layer._input_ranges = None
+        for m, flag in training.items():
+            m.training = flag

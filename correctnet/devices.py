@@ -6,6 +6,7 @@ compose them, and so does the command line, by overriding keys::
 
     python -m correctnet.train variation=rram_wan2022 variation.stuck_fraction=0.01 variation.levels=16
     python -m correctnet.train variation=rram_wan2022 variation.dac_bits=8 variation.adc_bits=8
+    python -m correctnet.train -m variation=rram_wan2022 variation.t_eval=1,3600,86400
 
 For one weight tensor ``W`` (shape ``[out, ...]``) of one chip; conductances ``G`` in µS:
 
@@ -15,12 +16,18 @@ For one weight tensor ``W`` (shape ``[out, ...]``) of one chip; conductances ``G
 2. levels (``levels=N``): each cell is programmed to the nearest of ``N`` evenly spaced conductances in
    ``[g_min, g_max]`` (straight-through gradient).
 3. programming noise, static per chip (``programming=wan2022``, Wan et al., Nature 608, 2022, as fitted
-   in IBM aihwkit's ``ReRamWan2022NoiseModel``, 1 s after programming):
-   ``G_p = max(0, G + sigma * std(G) * eps)``, ``eps ~ N(0, 1)`` per cell, with
-   ``std(G) = (g_max / 40 µS) * (0.348 + 16.030 x - 43.853 x^2 + 45.393 x^3 - 16.815 x^4) µS``,
-   ``x = G / g_max`` (the fit's reference g_max is 40 µS). ``sigma`` is the scale factor of this
-   noise: 1.0 = the measured device, 0 = exact programming. ``programming=lognormal`` uses CorrectNet's
-   ``G_p = G * exp(sigma * eps)`` instead (``sigma`` then is the log-space std).
+   in IBM aihwkit's ``ReRamWan2022NoiseModel``), read ``t_eval`` seconds after programming:
+   ``G_p = max(0, G + sigma * std_t(G) * eps)``, ``eps ~ N(0, 1)`` per cell, with
+   ``std_t(G) = (g_max / 40 µS) * sum_i c_i(t) x^i`` µS, ``x = G / g_max`` (the fit's reference g_max is
+   40 µS). At ``t_eval = 1`` (default) ``c = (0.348, 16.030, -43.853, 45.393, -16.815)``; aihwkit's fits
+   for 1 day and 2 days are in :data:`WAN2022_FITS`. Between fitted times each ``c_i`` is interpolated
+   linearly in ``log t``; beyond 2 days the 2-day fit is used (clamped); ``t_eval < 1`` is refused. The fit
+   gives only the spread at each time (the mean stays the target, but for the clamp at 0), so aging is
+   noise growth: a chip keeps its draw ``eps`` and its deviation from target grows with ``std_t``, which
+   makes the aged chip a deterministic function of (chip seed, layer, t_eval). (aihwkit instead redraws
+   the noise at each ``drift_weights`` call.) ``sigma`` is the scale factor of this noise: 1.0 = the
+   measured device, 0 = exact programming. ``programming=lognormal`` uses CorrectNet's
+   ``G_p = G * exp(sigma * eps)`` instead (``sigma`` then is the log-space std; ``t_eval`` must stay 1).
 4. stuck cells, static per chip: each cell is stuck with probability ``stuck_fraction``, at ``g_max``
    for a fraction ``stuck_high`` of the stuck cells and at ``g_min`` for the others, whatever its target.
    One uniform draw ``u`` per cell decides (stuck high if ``u < f * h``, low if ``f * h <= u < f``), so
@@ -29,6 +36,13 @@ For one weight tensor ``W`` (shape ``[out, ...]``) of one chip; conductances ``G
    ``G_r = G_p + read_noise * g_max * eps_r``, ``eps_r ~ N(0, 1)`` per cell and read; current noise,
    not clamped. One read serves a whole batch.
 6. unmapping: ``W' = (G+_r - G-_r) * s / (g_max - g_min)``. Without noise, levels and faults ``W' = W``.
+7. drift compensation (``drift_compensation=global``): ``W'' = alpha W'`` with
+   ``alpha = mean|W| / mean|W'_static|`` over the layer, ``W'_static`` the chip's weight without read noise
+   (detached, a constant of the chip). This is aihwkit's ``GlobalDriftCompensation`` readout (mean |output|
+   over one-hot inputs) against the exact nominal reference (aihwkit's ``...WithExactReference``); it is
+   applied as a scale of the read weight, i.e. before the ADC (aihwkit rescales digitally after it: the
+   same with an auto-ranging ADC). It restores mean|W| exactly; the output gain only approximately, and it
+   over-corrects when large zero-mean noise inflates mean|W'|.
 
 Converters act on the analog layer's input and output (the digital bias is added after the ADC):
 
@@ -38,34 +52,88 @@ Converters act on the analog layer's input and output (the digital bias is added
 * ADC (``adc_bits=b``): the same rule on the crossbar output ``W' x`` (per output vector / per sample):
   an ideal auto-ranging ADC whose full scale is the largest output of that vector. This is optimistic
   (real ADCs have a fixed range that clips or wastes levels): it measures resolution, not range.
+* fixed DAC range (``dac_range=r``, default ``auto`` = the per-vector rule above): full scale
+  ``X = r * R`` with ``R`` the layer's input range calibrated from data by
+  :func:`correctnet.analog.calibrate_input_ranges` (nearest-rank percentile of per-vector ``max|x|``);
+  inputs are clipped to ``[-X, X]`` and, with ``dac_bits``, rounded to ``k X / (2^(b-1) - 1)``.
+* fixed ADC range (``adc_range=r``, default ``auto``): full scale ``Y = r * s * X`` with ``s`` the mapping's
+  ``max|W|`` (per layer or per output channel, nominal) and ``X`` the DAC full scale of that vector: ``r = 1``
+  is the output of one cell at ``g_max`` driven at full input, aihwkit's ``out_bound`` unit (its default is
+  12). Outputs are clipped to ``[-Y, Y]`` and, with ``adc_bits``, rounded to ``k Y / (2^(b-1) - 1)``.
+* output noise (``output_noise=f``): ``y + f * Y * eps_o`` per MVM output and read before the ADC,
+  ``eps_o ~ N(0, 1)`` from the layer's read stream (reproducible per chip); with ``adc_range=auto``,
+  ``Y`` is the vector's noiseless ``max|y|``. ``f = 0.005`` at ``r = 12`` is aihwkit's ``out_noise`` 0.06.
 
-Both use a straight-through gradient. In a layer's ``off`` mode nothing is applied (nominal, exact, no
-converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
+* tiles (``tile_rows=R``, ``tile_cols=C``, default null = one array per layer): a weight ``[out, in, *k]``
+  is split into crossbar arrays of at most ``C`` outputs and ``R`` rows (a row per input and kernel
+  position: ``R // prod(k)`` whole input channels per tile, ``R >= prod(k)``). Each tile has its own mapping
+  scale ``s`` (its ``max|W|``, or per output row with ``mapping=channel``) and its own DAC (range over its
+  input slice), output noise and ADC (full scale ``r * s_tile * X_tile``); the partial outputs of a
+  column of tiles are summed digitally after their ADCs. Linear and ungrouped Conv layers only (attention
+  in-projections and grouped convolutions refuse tiles when converting; recurrent layers get the per-tile
+  mapping only, as they get no converters).
+
+Rounding uses a straight-through gradient; clipping passes no gradient beyond the bounds. In a layer's
+``off`` mode nothing is applied (nominal, exact, no converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
 based on resistive random-access memory", Nature 608, 504-512 (2022); aihwkit (Rasch et al., APL Mach.
 Learn. 2023); Joshi et al., Nat. Commun. 11, 2473 (2020) for read noise as a fraction of g_max.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
-from .errors import is_int, is_number, require
+from .errors import ConfigError, is_int, is_number, require
 from .variation import VariationModel
 
-WAN2022_COEFFS: tuple[float, ...] = (0.348, 16.030, -43.853, 45.393, -16.815)  # µS, powers x^0..x^4
+# aihwkit src/aihwkit/inference/noise/reram.py (ReRamWan2022NoiseModel.coeff_dic, commit 4545f11b), stored
+# there highest power first and reversed; here in µS, powers x^0..x^4, keyed by seconds after programming.
+WAN2022_FITS: dict[float, tuple[float, ...]] = {
+    1.0: (0.348, 16.030, -43.853, 45.393, -16.815),            # 1 s
+    86400.0: (0.701, 22.086, -50.773, 47.095, -16.458),        # 1 day
+    172800.0: (0.782, 20.274, -43.507, 37.062, -11.934),       # 2 days
+}
+WAN2022_COEFFS: tuple[float, ...] = WAN2022_FITS[1.0]
 WAN2022_G_MAX = 40.0  # µS, the g_max the coefficients were fitted for
 MAPPINGS = ("layer", "channel")
 PROGRAMMING = ("wan2022", "lognormal")
+DRIFT_COMPENSATION = ("none", "global")
 
 
-def wan2022_std(g: torch.Tensor, g_max: float) -> torch.Tensor:
-    """Programming-noise std in µS at target conductance ``g`` (µS): the Wan et al. 2022 polynomial."""
+def wan2022_coeffs(t_eval: float = 1.0) -> tuple[float, ...]:
+    """Polynomial coefficients (µS, powers x^0..x^4) of the programming-noise std ``t_eval`` s after programming.
+
+    The fit covers 1 s, 1 day and 2 days. At a fitted time: that fit, exactly. Between two fitted times
+    ``t0 < t < t1``: each coefficient linearly interpolated in ``log t``,
+    ``c = (1 - a) c(t0) + a c(t1)``, ``a = (ln t - ln t0) / (ln t1 - ln t0)``. Before 1 s: the 1 s fit;
+    after 2 days: the 2-day fit (clamped; no extrapolation).
+    """
+    times = sorted(WAN2022_FITS)
+    if t_eval <= times[0]:
+        return WAN2022_FITS[times[0]]
+    if t_eval >= times[-1]:
+        return WAN2022_FITS[times[-1]]
+    if t_eval in WAN2022_FITS:
+        return WAN2022_FITS[t_eval]
+    t1 = next(t for t in times if t > t_eval)
+    t0 = times[times.index(t1) - 1]
+    a = (math.log(t_eval) - math.log(t0)) / (math.log(t1) - math.log(t0))
+    return tuple((1 - a) * c0 + a * c1 for c0, c1 in zip(WAN2022_FITS[t0], WAN2022_FITS[t1]))
+
+
+def wan2022_std(g: torch.Tensor, g_max: float, t_eval: float = 1.0) -> torch.Tensor:
+    """Programming-noise std in µS at target conductance ``g`` (µS), ``t_eval`` s after programming.
+
+    The Wan et al. 2022 polynomial of :func:`wan2022_coeffs` in ``x = g / g_max``, scaled by
+    ``g_max / 40 µS`` (the fit's reference).
+    """
     x = g / g_max
     std = torch.zeros_like(g)
-    for c in reversed(WAN2022_COEFFS):  # Horner
+    for c in reversed(wan2022_coeffs(t_eval)):  # Horner
         std = std * x + c
     return std * (g_max / WAN2022_G_MAX)
 
@@ -107,6 +175,26 @@ def quantize_signal(x: torch.Tensor, bits: int, dims: Sequence[int]) -> torch.Te
     return _straight_through(x, q)
 
 
+def clip_quantize(x: torch.Tensor, full_scale: torch.Tensor | float, bits: int | None) -> torch.Tensor:
+    """Fixed-range converter: clip to ``[-F, F]`` (no gradient beyond the bounds), then, with ``bits``, round to
+    the signed grid ``k F / (2^(bits-1) - 1)`` (straight-through). ``F`` broadcasts against ``x``."""
+    f = torch.as_tensor(full_scale, dtype=x.dtype, device=x.device).clamp_min(torch.finfo(x.dtype).tiny)
+    c = torch.maximum(torch.minimum(x, f), -f)
+    if bits is None:
+        return c
+    n = 2 ** (bits - 1) - 1
+    return _straight_through(c, torch.round(c.detach() / f * n) * (f / n))
+
+
+def _abs_max(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    return x.detach().abs().amax(dim=tuple(dims), keepdim=True)
+
+
+def _opt_range(key: str, v: Any) -> str | float:
+    require(v == "auto" or (is_number(v) and v > 0), f"variation.{key}", "'auto' or a number > 0", v)
+    return v if v == "auto" else float(v)
+
+
 def _opt_int(key: str, v: Any, low: int, high: int | None = None) -> int | None:
     if v is None:
         return None
@@ -140,6 +228,13 @@ class RRAM(VariationModel):
     levels: int | None = None        # programmable conductance levels per cell; null = continuous
     dac_bits: int | None = None      # input DAC resolution; null = ideal
     adc_bits: int | None = None      # output ADC resolution; null = ideal
+    t_eval: float = 1.0              # s after programming at which the chip is read (Wan 2022 fits: 1 s-2 days)
+    drift_compensation: str = "none"  # none | global: rescale each layer by nominal / aged mean |W|
+    dac_range: Any = "auto"          # auto (per-vector max|x|) | r > 0: clip at r * the layer's calibrated range
+    adc_range: Any = "auto"          # auto (per-vector max|y|) | r > 0: clip at r * max|W| * DAC full scale
+    output_noise: float = 0.0        # std of additive noise per MVM output and read, fraction of the ADC full scale
+    tile_rows: int | None = None     # max rows (inputs x kernel positions) per crossbar array; null = one array
+    tile_cols: int | None = None     # max outputs per crossbar array; null = one array
     name: ClassVar[str] = "rram"
 
     def __post_init__(self) -> None:
@@ -161,6 +256,20 @@ class RRAM(VariationModel):
         set_("levels", _opt_int("levels", self.levels, 2))
         set_("dac_bits", _opt_int("dac_bits", self.dac_bits, 2, 24))
         set_("adc_bits", _opt_int("adc_bits", self.adc_bits, 2, 24))
+        require(is_number(self.t_eval) and self.t_eval >= 1, "variation.t_eval",
+                "a number >= 1 (seconds after programming; the Wan 2022 fits start at 1 s)", self.t_eval)
+        set_("t_eval", float(self.t_eval))
+        require(self.t_eval == 1 or self.programming == "wan2022", "variation.t_eval",
+                "1 with variation.programming=lognormal (only the wan2022 fit depends on time)", self.t_eval)
+        require(self.drift_compensation in DRIFT_COMPENSATION, "variation.drift_compensation",
+                f"one of {list(DRIFT_COMPENSATION)}", self.drift_compensation)
+        set_("dac_range", _opt_range("dac_range", self.dac_range))
+        set_("adc_range", _opt_range("adc_range", self.adc_range))
+        require(is_number(self.output_noise) and self.output_noise >= 0, "variation.output_noise",
+                "a number >= 0 (fraction of the ADC full scale)", self.output_noise)
+        set_("output_noise", float(self.output_noise))
+        set_("tile_rows", _opt_int("tile_rows", self.tile_rows, 1))
+        set_("tile_cols", _opt_int("tile_cols", self.tile_cols, 1))
 
     def _set(self, key: str, value: Any) -> None:
         object.__setattr__(self, key, value)  # frozen dataclass: normalise validated values
@@ -175,19 +284,49 @@ class RRAM(VariationModel):
         return torch.cat((eps, torch.rand((2, *weight.shape), **kw)))
 
     def scale(self, weight: torch.Tensor) -> torch.Tensor:
-        """The mapping's ``max|W|`` (layer scalar or ``[out, 1, ...]``), detached."""
-        return channel_scale(weight, self.mapping == "channel")
+        """The mapping's ``max|W|`` (layer scalar or ``[out, 1, ...]``; tiled: per tile, shaped like ``weight``), detached."""
+        tiles = self.tiles(weight.shape)
+        if tiles is None:
+            return channel_scale(weight, self.mapping == "channel")
+        s = torch.empty_like(weight, requires_grad=False)
+        for o in tiles[0]:
+            for i in tiles[1]:
+                s[o, i] = channel_scale(weight[o, i], self.mapping == "channel")
+        return s
+
+    def tiles(self, shape: Sequence[int]) -> tuple[list[slice], list[slice]] | None:
+        """Crossbar tiles of a weight ``[out, in, *kernel]``: slices of ``out`` and of ``in``; None for one tile.
+
+        A tile holds at most ``tile_cols`` outputs and ``tile_rows`` rows, a row per input and kernel
+        position, so it takes ``tile_rows // prod(kernel)`` whole input channels (conv) or ``tile_rows``
+        inputs (Linear).
+        """
+        if (self.tile_rows is None and self.tile_cols is None) or len(shape) < 2:
+            return None
+        per_channel = math.prod(shape[2:])
+        if self.tile_rows is not None and self.tile_rows < per_channel:
+            raise ConfigError(f"variation.tile_rows must be >= {per_channel} (the rows of one input channel's kernel "
+                              f"{tuple(shape[2:])}), got {self.tile_rows}")
+        rows = shape[1] if self.tile_rows is None else self.tile_rows // per_channel
+        cols = shape[0] if self.tile_cols is None else self.tile_cols
+        if rows >= shape[1] and cols >= shape[0]:
+            return None
+        return ([slice(a, min(a + cols, shape[0])) for a in range(0, shape[0], cols)],
+                [slice(a, min(a + rows, shape[1])) for a in range(0, shape[1], rows)])
 
     def conductances(self, weight: torch.Tensor, noise: torch.Tensor,
                      read: torch.Generator | None = None) -> torch.Tensor:
         """``[G+, G-]`` in µS as read once (shape ``[2, *weight.shape]``); read noise only with ``read``."""
+        return self._read(self._static_conductances(weight, noise), read)
+
+    def _static_conductances(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         g = to_conductance(weight, self.scale(weight), self.g_min, self.g_max)
         if self.levels is not None:
             g = quantize_levels(g, self.levels, self.g_min, self.g_max)
         eps = noise[:2]
         if self.sigma > 0:
             if self.programming == "wan2022":
-                g = (g + self.sigma * wan2022_std(g.detach(), self.g_max) * eps).clamp_min(0.0)
+                g = (g + self.sigma * wan2022_std(g.detach(), self.g_max, self.t_eval) * eps).clamp_min(0.0)
             else:
                 g = g * torch.exp(self.sigma * eps)
         if self.stuck_fraction > 0:
@@ -195,6 +334,9 @@ class RRAM(VariationModel):
             high = u < f * self.stuck_high
             g = torch.where(high, torch.full_like(g, self.g_max), g)
             g = torch.where(~high & (u < f), torch.full_like(g, self.g_min), g)
+        return g
+
+    def _read(self, g: torch.Tensor, read: torch.Generator | None) -> torch.Tensor:
         if read is not None and self.read_noise > 0:
             g = g + (self.read_noise * self.g_max) * torch.randn(g.shape, generator=read, device=g.device,
                                                                  dtype=g.dtype)
@@ -206,8 +348,22 @@ class RRAM(VariationModel):
 
     def apply_read(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The weight seen by one read: static deviations plus read noise drawn from ``generator``."""
-        return from_conductance(self.conductances(weight, noise, generator), self.scale(weight),
-                                self.g_min, self.g_max)
+        s = self.scale(weight)
+        g = self._static_conductances(weight, noise)
+        w = from_conductance(self._read(g, generator), s, self.g_min, self.g_max)
+        if self.drift_compensation == "global":
+            w = w * self.drift_factor(weight, from_conductance(g.detach(), s, self.g_min, self.g_max))
+        return w
+
+    @staticmethod
+    def drift_factor(weight: torch.Tensor, static: torch.Tensor) -> torch.Tensor:
+        """Global drift compensation ``alpha = mean|W| / mean|W'|`` over the layer (detached scalar).
+
+        ``W'`` is the chip's static weight (no read noise): aihwkit's ``GlobalDriftCompensation`` readout
+        (mean |output| over one-hot inputs = mean |W'|) against the exact nominal reference.
+        """
+        ref = weight.detach().abs().sum()
+        return ref / static.abs().sum().clamp_min(torch.finfo(static.dtype).tiny)
 
     # -- converters ------------------------------------------------------------------------------
     @property
@@ -216,7 +372,50 @@ class RRAM(VariationModel):
 
     @property
     def converts(self) -> bool:
-        return self.dac_bits is not None or self.adc_bits is not None
+        return self.dac_bits is not None or self.adc_bits is not None or not self._ideal_ranges
+
+    @property
+    def _ideal_ranges(self) -> bool:
+        return self.dac_range == "auto" and self.adc_range == "auto" and self.output_noise == 0
+
+    @property
+    def needs_input_range(self) -> bool:
+        return self.dac_range != "auto"
+
+    def weight_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.scale(weight)
+
+    def convert(self, mvm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dims: Sequence[int], *,
+                weight_scale: torch.Tensor | None = None, input_range: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """DAC, crossbar ``mvm``, output noise, ADC; see the module docstring for the ranges.
+
+        ``weight_scale``: the mapping's ``max|W|`` broadcastable to the output; ``input_range``: the
+        layer's calibrated input range (needed when ``dac_range`` is a number); ``generator``: the read stream.
+        """
+        if self._ideal_ranges:
+            return self.adc(mvm(self.dac(x, dims)), dims)
+        if self.dac_range == "auto":
+            x_fs: torch.Tensor | float = _abs_max(x, dims)
+            xq = self.dac(x, dims)
+        else:
+            if input_range is None:
+                raise ConfigError(f"variation.dac_range={self.dac_range:g} needs a calibrated input range "
+                                  f"(correctnet.analog.calibrate_input_ranges)")
+            x_fs = self.dac_range * input_range
+            xq = clip_quantize(x, x_fs, self.dac_bits)
+        y = mvm(xq)
+        if self.adc_range == "auto":
+            full = _abs_max(y, dims)
+        else:
+            s = weight_scale if weight_scale is not None else torch.ones((), dtype=y.dtype, device=y.device)
+            full = self.adc_range * s.detach() * x_fs
+        if self.output_noise > 0 and generator is not None:
+            eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+            y = y + (self.output_noise * full) * eps
+        if self.adc_range == "auto":
+            return self.adc(y, dims)
+        return clip_quantize(y, full, self.adc_bits)
 
     def dac(self, x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
         return x if self.dac_bits is None else quantize_signal(x, self.dac_bits, dims)

@@ -220,6 +220,10 @@ def validate(cfg: DictConfig) -> Job:
     threads = resolve_threads(cfg.get("threads", "auto"))
     workers = resolve_workers(cfg.evaluation.get("workers", "auto"), threads)
     variation = _variation(cfg)
+    if variation.needs_input_range:  # the pipeline has no input-range calibration step
+        raise ConfigError(f"variation.dac_range={cfg.variation.dac_range} needs each layer's input range calibrated "
+                          f"on data (correctnet.calibrate_input_ranges), which the command line does not do; use "
+                          f"variation.dac_range=auto here, or the library")
     tcfg, noise_sigma, lip_params = _train_config(cfg)
     regularizer = _regularizer(lip_params, cfg.seed)
     train_variation = _variation(cfg, noise_sigma) if noise_sigma is not None else variation

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 
@@ -80,6 +80,30 @@ class VariationModel:
     def adc(self, y: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
         """Output converter (before the digital bias); ``dims`` as for ``dac``. Identity by default."""
         return y
+
+    @property
+    def needs_input_range(self) -> bool:
+        """Whether ``convert`` needs the layer's calibrated input range (a fixed-range DAC; off by default)."""
+        return False
+
+    def tiles(self, shape: Sequence[int]) -> tuple[list[slice], list[slice]] | None:
+        """Crossbar tiles (slices of the weight's output and input dimensions) or None: one array (default)."""
+        return None
+
+    def weight_scale(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The full-scale weight of the array mapping ``weight`` (for fixed-range converters); None by default."""
+        return None
+
+    def convert(self, mvm: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dims: Sequence[int], *,
+                weight_scale: torch.Tensor | None = None, input_range: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """One converted crossbar MVM (bias excluded): ``adc(mvm(dac(x)))`` by default.
+
+        ``weight_scale`` (from :meth:`weight_scale`, broadcastable to the output), ``input_range`` (the
+        layer's calibrated input range or None) and ``generator`` (the layer's read stream) serve models with
+        fixed-range converters or output noise.
+        """
+        return self.adc(mvm(self.dac(x, dims)), dims)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "sigma": self.sigma}

@@ -1,9 +1,9 @@
 """``python -m correctnet.evaluate checkpoint=PATH [key=value ...]``: re-evaluate an exported checkpoint.
 
 Plain ``key=value`` arguments in the style of ``python -m correctnet.train`` (no Hydra: nothing is
-written unless ``out=FILE`` is given). A comma-separated ``variation.sigma`` or ``variation.name`` is a
-sweep, run in this one process over the same loaded model and data; ``-m`` is accepted for symmetry
-with Hydra multirun and changes nothing. Errors print one ``correctnet: error: ...`` line and exit 2.
+written unless ``out=FILE`` is given). A comma-separated ``variation.sigma``, ``variation.name`` or (rram)
+``variation.t_eval`` is a sweep (their cross product), run in this one process over the same loaded model
+and data; ``-m`` is accepted for symmetry with Hydra multirun and changes nothing. Errors print one ``correctnet: error: ...`` line and exit 2.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   checkpoint=PATH           the .safetensors checkpoint (required)
   variation.name=NAME       lognormal | gaussian; comma-separated for a sweep
   variation.sigma=S         e.g. 0.5, or a sweep: variation.sigma=0.3,0.5,0.8
+  variation.t_eval=T        rram: seconds after programming, e.g. a sweep variation.t_eval=1,3600,86400
   evaluation.n_chips=N      number of simulated chips
   evaluation.seed=S         chip i is seeding.chip_seed(Stream.EVAL, S, i)
   evaluation.batch_size=B
@@ -47,7 +48,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   out=FILE  (or --out FILE) also write the results as JSON; overwrite=true replaces an existing FILE
 """
 
-KEYS = ("checkpoint", "variation.name", "variation.sigma", "evaluation.n_chips", "evaluation.seed",
+KEYS = ("checkpoint", "variation.name", "variation.sigma", "variation.t_eval", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
         "evaluation.workers")
@@ -114,6 +115,25 @@ def _value(key: str, value: str) -> Any:
     return value
 
 
+def sweep_variations(opts: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The cross product of ``variation.name``, ``variation.sigma`` and ``variation.t_eval`` (comma lists) as
+    dicts merged onto the checkpoint's variation; None when none is given (the checkpoint's own)."""
+    if not any(f"variation.{k}" in opts for k in ("name", "sigma", "t_eval")):
+        return None
+    names = _list(opts["variation.name"]) if "variation.name" in opts else [None]
+    sigmas = ([_number("variation.sigma", s, float) for s in _list(opts["variation.sigma"])]
+              if "variation.sigma" in opts else [None])
+    times = ([_number("variation.t_eval", t, float) for t in _list(opts["variation.t_eval"])]
+             if "variation.t_eval" in opts else [None])
+    return [{k: v for k, v in (("name", n), ("sigma", s), ("t_eval", t)) if v is not None}
+            for n in names for s in sigmas for t in times]
+
+
+def _label(variation: dict[str, Any]) -> str:
+    t = variation.get("t_eval", 1.0)
+    return f"{variation['name']} {variation['sigma']:g}" + (f" t={t:g}s" if t != 1.0 else "")
+
+
 def recorded_threads(checkpoint: str) -> int | str:
     """The torch thread count the run that exported ``checkpoint`` recorded, else ``"auto"``."""
     env = ((read_metadata(checkpoint).get("metrics") or {}).get("environment") or {})
@@ -127,12 +147,7 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     overwrite = _bool("overwrite", opts.get("overwrite", "false"))
     if out is not None and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=true to replace it")
-    variations = None
-    if "variation.name" in opts or "variation.sigma" in opts:  # the cross product; unset keys: the checkpoint's
-        names = _list(opts["variation.name"]) if "variation.name" in opts else [None]
-        sigmas = ([_number("variation.sigma", s, float) for s in _list(opts["variation.sigma"])]
-                  if "variation.sigma" in opts else [None])
-        variations = [{k: v for k, v in (("name", n), ("sigma", s)) if v is not None} for n in names for s in sigmas]
+    variations = sweep_variations(opts)
     dataset: dict[str, Any] = {}
     if "dataset.root" in opts:
         dataset["root"] = None if opts["dataset.root"] in ("", "null") else opts["dataset.root"]
@@ -177,7 +192,7 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
                                [(res["stage"], res["clean_accuracy"], rows[0]["mc"])])
     else:
         table = format_summary(res["model"], res["dataset"], None, label="variation",
-                               rows=[(f"{r['variation']['name']} {r['variation']['sigma']:g}", res["clean_accuracy"],
+                               rows=[(_label(r["variation"]), res["clean_accuracy"],
                                       r["mc"]) for r in rows])
     lines = ["", table, f"  checkpoint: {res['checkpoint']} ({res['stage']}, "
                         f"correctnet {res['versions']['exported'].get('correctnet', '?')})"]
