@@ -37,14 +37,46 @@ from correctnet.registry import make_variation
 from correctnet.seeding import Stream, chip_seed
 
 
+def plot(result: dict, path: Path) -> None:
+    """Chip mean (band: p5) against time after programming, one line per arm, from a result JSON's rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    arms = list(dict.fromkeys(r["arm"] for r in result["rows"]))
+    for arm in arms:
+        rows = sorted((r for r in result["rows"] if r["arm"] == arm), key=lambda r: r["t_eval"])
+        t = [r["t_eval"] for r in rows]
+        ax.plot(t, [100 * r["mean"] for r in rows], marker="o", label=arm)
+        ax.fill_between(t, [100 * r["p5"] for r in rows], [100 * r["mean"] for r in rows], alpha=0.12)
+    if result.get("original_accuracy"):
+        ax.axhline(100 * result["original_accuracy"], color="k", lw=0.8, ls="--", label="original (vanilla, clean)")
+    ax.set_xscale("log")
+    ax.set_xlabel("time after programming (s)")
+    ax.set_ylabel("accuracy over chips (%): mean, band down to p5")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--na", type=Path, required=True, help="checkpoint of the method=noise_aware run")
-    p.add_argument("--cn", type=Path, required=True, help="checkpoint of the method=correctnet_calibrated run")
+    p.add_argument("--replot", type=Path, help="only redraw the figure of this result JSON (beside it, .png)")
+    p.add_argument("--na", type=Path, help="checkpoint of the method=noise_aware run")
+    p.add_argument("--cn", type=Path, help="checkpoint of the method=correctnet_calibrated run")
     p.add_argument("--times", type=float, nargs="+", default=[1, 60, 3600, 86400, 172800])
     p.add_argument("--chips", type=int, default=100)
     add_run_args(p, threads=1)
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return
+    if args.na is None or args.cn is None:
+        p.error("--na and --cn are required (or --replot)")
     apply_threads(args)
     cn_model, meta = cn.load_checkpoint(args.cn)
     na_model, _ = cn.load_checkpoint(args.na)
@@ -112,8 +144,10 @@ def main() -> None:
         cells = [next(r for r in rows if r["arm"] == a and r["t_eval"] == t) for t in args.times]
         print(f"| {a} | " + " | ".join(f"{100 * c['mean']:.2f}% (p5 {100 * c['p5']:.2f}%)" for c in cells) + " |")
     if args.out:
-        args.out.write_text(json.dumps({"setup": setup, "original_accuracy": orig, "variation": stored,
-                                        "rows": rows, "seconds": time.perf_counter() - t0}, indent=2))
+        result = {"setup": setup, "original_accuracy": orig, "variation": stored, "rows": rows,
+                  "seconds": time.perf_counter() - t0}
+        args.out.write_text(json.dumps(result, indent=2))
+        plot(result, args.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
