@@ -9,9 +9,11 @@ recorded (``metrics.json: environment.torch_threads``) because CPU results can d
 thread counts; ``correctnet evaluate`` uses the recorded count by default so that it reproduces a run exactly.
 
 ``workers`` (``evaluation.workers``): processes the Monte-Carlo chips are spread over (CPU; each with ``threads``
-threads). ``auto`` is the idle cores divided by ``threads``: the usable cores minus the 1-minute load average (what
-other processes keep busy), at least 1, so an idle 2-core machine evaluates and calibrates two chips at a time and a
-busy one stays at one. Per-chip results do not depend on it.
+threads). ``auto`` is the usable cores divided by ``threads``. Independent processes do not spin-wait for each other
+the way intra-op threads do, so this stays right on a busy machine: the scheduler shares the cores between all
+processes, and more of them keep this job's share. Measured on the 2-core machine, digits default job with both
+cores kept busy by other processes: 95.6 s with 2 workers, 143.9 s with 1 (docs/speed.md). Per-chip results do
+not depend on it.
 
 ``progress``: ``auto`` (bars only when stderr is a terminal: a redirected log is not flooded), ``true`` or ``false``.
 """
@@ -54,13 +56,9 @@ def set_threads(value: Any, key: str = "threads") -> int:
 
 
 def auto_workers(threads: int = 1) -> int:
-    """What ``workers=auto`` means: idle cores (usable cores minus the 1-minute load average) // ``threads``, >= 1."""
+    """What ``workers=auto`` means: usable cores // ``threads``, at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):  # not available on this platform
-        load = 0.0
-    return max(1, int(cores - load + 0.5) // max(threads, 1))
+    return max(1, cores // max(threads, 1))
 
 
 def resolve_workers(value: Any, threads: int = 1, key: str = "evaluation.workers") -> int:

@@ -32,7 +32,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   evaluation.seed=S         chip i is seeding.chip_seed(Stream.EVAL, S, i)
   evaluation.batch_size=B
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
-  evaluation.workers=auto|N processes the chips are spread over (default auto: idle cores / threads)
+  evaluation.workers=auto|N processes the chips are spread over (default auto: cores / threads)
   dataset.root=DIR          where the dataset is on this machine
   dataset.name=NAME  dataset.val_fraction=F  seed=S   only for checkpoints that do not record them
   dataset.path=FILE         a moved data file (dataset=file runs)
