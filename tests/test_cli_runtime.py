@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from correctnet.errors import ConfigError
-from correctnet.runtime import auto_threads, resolve_progress, resolve_threads
+from correctnet.runtime import auto_threads, resolve_progress, resolve_threads, resolve_workers
 from correctnet.train import _interrupted_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,16 @@ def test_threads_and_progress_settings(monkeypatch):
     assert resolve_progress(True) is True and resolve_progress("false") is False
     with pytest.raises(ConfigError, match="progress must be auto, true or false"):
         resolve_progress("maybe")
+
+
+def test_workers_setting(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert resolve_workers("auto", threads=1) == 4 and resolve_workers("auto", threads=2) == 2
+    assert resolve_workers("auto", threads=8) == 1  # never below one process
+    assert resolve_workers("3") == 3 and resolve_workers(1) == 1
+    for bad in (0, -2, "some", 2.5, True):
+        with pytest.raises(ConfigError, match="evaluation.workers must be auto or an integer >= 1"):
+            resolve_workers(bad)
 
 
 @pytest.mark.slow
