@@ -533,6 +533,17 @@ def load_calibrated_chip(model: nn.Module, path: str | os.PathLike) -> int:
     return int(meta["chip_seed"])
 
 
+def teacher_network(cfg: CalibrationConfig, model: nn.Module, reference: nn.Module | None,
+                    joint: bool) -> nn.Module | None:
+    """The network whose clean logits ``cfg.teacher`` calibrates towards, for :class:`ChipCalibrator`'s ``teacher``:
+    the vanilla ``reference``, or the model itself with its compensators when they were trained jointly (without
+    them it is not the trained network); None for the chip ensemble and the bypassed model (the calibrator
+    computes those from the model)."""
+    if cfg.teacher == "reference":
+        return reference
+    return model if joint and cfg.teacher == "self" else None
+
+
 def load_reference(path: str | os.PathLike, meta: dict[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
     """The vanilla reference network exported beside the checkpoint at ``path`` (``meta["reference"]``: its file
     name in the same directory and the digest of its tensors), as :func:`~correctnet.checkpoint.load_checkpoint`
@@ -595,11 +606,9 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
     def factory(model: nn.Module, data: Any, meta: dict[str, Any]) -> ChipCalibrator:
         cfg = checkpoint_calibration(meta, calibration)
         joint = bool(((meta.get("config") or {}).get("compensation") or {}).get("joint"))
-        teacher: nn.Module | None = model if joint and cfg.teacher == "self" else None
-        if cfg.teacher == "reference":
-            if "net" not in references:
-                references["net"] = load_reference(path, meta, device=model_device(model))
-            teacher = references["net"]
+        if cfg.teacher == "reference" and "net" not in references:
+            references["net"] = load_reference(path, meta, device=model_device(model))
+        teacher = teacher_network(cfg, model, references.get("net"), joint)
         images = calibration_images(data.train, cfg.n_images, cfg.seed).to(model_device(model))
         built.append((model, ChipCalibrator(model, images, cfg, teacher=teacher), meta))
         return built[-1][1]
@@ -623,5 +632,5 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
 
 __all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
            "calibrate_chip", "calibration_state", "check_compensation", "checkpoint_calibration",
-           "evaluate_calibrated", "distillation_loss", "ensemble_logits", "load_reference",
+           "evaluate_calibrated", "distillation_loss", "ensemble_logits", "load_reference", "teacher_network",
            "load_calibrated_chip", "save_calibrated_chip", "reestimate_batchnorm", "teacher_logits", "train_compensation"]

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .analog import analogize, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
-                          teacher_logits, train_compensation)
+                          teacher_logits, teacher_network, train_compensation)
 from .checkpoint import atomic_write, checkpoint_digest, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
@@ -459,7 +459,7 @@ def calibrate_chips(ws: Workspace, reference: torch.nn.Module | None, clean: flo
         check_val = _unscored(ws.data.val, j.search_cfg if j.strategy is not None else None)
         cal_cfg, choice = _choose_teacher(model, reference, images, cal_cfg, check_val, j.joint, j.eval_batch,
                                           j.workers)
-    calibrator = ChipCalibrator(model, images, cal_cfg, teacher=_calibration_teacher(cal_cfg, model, reference, j.joint))
+    calibrator = ChipCalibrator(model, images, cal_cfg, teacher=teacher_network(cal_cfg, model, reference, j.joint))
     record = {**ws.measure(model, desc=Stage.CALIBRATED.value, clean=clean, calibrate=calibrator),
               "calibration": {**calibrator.stats(), "teacher_choice": choice}, "overhead": cost}
     return StageResult(Stage.CALIBRATED, record)
@@ -584,7 +584,7 @@ def _choose_teacher(model: torch.nn.Module, reference: torch.nn.Module | None, i
     scores: dict[str, float] = {}
     for name in ("ensemble", "reference") if reference is not None else ("ensemble",):
         c = dataclasses.replace(cal_cfg, teacher=name)
-        cal = ChipCalibrator(model, images, c, teacher=_calibration_teacher(c, model, reference, joint))
+        cal = ChipCalibrator(model, images, c, teacher=teacher_network(c, model, reference, joint))
         scores[name] = monte_carlo(model, val, n_chips=cal_cfg.select_chips, seed=cal_cfg.seed, stream=Stream.CHECK,
                                    batch_size=batch_size, progress=False, calibrate=cal, workers=workers).mean
     chosen = max(scores, key=lambda k: scores[k])  # first (ensemble) on a tie
@@ -593,16 +593,6 @@ def _choose_teacher(model: torch.nn.Module, reference: torch.nn.Module | None, i
     return dataclasses.replace(cal_cfg, teacher=chosen), {
         "chosen": chosen, "validation_accuracy": scores, "chips": cal_cfg.select_chips,
         "chip_stream": Stream.CHECK.name, "images": len(val.tensors[0])}
-
-
-def _calibration_teacher(cal_cfg: CalibrationConfig, model: torch.nn.Module, reference: torch.nn.Module | None,
-                         joint: bool) -> torch.nn.Module | None:
-    """The network whose clean logits calibration matches: the vanilla reference, or the model itself (with its
-    compensators when they were trained jointly: without them it is not the trained network); None for the
-    chip ensemble (the calibrator computes it from the model)."""
-    if cal_cfg.teacher == "reference":
-        return reference
-    return model if joint and cal_cfg.teacher == "self" else None
 
 
 def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) -> None:

@@ -30,7 +30,7 @@ import correctnet as cn
 from common import add_run_args, apply_threads, machine_line, record
 from correctnet.analog import chip, set_variation
 from correctnet.calibration import (ChipCalibrator, calibration_images, calibration_state, checkpoint_calibration,
-                                    load_reference)
+                                    load_reference, teacher_network)
 from correctnet.data import dataset_from_config
 from correctnet.evaluate import first_samples
 from correctnet.registry import make_variation
@@ -96,8 +96,8 @@ def main() -> None:
             return (model(x).argmax(1) == y).float().mean().item()
 
     def calibrator() -> ChipCalibrator:  # the run's settings and teacher
-        return ChipCalibrator(cn_model, images, cal_cfg, teacher=vanilla if cal_cfg.teacher == "reference" else
-                              cn_model if cal_cfg.teacher == "self" else None)
+        joint = bool((cfg.get("compensation") or {}).get("joint"))
+        return ChipCalibrator(cn_model, images, cal_cfg, teacher=teacher_network(cal_cfg, cn_model, vanilla, joint))
 
     t0 = time.perf_counter()
     arms = ("vanilla", "noise-aware", "CorrectNet chip-agnostic", "CorrectNet calibrated once (1 s)",
