@@ -303,6 +303,18 @@ def _work_chip(i: int) -> tuple[int, float, Any]:
     return i, acc, record() if record is not None else None
 
 
+def _init_worker() -> None:
+    """Forked workers take the default SIGTERM (and leave Ctrl-C to the parent).
+
+    A parent's own SIGTERM handler is inherited at fork: under submitit (which ignores SIGTERM) the pool
+    could then never stop its workers and the job hung.
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def can_fork_workers(model: nn.Module) -> bool:
     """Whether chips can be evaluated in forked worker processes: a CPU model on a platform with ``fork``."""
     import multiprocessing
@@ -371,13 +383,17 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
 
                 _WORK["args"] = (model, batches, seeds, calibrate, snapshot)
                 try:
-                    with multiprocessing.get_context("fork").Pool(min(workers, n_chips)) as pool:
+                    with multiprocessing.get_context("fork").Pool(min(workers, n_chips),
+                                                                  initializer=_init_worker) as pool:
                         for _, acc, record in pool.imap(_work_chip, range(n_chips)):
                             accs.append(acc)
                             if record is not None:
                                 calibrate.add_record(record)  # type: ignore[union-attr]
                             bar.update(1)
                             bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
+                        # let the workers exit on their own; leaving the block would SIGTERM them
+                        pool.close()
+                        pool.join()
                 finally:
                     _WORK.clear()
             elif k == 1:
