@@ -32,6 +32,7 @@ from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig,
 from .checkpoint import atomic_write, checkpoint_digest, save_checkpoint, versions
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
+from . import conf  # noqa: F401  (registers the config groups' schemas before Hydra composes)
 from .errors import ConfigError, CorrectNetError, is_int
 from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants

@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import correctnet.conf  # noqa: F401  (registers the config groups' schemas: tests compose the groups directly)
+
 
 @pytest.fixture(autouse=True)
 def _threads():

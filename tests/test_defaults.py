@@ -1,4 +1,4 @@
-"""One source of defaults: the library's dataclasses and signatures say what the CLI's YAML groups say.
+"""One source of defaults: the CLI's config groups are built from the library's dataclasses and signatures.
 
 A library user (``TrainConfig()``, ``CompensationConfig()``, ``attach_compensation(model, "all")``, ...) runs the
 same experiment as ``correctnet train`` with the same groups selected."""
@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from correctnet.calibration import CalibrationConfig, CompensationConfig
 from correctnet.compensation import Compensator, attach_compensation
 from correctnet.conf import DIR as CONFIG_DIR
+from correctnet.conf import schema as schema_module
+from correctnet.conf.schema import schemas
 from correctnet.lipschitz import LipschitzRegularizer
 from correctnet.placement import PPOConfig, SearchConfig
 from correctnet.training import TrainConfig
@@ -78,3 +80,51 @@ def test_placement(cfg):
     same(defaults_of(SearchConfig), place, "placement", extra={"strategy", "ppo"})
     assert place["seed"] == cfg["seed"] == SearchConfig.seed
     same(defaults_of(PPOConfig), place["ppo"], "placement.ppo")
+
+
+# (group, option, key) that deliberately state the schema's value: training=lipschitz turns the strength back on
+# after training=default (which it extends) turned it off
+RESTATED = {("training", "lipschitz", "lipschitz.strength")}
+SELECTOR = {"compensation": "placement", "calibration": "enabled", "placement": "strategy"}  # what an option is
+
+
+def _leaves(node, prefix=""):
+    for k, v in node.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("group", ["training", "compensation", "calibration", "placement"])
+def test_group_options_start_from_the_library_schema_and_restate_no_default(group):
+    # a value copied into a YAML option would pin it there: the library's default could change under it unseen
+    schema = OmegaConf.to_container(OmegaConf.structured(schemas()[group]))
+    for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+        defaults = raw.pop("defaults", [])
+        # the schema first, or another option of the group (checked in turn)
+        assert defaults and (defaults[0] == "schema" or (CONFIG_DIR / group / f"{defaults[0]}.yaml").is_file()), \
+            f"{group}/{path.name} does not start from the schema: defaults {defaults}"
+        for key, value in _leaves(raw):
+            want = OmegaConf.select(OmegaConf.create(schema), key, default="<missing>")
+            assert want != "<missing>", f"{group}/{path.name}: {key} is not a key of the library's config"
+            if (group, path.stem, key) not in RESTATED and key != SELECTOR.get(group):
+                assert value != want, f"{group}/{path.name}: {key}: {value!r} restates the library default"
+
+
+def test_a_key_the_library_does_not_know_is_refused_when_composed():
+    for override in ("training.epoch=3", "calibration.n_image=5", "placement.ppo.episode=2"):
+        with pytest.raises(Exception, match="Could not override"):
+            groups("compensation=all", "calibration=per_chip", "placement=ppo", override)
+
+
+def test_the_schema_follows_the_library(monkeypatch):
+    # built from the dataclasses when registered, not copied: a changed library default reaches the CLI
+    import dataclasses as dc
+
+    changed = dc.make_dataclass("TrainConfig", [(f.name, f.type, dc.field(default=32 if f.name == "batch_size"
+                                                                           else f.default))
+                                                for f in dc.fields(TrainConfig)])
+    monkeypatch.setattr(schema_module, "TrainConfig", changed)
+    assert OmegaConf.structured(schemas()["training"]).batch_size == 32
