@@ -15,8 +15,9 @@ object with
     :func:`save_checkpoint` records the model's own class. A class that cannot be imported again (defined in
     ``__main__`` or inside a function) is saved with ``target: null`` and a ``rebuild`` note (and a
     warning): such a checkpoint loads only into an instance, ``load_checkpoint(path, model=MyNet())``;
-* ``variation``: ``VariationModel.to_dict()``; ``analog``: ``{"include", "exclude", "layers"}``
-  (``layers``, the analog layer names, is filled in at save);
+* ``variation``: ``VariationModel.to_dict()``; ``analog``: ``{"include", "exclude", "layers", "input_ranges"}``
+  (``layers``, the analog layer names, and ``input_ranges``, the fixed DAC ranges set by
+  ``calibrate_input_ranges``, are filled in at save);
 * ``normalization``: ``{"mean", "std", "scale", "axis"}``, the input normalization of the training data
   (per channel = per index of dimension 1); :func:`normalize` applies it to raw inputs:
   ``model(normalize(raw, meta))``. Written by ``python -m correctnet.train``; optional otherwise;
@@ -169,9 +170,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         raise CheckpointError(f"{type(model).__name__} has no analog layers; analogize it before saving")
     state = model.state_dict()
     aliases = _aliases(state)
+    ranges = {n: layer.input_range for n, layer in analog_layers(model).items() if layer.input_range is not None}
     meta = {**meta, "model": _model_spec(model, meta.get("model")),
             "versions": {**(meta.get("versions") or {}), **versions()},
-            "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers},
+            "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers,
+                       "input_ranges": ranges},
             "compensation": compensation_spec(model), "aliases": aliases}
     try:
         meta_json = json.dumps(meta)
@@ -184,6 +187,17 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot write checkpoint {path}: {e}") from None
+
+
+def _restore_input_ranges(path: str | os.PathLike, model: nn.Module, ranges: Any) -> None:
+    """Set the fixed DAC ranges :func:`~correctnet.analog.calibrate_input_ranges` found before the export."""
+    layers = analog_layers(model)
+    if not isinstance(ranges, dict) or any(n not in layers or not isinstance(r, (int, float)) or isinstance(r, bool)
+                                           for n, r in ranges.items()):
+        raise CheckpointError(f"{path}: analog.input_ranges must map analog layer names to numbers, got {ranges!r}"
+                              f" (layers: {list(layers)[:8]})")
+    for name, r in ranges.items():
+        layers[name].input_range = float(r)
 
 
 def _digital_class(model: nn.Module) -> type:
@@ -424,6 +438,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
         if len(dtypes) == 1:
             model.to(dtypes.pop())  # a float64 export stays float64: outputs must be bit-identical
         model.load_state_dict(tensors, strict=True)
+        _restore_input_ranges(path, model, analog.get("input_ranges") or {})
     except CheckpointError:
         raise
     except (CorrectNetError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, RecursionError) as e:

@@ -382,3 +382,42 @@ def test_evaluate_sweeps_time_like_sigma():
     assert sweep_variations(parse_args(["checkpoint=m.safetensors"])) is None
     with pytest.raises(cn.ConfigError, match="variation.t_eval"):
         sweep_variations(parse_args(["checkpoint=m.safetensors", "variation.t_eval=1d"]))
+
+
+def test_calibrated_input_ranges_travel_with_the_checkpoint(tmp_path):
+    # a model calibrated for a fixed-range DAC must clip the same after export and load, not fail or re-derive
+    from correctnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    var = RRAM(sigma=1.0, read_noise=0.0, dac_range=0.5)
+
+    def net():
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+    model = cn.analogize(net(), var)
+    ranges = cn.calibrate_input_ranges(model, [torch.randn(64, 16)])
+    assert len(ranges) == 2
+    path = save_checkpoint(tmp_path / "m.safetensors", model, {"variation": var.to_dict()})
+    loaded, meta = load_checkpoint(path, model=net())
+    assert meta["analog"]["input_ranges"] == ranges
+    assert {n: layer.input_range for n, layer in cn.analog_layers(loaded).items()} == ranges
+    x = 3 * torch.randn(8, 16)
+    with torch.no_grad(), cn.chip(model, 5):
+        want = model(x)
+    with torch.no_grad(), cn.chip(loaded, 5):
+        assert torch.equal(loaded(x), want)
+    uncalibrated = cn.analogize(nn.Sequential(nn.Linear(16, 4)), var)
+    meta = load_checkpoint(save_checkpoint(tmp_path / "u.safetensors", uncalibrated, {"variation": var.to_dict()}),
+                           model=nn.Sequential(nn.Linear(16, 4)))[1]
+    assert meta["analog"]["input_ranges"] == {}
+    import json
+    import safetensors.torch
+
+    tensors = safetensors.torch.load_file(str(path))
+    with safetensors.safe_open(str(path), "pt") as f:
+        md = f.metadata()
+    bad = json.loads(md["correctnet_meta"])
+    bad["analog"]["input_ranges"] = {"nope": 1.0}
+    safetensors.torch.save_file(tensors, str(tmp_path / "bad.safetensors"),
+                                metadata={**md, "correctnet_meta": json.dumps(bad)})
+    with pytest.raises(CheckpointError, match="input_ranges"):
+        load_checkpoint(tmp_path / "bad.safetensors", model=net())
