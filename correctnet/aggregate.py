@@ -339,7 +339,7 @@ def common_overrides(runs: list[Run]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- grouping
 
-def _sigma_key(s: Any) -> tuple[int, Any]:
+def _sigma_key(s: Any) -> tuple[int, float, str]:
     return (0, float(s), "") if isinstance(s, (int, float)) and not isinstance(s, bool) else (1, 0.0, str(s))
 
 

@@ -105,7 +105,7 @@ import copy
 import fnmatch
 import math
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -244,7 +244,9 @@ class AnalogLayer(nn.Module):
         if self.analog_mode == "chip":
             if self._read_gen is not None and self._read_gen.device != w.device:
                 self._read_gen = layer_generator(self.chip_seed or 0, self.analog_name + ":read", w.device)
-            return self.variation.apply_read(w, self.chip_noise(parameter), self._read_gen)
+            noise = self.chip_noise(parameter)
+            assert noise is not None  # program() drew it: "chip" mode always has its static noise
+            return self.variation.apply_read(w, noise, self._read_gen)
         if self._noise_gen is None or self._noise_gen.device != w.device:
             self._noise_gen = layer_generator(self._noise_seed or 0, self.analog_name, w.device)
         return self.variation.apply_read(w, self.variation.sample(w, self._noise_gen), self._noise_gen)
@@ -252,6 +254,7 @@ class AnalogLayer(nn.Module):
     def _chips_weight(self, parameter: str, w: torch.Tensor) -> torch.Tensor:
         """"chips" mode: one read of each chip's weight, stacked ``[K, *w.shape]`` (chip k as in "chip" mode)."""
         v, noise = self.variation, self.chip_noise(parameter)
+        assert noise is not None  # program_chips() drew it: "chips" mode always has its static noise
         static = not v.reads and not torch.is_grad_enabled()
         key = (w._version, w.data_ptr(), w.dtype, w.device)
         if static:
@@ -260,7 +263,7 @@ class AnalogLayer(nn.Module):
                 return hit[1]
         if self._read_gens is not None and self._read_gens[0].device != w.device:
             self._read_gens = [layer_generator(s, self.analog_name + ":read", w.device) for s in self.chip_seeds or []]
-        gens = self._read_gens or [None] * len(noise)
+        gens: Sequence[torch.Generator | None] = self._read_gens or [None] * len(noise)
         out = torch.stack([v.apply_read(w, noise[k], gens[k]) for k in range(len(noise))])
         if static:
             self._chips_cache[parameter] = (key, out)
@@ -307,8 +310,9 @@ class AnalogLayer(nn.Module):
         """
         v = self.variation
         dims = self._vector_dims()
-        if getattr(self, "_input_ranges", None) is not None:  # calibrate_input_ranges: per-vector max|x| of the nominal model
-            self._input_ranges.append(x.detach().abs().amax(dim=dims).flatten().float().cpu())
+        ranges = getattr(self, "_input_ranges", None)
+        if ranges is not None:  # calibrate_input_ranges: per-vector max|x| of the nominal model
+            ranges.append(x.detach().abs().amax(dim=dims).flatten().float().cpu())
         if self.analog_mode == "off" or not v.converts:
             return self._mvm_any(x, weight, bias)
         if v.needs_input_range and self.input_range is None:
@@ -320,11 +324,11 @@ class AnalogLayer(nn.Module):
             raise ConfigError(f"analog layer {self.analog_name!r} ({type(self).__name__}) cannot be split into tiles "
                               f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
         if weight_scale is None:
-            weight_scale = v.weight_scale(self.weight)
+            weight_scale = v.weight_scale(cast(torch.Tensor, self.weight))
         if tiles is None and weight_scale is not None and weight_scale.numel() > 1:
             weight_scale = self._bias_view(weight_scale.reshape(-1))
         if self.analog_mode == "chips":
-            gens = self._read_gens or [None] * self.n_chips
+            gens: Sequence[torch.Generator | None] = self._read_gens or [None] * self.n_chips
             y = torch.cat([self._convert(xk, weight[k], weight_scale, tiles, gens[k])
                            for k, xk in enumerate(self._chip_groups(x))])
         else:
@@ -339,23 +343,26 @@ class AnalogLayer(nn.Module):
                  tiles: tuple[list[slice], list[slice]] | None, gen: torch.Generator | None) -> torch.Tensor:
         """One chip's converted MVM; tiled: each tile has its own converters, row tiles' outputs summed digitally."""
         v, dims = self.variation, self._vector_dims()
-        kw = dict(input_range=self.input_range, generator=gen)
+        kw: dict[str, Any] = dict(input_range=self.input_range, generator=gen)
         if tiles is None:
             return v.convert(lambda xx: self._mvm(xx, weight, None), x, dims, weight_scale=scale, **kw)
         d = dims[0]  # the input channel / feature dimension of x, and the output's
-        outs = []
+        outs: list[torch.Tensor] = []
         for o in tiles[0]:
-            acc = None
+            acc: torch.Tensor | None = None
             for i in tiles[1]:
                 s = None if scale is None else self._bias_view(scale[o, i].flatten(1).amax(1))
-                part = v.convert(lambda xx, wt=weight[o, i]: self._mvm(xx, wt, None),
-                                 x.narrow(d, i.start, i.stop - i.start), dims, weight_scale=s, **kw)
+
+                def mvm(xx: torch.Tensor, wt: torch.Tensor = weight[o, i]) -> torch.Tensor:  # this tile's weights
+                    return self._mvm(xx, wt, None)
+
+                part = v.convert(mvm, x.narrow(d, i.start, i.stop - i.start), dims, weight_scale=s, **kw)
                 acc = part if acc is None else acc + part
-            outs.append(acc)
+            outs.append(cast(torch.Tensor, acc))  # not None: tiles() gives a layer with inputs at least one row tile
         return torch.cat(outs, dim=d)
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._compensate(x, self._converted_mvm(x, self.analog_weight(), self.bias))
+        return self._compensate(x, self._converted_mvm(x, self.analog_weight(), cast("torch.Tensor | None", self.bias)))
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
@@ -381,14 +388,18 @@ class AnalogNonDynamicallyQuantizableLinear(AnalogLinear, NonDynamicallyQuantiza
 
 
 class _AnalogConv(AnalogLayer):
+    # from nn.Conv1d/2d/3d, the other base of each concrete class (declared for the type checker only)
+    kernel_size: tuple[int, ...]
+    _conv_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
     def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
+        return self._conv_forward(x, weight, bias)
 
     def _bias_view(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias.view(-1, *[1] * len(self.kernel_size))  # type: ignore[attr-defined]
+        return bias.view(-1, *[1] * len(self.kernel_size))
 
     def _vector_dims(self) -> tuple[int, ...]:  # one sample: channels and spatial dims
-        return tuple(range(-1 - len(self.kernel_size), 0))  # type: ignore[attr-defined]
+        return tuple(range(-1 - len(self.kernel_size), 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._analog_forward(x)
@@ -575,13 +586,17 @@ class _AnalogRNN(AnalogLayer):
     """RNN/LSTM/GRU: PyTorch's kernel with the analog weight tensors substituted (see the module docstring)."""
 
     can_compensate = False
+    # from nn.RNNBase, the other base of each concrete class (declared for the type checker only)
+    batch_first: bool
+    _flat_weights_names: list[str]
+    _flat_weights: list[torch.Tensor | None]
 
     def _analog_parameter_names(self) -> tuple[str, ...]:
-        return tuple(n for n in self._flat_weights_names if n.startswith("weight_"))  # type: ignore[attr-defined]
+        return tuple(n for n in self._flat_weights_names if n.startswith("weight_"))
 
     def forward(self, input: Any, hx: Any = None) -> Any:
         if self.analog_mode == "off":
-            return super().forward(input, hx)  # type: ignore[misc]
+            return super().forward(input, hx)
         update = getattr(self, "_update_flat_weights", None)
         if update is not None:  # rebuild now, so that the forward's own check keeps the substituted list
             update()
@@ -591,11 +606,11 @@ class _AnalogRNN(AnalogLayer):
         return self._forward_with(input, hx, w)
 
     def _forward_with(self, input: Any, hx: Any, w: dict[str, torch.Tensor]) -> Any:
-        saved = self._flat_weights  # type: ignore[has-type]
-        names = self._flat_weights_names  # type: ignore[attr-defined]
+        saved = self._flat_weights
+        names = self._flat_weights_names
         self._flat_weights = [w.get(nm, t) for nm, t in zip(names, saved)]
         try:
-            return super().forward(input, hx)  # type: ignore[misc]
+            return super().forward(input, hx)
         finally:
             self._flat_weights = saved
 
@@ -605,7 +620,7 @@ class _AnalogRNN(AnalogLayer):
             raise ConfigError(f"analog recurrent layer {self.analog_name!r} runs {self.n_chips} chips in one pass "
                               f"and needs a batched, unpacked input [batch, seq, feature] or [seq, batch, feature]"
                               f"; use chips_per_pass=1 for PackedSequence or unbatched inputs")
-        bdim = 0 if self.batch_first else 1  # type: ignore[attr-defined]
+        bdim = 0 if self.batch_first else 1
         xs = self._chip_groups(input, bdim)
         if hx is None:
             hs: list[Any] = [None] * len(xs)
@@ -709,7 +724,7 @@ def _guard_fast_paths(model: nn.Module) -> None:
             if cls not in _GUARDED:
                 _GUARDED[cls] = type(cls.__name__, (_FastPathGuard, cls), {})
             m.__dict__["_cn_unguarded_class"] = cls
-            m.__class__ = _GUARDED[cls]
+            cast(nn.Module, m).__class__ = _GUARDED[cls]  # a subclass of cls, which _GUARDED's type cannot say
 
 
 # ----------------------------------------------------------------------------- analogize
@@ -719,7 +734,7 @@ def _type_matches(module: nn.Module, types: Sequence[type | str]) -> bool:
 
 
 def _type_names(types: Sequence[type | str]) -> list[str]:
-    return [getattr(t, "__name__", t) for t in types]  # type: ignore[misc]
+    return [cast(str, getattr(t, "__name__", t)) for t in types]
 
 
 def _warn_unconverted(layers: Iterable[AnalogLayer], variation: VariationModel) -> None:
@@ -845,7 +860,7 @@ def analogize(
     for name, m in chosen.items():
         dig = type(m)
         m.__class__ = _analog_class(dig, name)
-        m._init_analog(name, variation, dig)  # type: ignore[attr-defined]
+        cast(AnalogLayer, m)._init_analog(name, variation, dig)
     # tied weights: one set of cells, drawn with the key of the first analog user
     first: dict[int, str] = {}
     for layer in analog_layers(model).values():

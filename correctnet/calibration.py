@@ -233,9 +233,10 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
             start, order = 0, torch.arange(0)
             saved = resume.load(resume_key) if resume is not None else None
             if saved is not None:
+                assert resume is not None  # saved came from it
                 if (saved["steps"], saved["n"], sorted(saved["params"])) != (cfg.steps, len(x),
                                                                               sorted(names[id(p)] for p in params)):
-                    raise ResumeError(f"{resume.path(resume_key)} was written for another compensation "  # type: ignore[union-attr]
+                    raise ResumeError(f"{resume.path(resume_key)} was written for another compensation "
                                       f"stage ({saved['steps']} steps on {saved['n']} images, compensators "
                                       f"{sorted(saved['params'])[:4]} ...)")
                 with torch.no_grad():
@@ -353,8 +354,8 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 25
             for i in range(0, len(x), batch_size):
                 model(x[i:i + batch_size].to(dev))
     finally:
-        for bn, m in zip(bns, momenta):
-            bn.momentum = m
+        for bn, mom in zip(bns, momenta):
+            bn.momentum = mom
         for m, t in flags.items():
             m.training = t
     return len(bns)
@@ -410,6 +411,7 @@ class ChipCalibrator:
         """Put the compensators in the configured start state for this chip; returns the state used."""
         start = self.cfg.start
         if start == "best":
+            assert self.teacher is not None  # __call__ starts the compensators only when it has a teacher
             k = min(len(self.images), 1024)  # enough to rank two states, a fraction of the steps' cost
             dev = model_device(model)
             with eval_mode(model):
@@ -624,6 +626,7 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
         model, calibrator, _ = built[0]
         if len(res["results"]) > 1:
             raise ConfigError("export_chip needs a single variation model (no sweep)")
+        assert chip_path is not None  # it goes with export_chip (checked above)
         file = save_calibrated_chip(chip_path, model, seeds[export_chip], calibrator, overwrite=overwrite)
         res["exported_chip"] = {"index": export_chip, "chip_seed": seeds[export_chip], "file": str(file),
                                 "accuracy": res["results"][0]["mc"]["accuracies"][export_chip]}

@@ -381,6 +381,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
         variation = make_variation(**var)
 
         layers = analog.get("layers")
+        include: list[str] | None
+        exclude: list[str]
         if layers is not None:  # exact names recorded at save (glob.escape: names are not patterns)
             include, exclude = [glob.escape(n) for n in layers], []
         else:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, cast
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,10 @@ from .errors import ConfigError
 from .seeding import layer_generator
 
 KINDS = ("input", "output")
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_FOLDED = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_Map = nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d  # a compensator's down/up maps
+# Callable[...]: the stubs of Conv1d/2d/3d() want _size_1/2/3_t; an analog layer's geometry is typed tuple[int, ...]
+_CONV: dict[int, Callable[..., _Map]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_FOLDED: dict[int, Callable[..., torch.Tensor]] = {0: F.linear, 1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 class Compensator(nn.Module):
@@ -68,8 +70,8 @@ class Compensator(nn.Module):
         self.out_channels = out_ch
         if rank > 0:
             if self.conv_dims == 0:
-                self.down: nn.Module = nn.Linear(in_ch if kind == "input" else out_ch, rank, bias=False)
-                self.up: nn.Module = nn.Linear(rank, out_ch, bias=False)
+                self.down: _Map = nn.Linear(in_ch if kind == "input" else out_ch, rank, bias=False)
+                self.up: _Map = nn.Linear(rank, out_ch, bias=False)
             else:
                 conv = _CONV[self.conv_dims]
                 if kind == "input":  # same receptive field and output grid as the analog layer
@@ -197,7 +199,7 @@ def attach_compensation(model: nn.Module, placement: Mapping[str, int] | Iterabl
         layer = layers[name]
         comp = Compensator(layer, kind=kind, rank=r, affine=affine)
         comp.reset_parameters(layer_generator(seed, "compensator:" + name))
-        p = layer.weight
+        p = cast(torch.Tensor, layer.weight)  # a Linear or Conv layer: Compensator() accepted it
         layer.compensator = comp.to(device=p.device, dtype=p.dtype)
         made[name] = layer.compensator
     return made
@@ -224,12 +226,12 @@ def detach_compensation(model: nn.Module, names: Iterable[str] | None = None) ->
     if missing:
         raise ConfigError(f"layers {missing} have no compensator; compensated layers: {list(comps)}")
     layers = analog_layers(model)
-    return {n: layers[n]._modules.pop("compensator") for n in names}  # type: ignore[misc]
+    return {n: cast(Compensator, layers[n]._modules.pop("compensator")) for n in names}
 
 
 def compensators(model: nn.Module) -> dict[str, Compensator]:
     """The compensators of ``model`` by the name of the layer they belong to, in module order."""
-    return {n: l._modules["compensator"] for n, l in analog_layers(model).items()  # type: ignore[misc]
+    return {n: cast(Compensator, l._modules["compensator"]) for n, l in analog_layers(model).items()
             if l._modules.get("compensator") is not None}
 
 
@@ -263,10 +265,11 @@ def layer_macs(module: nn.Module, out: torch.Tensor) -> int:
     """Multiply-accumulates of one Linear/Conv call that produced ``out`` (batch included)."""
     if isinstance(module, nn.Linear):
         return out.numel() * module.in_features
+    conv = cast("nn.Conv1d | nn.Conv2d | nn.Conv3d", module)  # not a Linear: a Conv layer
     k = 1
-    for s in module.kernel_size:  # type: ignore[union-attr]
+    for s in conv.kernel_size:
         k *= s
-    return out.numel() * (module.in_channels // module.groups) * k  # type: ignore[union-attr,operator]
+    return out.numel() * (conv.in_channels // conv.groups) * k
 
 
 def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
@@ -299,6 +302,7 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
             macs[owner[module]] += out.numel() // n_batch
 
     def mvm_hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        # only layers with an mvm_macs method get this hook; Module.__getattr__'s stub types it Tensor | Module
         macs["network"] += module.mvm_macs(args, kwargs, out) // n_batch  # type: ignore[operator]
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]

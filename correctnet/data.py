@@ -25,6 +25,7 @@ import pickle
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ def load_dataset(
         val=make(x[val_idx], y[val_idx]),
         test=make(x_test, y_test),
         num_classes=NUM_CLASSES[key],
-        input_shape=tuple(int(d) for d in x.shape[1:]),  # type: ignore[arg-type]
+        input_shape=tuple(int(d) for d in x.shape[1:]),
         mean=tuple(mean.tolist()),
         std=tuple(std.tolist()),
         scale=scale,
@@ -434,7 +435,7 @@ def _check_y(y: np.ndarray, key: str, n: int, path: Path) -> np.ndarray:
 
 def _canonical_name(name: str) -> str:
     key = name.strip().lower().replace("-", "_") if isinstance(name, str) else None
-    key = _ALIASES.get(key, key)  # type: ignore[arg-type]
+    key = _ALIASES.get(key, key)
     if key not in DATASETS:
         raise ConfigError(f"dataset.name={name!r} is unknown: expected one of {', '.join(DATASETS)}, or file "
                           f"(dataset=file dataset.path=FILE.npz|.pt)")
@@ -544,7 +545,8 @@ class _SafeArray(np.ndarray):
         ok_shape = isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)
         if not (ok_shape and isinstance(raw, (bytes, bytearray)) and len(raw) == math.prod(shape) * dtype.itemsize):
             raise DataFormatError("pickled array state does not match its shape and dtype")
-        super().__setstate__((1, shape, dtype, bool(fortran), raw))
+        # numpy's stubs ask for np.bool_ and bytes | list; the runtime takes a Python bool and any bytes-like
+        super().__setstate__((1, shape, dtype, bool(fortran), raw))  # type: ignore[arg-type]
 
 
 def _plain_dtype(dt: object) -> np.dtype:
@@ -574,7 +576,8 @@ def _pickled_frombuffer(*args: object) -> np.ndarray:  # protocol 5: _frombuffer
     buf, dtype, shape, order = args[:4]
     if not isinstance(buf, (bytes, bytearray)) or order not in ("C", "F"):
         raise DataFormatError("pickle calls numpy's _frombuffer with arguments numpy never writes")
-    return np.frombuffer(buf, dtype=_plain_dtype(dtype)).reshape(shape, order=order)
+    # the pickle's shape, unchecked here: reshape raises (the caller reports it) on anything not a shape of buf
+    return np.frombuffer(buf, dtype=_plain_dtype(dtype)).reshape(cast("tuple[int, ...]", shape), order=order)
 
 
 def _pickled_encode(*args: object) -> bytes:  # Python 3 protocol <= 2 writes bytes as _codecs.encode(str, "latin1")
@@ -583,7 +586,7 @@ def _pickled_encode(*args: object) -> bytes:  # Python 3 protocol <= 2 writes by
     return codecs.encode(args[0], "latin1")
 
 
-class _RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+class _RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that resolves only what a pickled dict of numpy arrays, bytes, strings and int lists needs.
 
     Built on the pure-Python unpickler, whose memo is a dict: the C one allocates a table as large as the

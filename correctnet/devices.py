@@ -277,7 +277,7 @@ class RRAM(VariationModel):
     # -- static part of a chip -------------------------------------------------------------------
     def sample(self, weight: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Programming draws ``N(0, 1)`` then, with faults, uniform fault draws: ``[2 or 4, *weight.shape]``."""
-        kw = dict(generator=generator, device=weight.device, dtype=weight.dtype)
+        kw: dict[str, Any] = dict(generator=generator, device=weight.device, dtype=weight.dtype)
         eps = torch.randn((2, *weight.shape), **kw)
         if self.stuck_fraction == 0:
             return eps

@@ -39,7 +39,7 @@ but not the error at the logits, the relative form lowers the error at every lay
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -53,6 +53,9 @@ from .seeding import Stream, chip_seed
 
 KINDS = ("relative", "orthogonal", "spectral")
 DEFAULT_TARGETS = {"relative": 0.0, "orthogonal": 1.0, "spectral": 1.0}
+
+
+_Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the Conv layers analogize converts (each has _conv_forward)
 
 
 def _is_conv(layer: nn.Module) -> bool:
@@ -90,7 +93,7 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
 def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, *, tol: float = 1e-6,
                   max_iter: int = 2000, seed: int = 0) -> float:
     """Spectral norm of ``layer``'s linear map (nominal weight, bias excluded) on inputs of ``input_shape``."""
-    w = layer.weight.detach()
+    w = cast(torch.Tensor, layer.weight).detach()
     if isinstance(layer, nn.Linear):
         return float(torch.linalg.matrix_norm(w.double(), 2))
     if not _is_conv(layer):
@@ -98,7 +101,7 @@ def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, 
     if input_shape is None:
         raise ConfigError("operator_norm of a Conv layer needs its input_shape (C, *spatial)")
     wd = w.double()
-    op = lambda v: layer._conv_forward(v, wd, None)  # noqa: E731
+    op = lambda v: cast(_Conv, layer)._conv_forward(v, wd, None)  # noqa: E731
     gen = torch.Generator(device=w.device).manual_seed(seed)
     v = torch.randn((1, *input_shape), generator=gen, device=w.device, dtype=torch.float64)
     v = v / v.norm()
@@ -219,8 +222,8 @@ class LipschitzRegularizer:
         if not (layer.training and torch.is_grad_enabled()):
             return
         k = self.samples  # a fixed slice of the batch estimates the batch mean at a fraction of the cost
-        x, w2 = inputs[0][:k].square(), layer.weight.square()
-        spread = F.linear(x, w2) if isinstance(layer, nn.Linear) else layer._conv_forward(x, w2, None)
+        x, w2 = inputs[0][:k].square(), cast(torch.Tensor, layer.weight).square()
+        spread = F.linear(x, w2) if isinstance(layer, nn.Linear) else cast(_Conv, layer)._conv_forward(x, w2, None)
         out = output[:k].clone()  # the next op may be an in-place ReLU that would overwrite the saved output
         if self.per_channel:  # channels (dim 1 of conv maps, last dim of Linear outputs), pooled over samples
             if isinstance(layer, nn.Linear):  # rows: samples (and positions), columns: channels
@@ -236,7 +239,7 @@ class LipschitzRegularizer:
         self._terms.append(F.relu(ratio - self.target).mean())
 
     def penalty(self, name: str, layer: AnalogLayer) -> torch.Tensor:
-        w = layer.weight
+        w = cast(torch.Tensor, layer.weight)
         if self.kind == "orthogonal":
             m = w.reshape(w.shape[0], -1)
             g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
@@ -246,11 +249,13 @@ class LipschitzRegularizer:
 
     def sigma_estimate(self, name: str, layer: AnalogLayer) -> torch.Tensor:
         """One power-iteration step on persistent vectors; differentiable in the weight."""
-        w = layer.weight
+        w = cast(torch.Tensor, layer.weight)
+        op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        shape: tuple[int, ...]
         if isinstance(layer, nn.Linear):
             op, shape = (lambda v, weight: F.linear(v, weight)), (w.shape[1],)
         elif name in self.shapes:
-            op, shape = (lambda v, weight: layer._conv_forward(v, weight, None)), self.shapes[name]
+            op, shape = (lambda v, weight: cast(_Conv, layer)._conv_forward(v, weight, None)), self.shapes[name]
         else:
             raise ConfigError(f"spectral Lipschitz regularizer needs the input shape of conv layer {name!r}")
         v = self._vectors.get(name)

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import numpy as np
@@ -53,9 +53,15 @@ from .variation import VariationModel
 log = logging.getLogger("correctnet")
 
 
-def _variation(cfg: DictConfig, sigma: Any = None):
-    params = OmegaConf.to_container(cfg.variation, resolve=True)
+def _section(node: Any) -> dict[str, Any]:
+    """A config node as a plain dict, interpolations resolved (the keys of a DictConfig from Hydra are strings)."""
+    params = OmegaConf.to_container(node, resolve=True)
     assert isinstance(params, dict)
+    return cast("dict[str, Any]", params)
+
+
+def _variation(cfg: DictConfig, sigma: Any = None):
+    params = _section(cfg.variation)
     name = params.pop("name", None)
     if sigma is not None:
         params["sigma"] = sigma
@@ -63,8 +69,7 @@ def _variation(cfg: DictConfig, sigma: Any = None):
 
 
 def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
-    params = OmegaConf.to_container(cfg.training, resolve=True)
-    assert isinstance(params, dict)
+    params = _section(cfg.training)
     noise_sigma = params.pop("noise_sigma", None)
     lipschitz = params.pop("lipschitz", None) or {"strength": 0.0}
     known = set(TrainConfig.__dataclass_fields__)
@@ -89,8 +94,7 @@ _ATTACH_KEYS = ("kind", "rank", "affine")
 
 def _compensation_config(cfg: DictConfig) -> tuple[Any, dict[str, Any], CompensationConfig | None]:
     """(placement or None, attach kwargs, training config) from ``cfg.compensation``."""
-    params = OmegaConf.to_container(cfg.compensation, resolve=True) if cfg.get("compensation") is not None else {}
-    assert isinstance(params, dict)
+    params = _section(cfg.compensation) if cfg.get("compensation") is not None else {}
     placement = params.pop("placement", None)
     attach = {k: params.pop(k) for k in _ATTACH_KEYS if k in params}
     known = set(CompensationConfig.__dataclass_fields__) - {"seed"}
@@ -116,8 +120,7 @@ def _compensation_config(cfg: DictConfig) -> tuple[Any, dict[str, Any], Compensa
 
 def _placement_config(cfg: DictConfig) -> tuple[str | None, SearchConfig | None, PPOConfig | None]:
     """(strategy or None, scoring settings, PPO settings) from ``cfg.placement``."""
-    params = OmegaConf.to_container(cfg.placement, resolve=True) if cfg.get("placement") is not None else {}
-    assert isinstance(params, dict)
+    params = _section(cfg.placement) if cfg.get("placement") is not None else {}
     strategy = params.pop("strategy", None)
     if strategy is None:
         return None, None, None
@@ -132,8 +135,7 @@ def _placement_config(cfg: DictConfig) -> tuple[str | None, SearchConfig | None,
 
 
 def _calibration_config(cfg: DictConfig) -> CalibrationConfig | None:
-    params = OmegaConf.to_container(cfg.calibration, resolve=True) if cfg.get("calibration") is not None else {}
-    assert isinstance(params, dict)
+    params = _section(cfg.calibration) if cfg.get("calibration") is not None else {}
     enabled = params.pop("enabled", False)
     if not isinstance(enabled, bool):
         raise ConfigError(f"calibration.enabled must be true or false, got {enabled!r}")
@@ -302,8 +304,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     """Build the data splits and the analog model, then run the checks that need them; opens the resume store."""
     cfg = job.cfg
     torch.set_num_threads(job.threads)  # before any work (the dataset and the model are built next)
-    model_params = OmegaConf.to_container(cfg.model, resolve=True)
-    assert isinstance(model_params, dict)
+    model_params = _section(cfg.model)
     data = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed=cfg.seed)  # type: ignore[arg-type]
     data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
@@ -335,8 +336,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
                           "compensation.placement=[...]) or a model with BatchNorm to re-estimate")
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_spec["name"], data.name,
              len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(resolved, dict)
+    resolved = _section(cfg)
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     store = open_store(out_dir / "resume", job.resume_mode, _resume_record(resolved, vers, job.threads))
     if job.regularizer is not None:  # conv layers need their input shapes for the spectral form
@@ -415,6 +415,7 @@ def compensate(ws: Workspace, base_training: dict[str, Any], reference: torch.nn
     if not j.joint:
         attach_compensation(model, ws.placement, seed=j.cfg.seed, **j.attach_kw)
         if evaluator is not None:  # fine-tune the search's shared compensators
+            assert chosen is not None  # the search's choice comes with its evaluator
             evaluator.load_shared(model, chosen)
     cost = overhead(model, ws.example)
     log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(ws.placement),
@@ -523,6 +524,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
             stages[result.stage.value] = result.record
 
     reference = None
+    result: StageResult | None
     if job.trains_reference:
         reference, result = train_reference(ws)
         add(result)
@@ -656,7 +658,8 @@ PROG = "python -m correctnet.train"  # how the recorded and suggested commands s
 
 def _log_to_file(level: int, msg: str) -> None:
     """``msg`` into the job's log file only (the console handler would print it a second time)."""
-    record = log.makeRecord(log.name, level, __file__, 0, msg, None, None)
+    # typeshed wants args as a tuple or mapping; LogRecord takes None (no %-arguments: msg is used as it is)
+    record = log.makeRecord(log.name, level, __file__, 0, msg, None, None)  # type: ignore[arg-type]
     for handler in logging.getLogger().handlers + log.handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)

@@ -171,6 +171,7 @@ def train(
         epoch_rng = order_gen.get_state() if order_gen is not None else None
         saved = resume.load(resume_key) if resume is not None else None
         if saved is not None:
+            assert resume is not None  # saved came from it
             if (saved["epochs"], saved["steps_per_epoch"]) != (cfg.epochs, steps_per_epoch):
                 raise ResumeError(f"{resume.path(resume_key)} was written for {saved['epochs']} epochs of "
                                   f"{saved['steps_per_epoch']} steps, not {cfg.epochs} of {steps_per_epoch}")
@@ -181,7 +182,7 @@ def train(
             start_epoch, skip, sums = saved["epoch"] + 1, saved["step"], tuple(saved["sums"])
             epoch_rng = saved["epoch_rng"]
             _set_rng_state(saved["rng"], model, order_gen, device, regularizer)
-            log.info("%s: resuming from %s at epoch %d, step %d", stage, resume.path(resume_key),  # type: ignore[union-attr]
+            log.info("%s: resuming from %s at epoch %d, step %d", stage, resume.path(resume_key),
                      start_epoch, skip)
 
         def snapshot(epoch: int, step: int, sums: tuple[float, int, int]) -> None:

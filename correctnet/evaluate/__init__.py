@@ -492,7 +492,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         test_samples: int | None = None,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
                         progress: bool = False,
-                        calibrate: Callable[[nn.Module, Any, Mapping[str, Any]], Callable[[nn.Module, int], None]]
+                        calibrate: Callable[[nn.Module, Any, dict[str, Any]], Callable[[nn.Module, int], None]]
                         | None = None, workers: int = 1) -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
@@ -521,7 +521,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         v = ev[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"evaluation.{key} must be an integer >= {low}, got {v!r}")
-    ds = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed")}
+    ds: dict[str, Any] = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed")}
     ds.update({k: v for k, v in _section(cfg, "dataset").items() if k in DATASET_KEYS})
     source = meta.get("dataset_source")
     if isinstance(source, dict) and source.get("path"):

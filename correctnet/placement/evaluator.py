@@ -30,13 +30,13 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..analog import analog_layers, chip
+from ..analog import AnalogLayer, analog_layers, chip
 from ..calibration import CompensationConfig, data_tensors, teacher_logits, train_compensation
 from ..compensation import layer_macs, attach_compensation, compensators, overhead
 from ..errors import ConfigError, is_int, is_number, require
@@ -181,7 +181,7 @@ class PlacementEvaluator:
         return out
 
     # ------------------------------------------------------------------ scoring
-    def _accuracy(self, nominal_layers: Sequence[nn.Module] = ()) -> float:
+    def _accuracy(self, nominal_layers: Sequence[AnalogLayer] = ()) -> float:
         """Mean accuracy over the search chips as the model is now; ``nominal_layers`` get no variation."""
         accs = []
         for s in self.chip_seeds:
@@ -289,7 +289,7 @@ def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) ->
     finally:
         for h in hooks:
             h.remove()
-    params = {n: layers[n].weight.numel() for n in names}
+    params = {n: cast(torch.Tensor, layers[n].weight).numel() for n in names}
     tp, tm = sum(params.values()), max(sum(macs.values()), 1)
     return [{"name": n, "position": i, "conv": not isinstance(layers[n], nn.Linear),
              "params_share": params[n] / tp, "macs_share": macs[n] / tm} for i, n in enumerate(names)]
