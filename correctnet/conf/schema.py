@@ -22,7 +22,9 @@ key and what is accepted. Importing :mod:`correctnet.conf` registers the schemas
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable
 
@@ -45,7 +47,7 @@ def _field(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and isinstance(value, type):
         return dataclasses.field(default_factory=value)
     if isinstance(value, (list, dict)):
-        return dataclasses.field(default_factory=lambda v=value: type(v)(v))
+        return dataclasses.field(default_factory=functools.partial(copy.copy, value))
     return dataclasses.field(default=value)
 
 
