@@ -59,7 +59,8 @@ _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the Conv layers analogize converts 
 
 
 def _is_conv(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.modules.conv._ConvNd)
+    # transposed convolutions are _ConvNd too, but neither analog nor a plain _conv_forward
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def _mvm_layers(model: nn.Module) -> dict[str, AnalogLayer]:
@@ -93,11 +94,11 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple[int
 def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, *, tol: float = 1e-6,
                   max_iter: int = 2000, seed: int = 0) -> float:
     """Spectral norm of ``layer``'s linear map (nominal weight, bias excluded) on inputs of ``input_shape``."""
+    if not isinstance(layer, nn.Linear) and not _is_conv(layer):
+        raise ConfigError(f"operator_norm supports Linear and Conv1d/2d/3d layers, got {type(layer).__name__}")
     w = cast(torch.Tensor, layer.weight).detach()
     if isinstance(layer, nn.Linear):
         return float(torch.linalg.matrix_norm(w.double(), 2))
-    if not _is_conv(layer):
-        raise ConfigError(f"operator_norm supports Linear and Conv layers, got {type(layer).__name__}")
     if input_shape is None:
         raise ConfigError("operator_norm of a Conv layer needs its input_shape (C, *spatial)")
     wd = w.double()

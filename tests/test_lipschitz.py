@@ -192,3 +192,11 @@ def test_error_profile_is_reproducible_and_grows_with_sigma():
     cn.set_variation(model, cn.LogNormal(0.6))
     p2 = error_profile(model, x, n_chips=5, seed=1)
     assert all(p2[k]["mean"] > p1[k]["mean"] for k in p1)
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU(), nn.ConvTranspose2d(2, 3, 3), nn.Embedding(5, 4)])
+def test_operator_norm_of_an_unsupported_layer_is_a_clear_error(layer):
+    from correctnet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="operator_norm supports Linear and Conv1d/2d/3d layers"):
+        operator_norm(layer, (2, 5, 5))
