@@ -5,6 +5,8 @@ times idle and ``--reps`` times while ``--loops`` busy-loop processes (pure Pyth
 busy, alternating idle and busy so that a drift of the machine's speed hits both; the busy loops start
 ``--warmup`` seconds before each busy run. Prints the wall seconds of every run, the medians and their ratio
 (busy / idle), and checks that every run printed the same summary table (the numbers do not depend on the load).
+The jobs use their default ``threads=auto`` (one torch thread; ``OMP_NUM_THREADS`` is removed from their
+environment) and ``evaluation.workers=auto``; this script itself does no torch work and records one thread.
 
     python experiments/busy_machine.py --reps 2 --out experiments/results/busy_machine_digits.json
 """
@@ -16,8 +18,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from common import REPO, machine_line, record
 
@@ -27,8 +32,9 @@ BUSY = "while True:\n    pass\n"
 def run_job(out: Path) -> tuple[float, str]:
     """Wall seconds of one default job and its summary table (the lines from 'stage' to 'compensation')."""
     t0 = time.perf_counter()
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     r = subprocess.run([sys.executable, "-m", "correctnet.train", f"hydra.run.dir={out}"], cwd=REPO,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"the default job failed:\n{r.stderr[-2000:]}")
@@ -45,6 +51,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=10.0, help="seconds the busy loops run before a busy job starts")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    torch.set_num_threads(1)
     setup = record(args)
     walls: dict[str, list[float]] = {"idle": [], "busy": []}
     tables = set()
