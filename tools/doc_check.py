@@ -324,6 +324,8 @@ def check_command(checker: Checker, report: Report, path: Path, line: int, prog:
     multirun = any(a in ("-m", "--multirun") for a in args)
     args = _synopsis([a for a in args if a not in ("-m", "--multirun")])
     if prog == "train":
+        if args[:1] == ["--cfg"] and args[1:2] in (["job"], ["hydra"], ["all"]):  # Hydra prints the config
+            args = args[2:]
         flags = [a for a in args if a.startswith("-")]
         words = [a for a in args if "=" not in a and not a.startswith("-")]
         if flags or words:
