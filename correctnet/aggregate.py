@@ -554,7 +554,7 @@ def write_plot(path: Path, groups: list[Group], stages: str = "final") -> Path |
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), overwrite=True)
     plt.close(fig)
@@ -562,7 +562,7 @@ def write_plot(path: Path, groups: list[Group], stages: str = "final") -> Path |
 
 
 def _write_text(path: Path, text: str) -> None:
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     atomic_write(path, lambda tmp: Path(tmp).write_text(text), overwrite=True)
 

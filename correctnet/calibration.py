@@ -33,12 +33,14 @@ from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
 from .analog import chip, nominal
-from .checkpoint import CheckpointError, atomic_write, tensor_digest
+from .checkpoint import tensor_digest
+from .io import atomic_write
 from .compensation import bypass, compensation_parameters, compensators
-from .errors import ConfigError, is_int, is_number, require
-from .evaluate import Data, eval_mode, evaluate_checkpoint, model_device, monte_carlo
+from .errors import CheckpointError, ConfigError, is_int, is_number, require
+from .evaluate import evaluate_checkpoint, monte_carlo
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
+from .tensors import Data, eval_mode, model_device
 from .training import TrainingDivergedError
 
 

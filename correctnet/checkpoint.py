@@ -40,13 +40,11 @@ atomically (temporary file, fsync, rename) and an existing file is only replaced
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import glob
 import hashlib
 import json
 import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -62,7 +60,8 @@ from . import analog as analog_module
 from .analog import analog_layers, analogize
 from .compensation import attach_from_spec, compensation_spec
 from .data import normalize
-from .errors import ConfigError, CorrectNetError
+from .errors import CheckpointError, ConfigError, CorrectNetError
+from .io import atomic_write
 from .models import MODELS, build_model, build_target, importable, locate, target_name
 from .registry import make_variation
 
@@ -73,71 +72,7 @@ FORMAT_VERSION = "1"
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger length field is not a safetensors file
 
 
-class CheckpointError(CorrectNetError):
-    """A checkpoint cannot be written or read (exists, corrupt, unknown format, model not rebuildable)."""
-
-
 # ----------------------------------------------------------------------------- writing
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], Any], *, overwrite: bool = False) -> Path:
-    """Call ``write(tmp_path)``, fsync, then rename the temporary file to ``path`` (same directory).
-
-    A failure or interruption at any point leaves ``path`` as it was: absent, or the previous file.
-    Without ``overwrite`` an existing ``path`` is never replaced, even if it appears while writing.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path)
-    try:
-        write(str(tmp))
-        fd = os.open(tmp, os.O_RDWR)
-        try:
-            os.fsync(fd)  # data on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _rename_no_clobber(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-    return path
-
-
-def _create_temp(path: Path) -> Path:
-    # not tempfile.mkstemp: its 0600 mode would survive the rename; O_CREAT with 0666 honours the umask
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _rename_no_clobber(tmp: Path, path: Path) -> None:
-    try:
-        os.link(tmp, path)  # atomic, and fails if path exists
-    except FileExistsError:
-        raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it") from None
-    except OSError:  # file system without hard links
-        if path.exists():
-            raise CheckpointError(f"{path} already exists; pass overwrite=True to replace it") from None
-        os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every platform; the rename itself is done
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
 
 def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 (hex) over the names, dtypes, shapes and raw bytes of ``tensors`` (CPU, contiguous)."""

@@ -22,6 +22,10 @@ class DataFormatError(CorrectNetError, ValueError):
     """A dataset file exists but is not in the expected format (truncated, wrong magic, wrong shape)."""
 
 
+class CheckpointError(CorrectNetError):
+    """A checkpoint cannot be written or read (exists, corrupt, unknown format, model not rebuildable)."""
+
+
 def is_int(v: Any) -> bool:
     """An integer that is not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)

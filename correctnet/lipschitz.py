@@ -48,7 +48,7 @@ from torch import nn
 
 from .analog import AnalogLayer, analog_layers, chip, nominal
 from .errors import ConfigError
-from .evaluate import eval_mode
+from .tensors import eval_mode
 from .seeding import Stream, chip_seed
 
 KINDS = ("relative", "orthogonal", "spectral")

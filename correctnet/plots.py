@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .checkpoint import atomic_write  # noqa: E402
+from .io import atomic_write  # noqa: E402
 
 
 def plot_layer_profile(lipschitz: dict[str, float], profile: dict[str, dict[str, float]], path: str | Path,

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import atomic_write
+from .io import atomic_write
 from .errors import ConfigError, CorrectNetError
 
 MODES = ("auto", "fresh", "require", "off")

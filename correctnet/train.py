@@ -29,18 +29,20 @@ from omegaconf import DictConfig, OmegaConf
 from .analog import analogize, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
                           teacher_logits, teacher_network, train_compensation)
-from .checkpoint import atomic_write, checkpoint_digest, save_checkpoint, versions
+from .checkpoint import checkpoint_digest, save_checkpoint, versions
+from .io import atomic_write
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
 from . import conf  # noqa: F401  (registers the config groups' schemas before Hydra composes)
 from .errors import ConfigError, CorrectNetError, is_int
-from .evaluate import clean_accuracy, eval_mode, evaluate_command, format_summary, monte_carlo
+from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
-from .evaluate import first_samples, resolve_device
+from .evaluate import resolve_device
+from .tensors import eval_mode, first_samples
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
 from .runtime import resolve_progress, resolve_threads, resolve_workers

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
-from .evaluate import Data, clean_accuracy, iter_batches
+from .evaluate import clean_accuracy
+from .tensors import Data, iter_batches
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed
 

@@ -63,3 +63,20 @@ def test_no_import_cycles_between_modules():
     for m in graph:
         if not state.get(m):
             visit(m, [])
+
+
+GROUND = {"correctnet.errors", "correctnet.io", "correctnet.tensors"}
+
+
+def test_the_ground_floor_imports_nothing_above_it():
+    # utilities (errors, atomic writes, batches and eval mode) sit below everything: any module may use them
+    for mod in GROUND:
+        above = {target for target, _, _ in _imports()[mod]} - GROUND
+        assert not above, f"{mod} imports {sorted(above)}"
+
+
+def test_helpers_come_from_the_ground_floor_not_from_evaluation():
+    # evaluate/ is Monte-Carlo evaluation, not a utility hub: modules below it in the data flow do not import it
+    for mod in ("correctnet.lipschitz", "correctnet.io", "correctnet.tensors", "correctnet.checkpoint",
+                "correctnet.resume", "correctnet.plots"):
+        assert "correctnet.evaluate" not in {t for t, _, _ in _imports()[mod]}, mod

@@ -11,7 +11,6 @@ optionally other variation models); ``python -m correctnet.evaluate`` is its com
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -20,12 +19,11 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..analog import require_analog, chip, chips, digitize, nominal, set_variation
@@ -34,57 +32,10 @@ from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
 from ..errors import ConfigError
 from ..seeding import Stream, chip_seed
 from ..registry import make_variation
+# the ground-floor helpers, also importable from here as before
+from ..tensors import Data as Data, eval_mode as eval_mode, first_samples as first_samples  # noqa: F401
+from ..tensors import iter_batches as iter_batches, model_device as model_device  # noqa: F401
 from ..variation import VariationModel
-
-Data = TensorDataset | DataLoader | tuple[torch.Tensor, torch.Tensor]
-
-
-def iter_batches(data: Data, batch_size: int, device: torch.device | str | None = None, *,
-                 generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` batches; tensors are sliced directly (no per-sample collation).
-
-    With ``generator`` the order is shuffled by ``torch.randperm(n, generator=generator)``.
-    """
-    if isinstance(data, DataLoader):
-        for x, y in data:
-            yield x.to(device) if device else x, y.to(device) if device else y
-        return
-    x, y = data.tensors if isinstance(data, TensorDataset) else data
-    n = len(x)
-    order = torch.randperm(n, generator=generator) if generator is not None else None
-    for i in range(0, n, batch_size):
-        if order is None:
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-        else:
-            idx = order[i:i + batch_size]
-            xb, yb = x[idx], y[idx]
-        yield (xb.to(device), yb.to(device)) if device else (xb, yb)
-
-
-def first_samples(data: TensorDataset, n: int | None, key: str = "evaluation.test_samples") -> TensorDataset:
-    """The first ``n`` samples of ``data`` (all of them when ``n`` is None)."""
-    if n is None:
-        return data
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(data):
-        raise ConfigError(f"{key} must be null or an integer in [1, {len(data)}] (the split's size), got {n!r}")
-    return TensorDataset(*(t[:n] for t in data.tensors))
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model.eval()`` under ``torch.no_grad()``, the previous train flags restored on exit."""
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield model
-    finally:
-        for m, t in flags.items():
-            m.training = t
 
 
 def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..calibration import CalibrationConfig, evaluate_calibrated
-from ..checkpoint import atomic_write, read_metadata
+from ..checkpoint import read_metadata
+from ..io import atomic_write
 from ..errors import ConfigError, run_command
 from ..runtime import resolve_progress, resolve_workers, set_threads
 from . import evaluate_checkpoint, format_summary

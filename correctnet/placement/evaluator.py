@@ -40,7 +40,8 @@ from ..analog import AnalogLayer, analog_layers, chip
 from ..calibration import CompensationConfig, data_tensors, teacher_logits, train_compensation
 from ..compensation import layer_macs, attach_compensation, compensators, overhead
 from ..errors import ConfigError, is_int, is_number, require
-from ..evaluate import accuracy, clean_accuracy, eval_mode, model_device
+from ..evaluate import accuracy, clean_accuracy
+from ..tensors import eval_mode, model_device
 from ..lipschitz import lipschitz_constants
 from ..resume import ResumeStore
 from ..seeding import Stream, chip_seed
