@@ -100,12 +100,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     """
     if "variation" not in meta:
         raise CheckpointError("checkpoint metadata needs a 'variation' entry")
-    layers = list(analog_layers(model))
+    analog = analog_layers(model)
+    layers = list(analog)
     if not layers:
         raise CheckpointError(f"{type(model).__name__} has no analog layers; analogize it before saving")
     state = model.state_dict()
     aliases = _aliases(state)
-    ranges = {n: layer.input_range for n, layer in analog_layers(model).items() if layer.input_range is not None}
+    ranges = {n: layer.input_range for n, layer in analog.items() if layer.input_range is not None}
     meta = {**meta, "model": _model_spec(model, meta.get("model")),
             "versions": {**(meta.get("versions") or {}), **versions()},
             "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers,

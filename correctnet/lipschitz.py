@@ -60,7 +60,7 @@ _Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d  # the Conv layers analogize converts 
 
 def _is_conv(layer: nn.Module) -> bool:
     # transposed convolutions are _ConvNd too, but neither analog nor a plain _conv_forward
-    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    return isinstance(layer, _Conv)
 
 
 def _mvm_layers(model: nn.Module) -> dict[str, AnalogLayer]:

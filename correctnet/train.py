@@ -33,7 +33,7 @@ from .checkpoint import checkpoint_digest, save_checkpoint, versions
 from .io import atomic_write
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
-from . import conf  # noqa: F401  (registers the config groups' schemas before Hydra composes)
+from .conf.schema import keyword_defaults  # importing correctnet.conf registers the groups' schemas
 from .errors import ConfigError, CorrectNetError, is_int
 from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
@@ -98,20 +98,20 @@ def _compensation_config(cfg: DictConfig) -> tuple[Any, dict[str, Any], Compensa
     """(placement or None, attach kwargs, training config) from ``cfg.compensation``."""
     params = _section(cfg.compensation) if cfg.get("compensation") is not None else {}
     placement = params.pop("placement", None)
-    attach = {k: params.pop(k) for k in _ATTACH_KEYS if k in params}
+    attach = {**keyword_defaults(attach_compensation, _ATTACH_KEYS),
+              **{k: params.pop(k) for k in _ATTACH_KEYS if k in params}}
     known = set(CompensationConfig.__dataclass_fields__) - {"seed"}
     unknown = set(params) - known
     if unknown:
         raise ConfigError(f"unknown compensation keys {sorted(unknown)}; accepted: "
                           f"{sorted(known | set(_ATTACH_KEYS) | {'placement'})}")
-    kind, rank, affine = attach.get("kind", "output"), attach.get("rank", 4), attach.get("affine", True)
+    kind, rank, affine = attach["kind"], attach["rank"], attach["affine"]
     if kind not in KINDS:
         raise ConfigError(f"compensation.kind must be one of {list(KINDS)}, got {kind!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise ConfigError(f"compensation.rank must be an integer >= 0, got {rank!r}")
     if not isinstance(affine, bool):
         raise ConfigError(f"compensation.affine must be true or false, got {affine!r}")
-    attach = {"kind": kind, "rank": rank, "affine": affine}
     if placement is None:
         return None, attach, None
     if not isinstance(placement, (str, list, dict)):
@@ -307,7 +307,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     cfg = job.cfg
     torch.set_num_threads(job.threads)  # before any work (the dataset and the model are built next)
     model_params = _section(cfg.model)
-    data = dataset_from_config(OmegaConf.to_container(cfg.dataset, resolve=True), seed=cfg.seed)  # type: ignore[arg-type]
+    data = dataset_from_config(_section(cfg.dataset), seed=cfg.seed)
     data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
     model, model_spec = model_from_config(model_params, data.input_shape, data.num_classes)  # built-in or _target_
@@ -321,7 +321,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     placement = None
     if job.placement is not None:
         try:  # bad names fail before training
-            placement = resolve_placement(model, job.placement, job.attach_kw.get("rank", 4))
+            placement = resolve_placement(model, job.placement, job.attach_kw["rank"])
         except ConfigError as e:
             raise _prefixed("compensation.placement", e) from None
     cal = job.cal_cfg

@@ -60,20 +60,21 @@ def _fields(cls: type, *, skip: tuple[str, ...] = ("seed",)) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip}
 
 
-def _keywords(fn: Callable[..., Any], keys: tuple[str, ...]) -> dict[str, Any]:
+def keyword_defaults(fn: Callable[..., Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``{key: default}`` of ``fn``'s keyword parameters ``keys`` (the library's defaults of a function)."""
     params = inspect.signature(fn).parameters
     return {k: params[k].default for k in keys}
 
 
 def schemas() -> dict[str, type]:
     """group -> its schema node (a dataclass whose defaults are the library's)."""
-    lipschitz = _node("LipschitzSchema", _keywords(
+    lipschitz = _node("LipschitzSchema", keyword_defaults(
         LipschitzRegularizer.__init__, ("kind", "strength", "target", "samples", "per_channel", "centered")))
     ppo = _node("PPOSchema", _fields(PPOConfig, skip=()))
     return {
         "training": _node("TrainingSchema", {**_fields(TrainConfig), "noise_sigma": None, "lipschitz": lipschitz}),
         "compensation": _node("CompensationSchema", {
-            "placement": None, **_keywords(attach_compensation, ("kind", "rank", "affine")),
+            "placement": None, **keyword_defaults(attach_compensation, ("kind", "rank", "affine")),
             **_fields(CompensationConfig)}),
         "calibration": _node("CalibrationSchema", {"enabled": False, **_fields(CalibrationConfig)}),
         "placement": _node("PlacementSchema", {"strategy": None, **_fields(SearchConfig), "seed": "${seed}",
