@@ -1,4 +1,4 @@
-"""Benchmark: what one simulated chip costs, against a clean forward pass (issue 9).
+"""Benchmark: what one simulated chip costs, against a clean forward pass.
 
 For each model, on the same Fashion-MNIST test images, in one process:
 
@@ -32,6 +32,13 @@ the three ways of one chip-batched convolution (per-chip loop, grouped convoluti
 inputs, unfold + bmm) on the models' own conv shapes. Results: ``mc_speed_batched_<device>.{json,md}``.
 
     python experiments/mc_speed.py --batched --threads 1 --models lenet5 vgg11 resnet20 --test-samples 1000 --lenet-1000
+
+``--eval-batch-sizes B1 B2 ...`` measures the evaluation batch size instead: per B, the clean forward in both
+layouts and ``monte_carlo`` over ``max(--chips)`` chips one by one, with batches of B images; each ratio both
+to the reference clean forward (``--batch-size``, default layout) and to the faster clean forward at the same
+B. Results: ``mc_speed_batch_size_<device>.{json,md}``.
+
+    python experiments/mc_speed.py --threads 1 --chips 100 --eval-batch-sizes 1000 250
 """
 from __future__ import annotations
 
@@ -257,6 +264,53 @@ def table_batched(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_batch_sizes(name: str, args: argparse.Namespace, data, device: torch.device) -> dict[str, Any]:
+    """Evaluation batch size: clean forwards (both layouts) and ``monte_carlo`` over ``max(--chips)`` chips
+    one by one, per batch size of ``--eval-batch-sizes``; ratios to the reference clean forward (batch
+    ``--batch-size``, default layout) and to the clean forward at the same batch size."""
+    x, y, plain, model, _, _, rows, add = _prepare(name, args, data, device, (7, 18), batch=args.batch_size)
+    n = max(args.chips)
+    accs = {}
+    for bs in args.eval_batch_sizes:
+        b = list(iter_batches((x, y), bs, device))
+        b_cl = [(to_channels_last(a), c) for a, c in b]
+        same_bs = {}
+        for key, bb in ((f"clean@{bs}", b), (f"clean_cl@{bs}", b_cl)):
+            t, mem, _ = timed(lambda: forward_predictions(plain, bb), device, args.repeat)
+            add(key, t, 1, mem, batch=bs)
+            same_bs[key] = t
+        t, mem, r = timed(lambda: cn.monte_carlo(model, (x, y), n_chips=n, batch_size=bs, progress=False,
+                                                 chips_per_pass=1), device)
+        add(f"mc_{n}@{bs}", t, n, mem, batch=bs, mean_accuracy=r.mean,
+            ratio_to_clean_same_batch=t / n / min(same_bs.values()))
+        accs[bs] = r.accuracies
+    clean_s = rows["clean"]["seconds"]
+    for r in rows.values():
+        r["ratio_to_clean"] = r["per_chip_s"] / clean_s
+        r.setdefault("batch", args.batch_size)
+    same = all(a == accs[args.eval_batch_sizes[0]] for a in accs.values())
+    print(f"{name:<7} per-chip accuracies identical across batch sizes: {same}", flush=True)
+    return {"rows": rows, "same_accuracies_across_batch_sizes": same, "test_images": len(x)}
+
+
+def table_batch_sizes(res: dict[str, Any]) -> str:
+    s = res["setup"]
+    lines = [f"Evaluation batch size: Monte-Carlo cost per chip (one by one), Fashion-MNIST test (first "
+             f"{s['test_samples']} images), lognormal sigma={s['sigma']}; machine: {s['machine']}; torch {s['torch']}; "
+             f"commit {s['commit']}", "", f"Command: `{s['command']}`", "", f"Load: {s['load']}", "",
+             "| model | measurement | batch | chips | s per chip | x clean forward (batch "
+             f"{s['batch_size']}) | x best clean forward, same batch | peak MiB |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        for key, r in m["rows"].items():
+            same = r.get("ratio_to_clean_same_batch")
+            lines.append(f"| {name} | {key} | {r['batch']} | {r['chips']} | {r['per_chip_s']:.4f} | "
+                         f"{r['ratio_to_clean']:.2f} | {'' if same is None else f'{same:.2f}'} | {r['peak_mib']:.0f} |")
+    lines += ["", "clean: plain model, eager, default (NCHW) layout; clean_cl: channels-last inputs; mc_N@b: "
+              "correctnet.monte_carlo over N chips, one chip per pass, batch b. Per-chip accuracies identical across "
+              "batch sizes: " + ", ".join(f"{n}: {m['same_accuracies_across_batch_sizes']}" for n, m in res["models"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def table(res: dict[str, Any]) -> str:
     s = res["setup"]
     lines = [f"Monte-Carlo cost per chip, Fashion-MNIST test ({s['test_samples']} images, batch {s['batch_size']}), "
@@ -298,6 +352,8 @@ def main() -> None:
     p.add_argument("--max-rows", type=int, default=10000, help="--batched: at most this many rows per pass")
     p.add_argument("--load-note", default=None, help="--batched: what else ran on the machine")
     p.add_argument("--no-conv-strategies", dest="conv_strategies", action="store_false")
+    p.add_argument("--eval-batch-sizes", type=int, nargs="+", default=None,
+                   help="measure the evaluation batch size instead: these batch sizes, max(--chips) chips")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -308,7 +364,7 @@ def main() -> None:
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads")
     res: dict[str, Any] = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()} | {
         "machine": machine, "torch": torch.__version__, "command": "python " + " ".join(sys.argv)}, "models": {}}
-    if args.batched:
+    if args.batched or args.eval_batch_sizes:
         import subprocess
         res["setup"]["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                                 cwd=Path(__file__).parent).stdout.strip()
@@ -317,6 +373,15 @@ def main() -> None:
                                 f"{__import__('os').cpu_count()} CPUs; set it with --load-note")
         if args.load_note:
             res["setup"]["load"] = args.load_note
+    if args.eval_batch_sizes:
+        for name in args.models:
+            res["models"][name] = bench_batch_sizes(name, args, data, device)
+        out = args.out or Path(__file__).parent / "results" / f"mc_speed_batch_size_{device.type}.json"
+        out.write_text(json.dumps(res, indent=1))
+        out.with_suffix(".md").write_text(table_batch_sizes(res))
+        print(table_batch_sizes(res))
+        return
+    if args.batched:
         for name in args.models:
             res["models"][name] = bench_batched(name, args, data, device)
         out = args.out or Path(__file__).parent / "results" / f"mc_speed_batched_{device.type}.json"
