@@ -61,6 +61,9 @@ def test_default_job_tells_the_story_in_one_table(story):
     assert m["original_accuracy"] == m["stages"]["baseline"]["clean_accuracy"]
     comp = m["stages"]["compensated"]
     assert comp["training"]["joint"] and comp["training"]["base"]["noise_aware"] and comp["check"] is None
+    # then the compensators alone took the preset's chip-agnostic steps, one fresh training chip per step
+    t = comp["training"]
+    assert t["steps"] > 0 and t["chips"] == t["steps"] and t["chip_stream"] == "COMPENSATION" and t["distill"] > 0
     assert comp["overhead"]["total"]["params"] > 0 and m["stages"]["calibrated"]["overhead"] == comp["overhead"]
     rows = [line for line in stdout.splitlines() if "%" in line]
     labels = ["original (vanilla, no variation)", "vanilla ", "CorrectNet chip-agnostic", "CorrectNet calibrated"]
