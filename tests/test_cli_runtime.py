@@ -93,7 +93,10 @@ def _wait_for(path: Path, p: subprocess.Popen, seconds: float = 240) -> None:
 def test_ctrl_c_says_what_was_saved_and_the_command_that_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "correctnet.train", *TINY, f"hydra.run.dir={out}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a terminal's Ctrl-C: the job starts with the default SIGINT even where this test runs with SIGINT ignored
+    # (a background job of a non-interactive shell ignores it, and Python then never raises KeyboardInterrupt)
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for(out / "resume" / "training.pt", p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
