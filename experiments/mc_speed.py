@@ -374,27 +374,17 @@ def main() -> None:
         if args.load_note:
             res["setup"]["load"] = args.load_note
     if args.eval_batch_sizes:
-        for name in args.models:
-            res["models"][name] = bench_batch_sizes(name, args, data, device)
-        out = args.out or Path(__file__).parent / "results" / f"mc_speed_batch_size_{device.type}.json"
-        out.write_text(json.dumps(res, indent=1))
-        out.with_suffix(".md").write_text(table_batch_sizes(res))
-        print(table_batch_sizes(res))
-        return
-    if args.batched:
-        for name in args.models:
-            res["models"][name] = bench_batched(name, args, data, device)
-        out = args.out or Path(__file__).parent / "results" / f"mc_speed_batched_{device.type}.json"
-        out.write_text(json.dumps(res, indent=1))
-        out.with_suffix(".md").write_text(table_batched(res))
-        print(table_batched(res))
-        return
+        bench, render, suffix = bench_batch_sizes, table_batch_sizes, "batch_size_"
+    elif args.batched:
+        bench, render, suffix = bench_batched, table_batched, "batched_"
+    else:
+        bench, render, suffix = bench_model, table, ""
     for name in args.models:
-        res["models"][name] = bench_model(name, args, data, device)
-    out = args.out or Path(__file__).parent / "results" / f"mc_speed_{device.type}.json"
+        res["models"][name] = bench(name, args, data, device)
+    out = args.out or Path(__file__).parent / "results" / f"mc_speed_{suffix}{device.type}.json"
     out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(table(res))
-    print(table(res))
+    out.with_suffix(".md").write_text(render(res))
+    print(render(res))
 
 
 if __name__ == "__main__":
