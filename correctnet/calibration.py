@@ -41,7 +41,7 @@ from .evaluate import evaluate_checkpoint, monte_carlo
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
 from .tensors import Data, eval_mode, model_device
-from .training import TrainingDivergedError
+from .training import TrainingDivergedError, distillation_loss
 
 
 @dataclass
@@ -116,13 +116,6 @@ START = ("trained", "zero", "best")
 # clean logits; reference: the vanilla reference network's clean logits; auto (pipeline only): the better of
 # ensemble and reference on ``select_chips`` validation chips.
 TEACHERS = ("ensemble", "self", "reference", "auto")
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(teacher || student) on softened logits ``[N, classes]``, scaled by T^2 (Hinton et al.)."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                    reduction="batchmean") * (t * t)
 
 
 def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,

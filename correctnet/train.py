@@ -41,7 +41,7 @@ from .models import model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
-from .evaluate import resolve_device
+from .evaluate import eval_batch_size, resolve_device
 from .tensors import eval_mode, first_samples
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
@@ -210,7 +210,8 @@ class Job:
     @property
     def trains_reference(self) -> bool:
         """A separate vanilla reference is trained (the base training is not plain training already)."""
-        return self.use_reference and not (self.regularizer is None and not self.tcfg.noise_aware and not self.joint)
+        return self.use_reference and (self.regularizer is not None or self.tcfg.noise_aware or self.joint
+                                       or self.tcfg.distill > 0)
 
 
 def validate(cfg: DictConfig) -> Job:
@@ -245,11 +246,15 @@ def validate(cfg: DictConfig) -> Job:
         raise ConfigError(f"compensation.joint=true trains the compensators with the network, so their placement must "
                           f"be fixed before training; placement.strategy={strategy} chooses it after training. Use "
                           f"placement=fixed, or compensation.joint=false")
+    if tcfg.distill > 0 and not use_reference:
+        raise ConfigError(f"training.distill={tcfg.distill} distills the vanilla reference into the trained network: "
+                          "set reference=true, or training.distill=0")
     if cal_cfg is not None and cal_cfg.teacher == "reference" and not use_reference:
         raise ConfigError("calibration.teacher=reference needs the vanilla reference: set reference=true")
     if cal_cfg is not None and cal_cfg.teacher == "auto" and not use_reference:
         raise ConfigError("calibration.teacher=auto chooses between the chip ensemble and the vanilla reference, "
                           "which needs reference=true; or set calibration.teacher=ensemble")
+    device = resolve_device(cfg.device)
     eval_seed = cfg.evaluation.seed
     if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
         raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
@@ -260,8 +265,7 @@ def validate(cfg: DictConfig) -> Job:
                n_chips=_positive_int(cfg, "evaluation.n_chips"),
                profile_chips=_positive_int(cfg, "evaluation.profile_chips"),
                profile_samples=_positive_int(cfg, "evaluation.profile_samples"),
-               eval_batch=_positive_int(cfg, "evaluation.batch_size"), eval_seed=eval_seed,
-               device=resolve_device(cfg.device))
+               eval_batch=eval_batch_size(cfg.evaluation.batch_size, device), eval_seed=eval_seed, device=device)
 
 
 @dataclasses.dataclass
@@ -339,6 +343,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_spec["name"], data.name,
              len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device)
     resolved = _section(cfg)
+    resolved["evaluation"]["batch_size"] = job.eval_batch  # "auto" recorded as the size used: replays use it
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     store = open_store(out_dir / "resume", job.resume_mode, _resume_record(resolved, vers, job.threads))
     if job.regularizer is not None:  # conv layers need their input shapes for the spectral form
@@ -362,7 +367,7 @@ def train_reference(ws: Workspace) -> tuple[torch.nn.Module, StageResult]:
     j = ws.job
     reference = copy.deepcopy(ws.model)
     t0 = time.perf_counter()
-    history = train(reference, ws.data.train, ws.data.val, dataclasses.replace(j.tcfg, noise_aware=False),
+    history = train(reference, ws.data.train, ws.data.val, dataclasses.replace(j.tcfg, noise_aware=False, distill=0.0),
                     progress=j.progress, stage=Stage.BASELINE.value, resume=ws.store, resume_key="reference")
     seconds = time.perf_counter() - t0
     _check_outputs(reference, ws.data.test, Stage.BASELINE)
@@ -374,28 +379,41 @@ def train_reference(ws: Workspace) -> tuple[torch.nn.Module, StageResult]:
     return reference, StageResult(Stage.BASELINE, record)
 
 
-def train_base(ws: Workspace) -> tuple[dict[str, Any], StageResult | None]:
-    """Base training (plain, noise-aware and/or Lipschitz); with ``compensation.joint`` the compensators are attached
-    first and train with the network. Returns the training record and, unless the compensators trained jointly
-    (their stage is recorded by :func:`compensate`), the stage."""
+def train_base(ws: Workspace, reference: torch.nn.Module | None = None) -> tuple[dict[str, Any], StageResult | None]:
+    """Base training (plain, noise-aware and/or Lipschitz; with ``training.distill`` also distilling the clean
+    ``reference``); with ``compensation.joint`` the compensators are attached first and train with the network.
+    Returns the training record and, unless the compensators trained jointly (their stage is recorded by
+    :func:`compensate`), the stage."""
     j, model = ws.job, ws.model
+    teacher = None
+    if j.tcfg.distill > 0:
+        assert reference is not None  # validate() requires reference=true
+        teacher = _clean_logits(reference)
     stage = j.base_stage
     if j.joint:
         assert ws.placement is not None
         attach_compensation(model, ws.placement, seed=j.cfg.seed, **j.attach_kw)
     t0 = time.perf_counter()
     history = train(model, ws.data.train, ws.data.val, j.tcfg, regularizer=j.regularizer, progress=j.progress,
-                    stage=stage.value, resume=ws.store)
+                    stage=stage.value, resume=ws.store, teacher=teacher)
     seconds = time.perf_counter() - t0
     _check_outputs(model, ws.data.test, stage)
     set_variation(model, j.variation)
     training = {"noise_aware": j.tcfg.noise_aware,
                 "noise_variation": j.train_variation.to_dict() if j.tcfg.noise_aware else None,
                 "lipschitz": j.lip_params if j.regularizer else None, "epochs": j.tcfg.epochs,
-                "seconds": seconds, "history": history, "joint_compensation": j.joint}
+                "distill": j.tcfg.distill, "seconds": seconds, "history": history, "joint_compensation": j.joint}
     if j.joint:
         return training, None
     return training, StageResult(stage, {**ws.measure(model), "training": training, **ws.profile(model, stage)})
+
+
+def _clean_logits(net: torch.nn.Module):
+    """``x -> logits`` of ``net`` with nominal weights, in eval mode (a fixed teacher for distillation)."""
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        with nominal(net), eval_mode(net):
+            return net(x)
+    return logits
 
 
 def search_placement(ws: Workspace) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
@@ -530,7 +548,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if job.trains_reference:
         reference, result = train_reference(ws)
         add(result)
-    base_training, result = train_base(ws)
+    base_training, result = train_base(ws, reference)
     add(result)
     final = job.base_stage
     evaluator, chosen, placement_record = None, None, None

@@ -49,6 +49,8 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     noise_aware: bool = False
+    distill: float = 0.0       # weight of the KD loss to a teacher's logits (``train(teacher=...)``); 1 - distill: CE
+    temperature: float = 1.0   # KD softmax temperature
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -63,6 +65,8 @@ class TrainConfig:
         need(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
         need(isinstance(self.noise_aware, bool), "noise_aware", "true or false")
+        need(is_number(self.distill) and 0 <= self.distill <= 1, "distill", "a number in [0, 1]")
+        need(is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
 
 
@@ -123,6 +127,13 @@ def check_finite_parameters(model: nn.Module, stage: str, where: str) -> None:
                                     f"{' ...' if len(bad) > 4 else ''}); lower the learning rate or check the data")
 
 
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) on softened logits ``[N, classes]``, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                    reduction="batchmean") * (t * t)
+
+
 def train(
     model: nn.Module,
     train_data: Data,
@@ -134,6 +145,7 @@ def train(
     stage: str = "training",
     resume: ResumeStore | None = None,
     resume_key: str = "training",
+    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on its current device; returns one metrics dict per epoch.
 
@@ -145,7 +157,15 @@ def train(
     every ``resume.interval_s`` seconds; a snapshot found there at the start is continued from, and
     the result is bit-identical to an uninterrupted run (per-epoch ``seconds`` aside). The caller
     makes sure the snapshot belongs to the same model, data and config (:func:`correctnet.resume.open_store`).
+
+    ``teacher(x) -> logits [N, classes]`` (no gradients needed): with ``cfg.distill > 0`` the loss is
+    ``(1 - distill) * CE + distill * KD(teacher)`` (knowledge distillation, Hinton et al.; with noise-aware
+    training a clean teacher pulls every sampled chip towards the clean function, Zhou et al., "Noisy Machines",
+    2020). The pipeline's teacher is the vanilla reference's clean logits.
     """
+    if cfg.distill > 0 and teacher is None:
+        raise ConfigError(f"training.distill={cfg.distill} needs a teacher: train(..., teacher=...); in the pipeline "
+                          "the vanilla reference (reference=true)")
     if cfg.noise_aware and not analog_layers(model):
         raise ConfigError("training.noise_aware=true needs a model with analog layers (correctnet.analogize)")
     device = next(model.parameters()).device
@@ -216,6 +236,10 @@ def train(
             for step, (x, y) in enumerate(bar, start=skip):
                 out = model(x)
                 loss = F.cross_entropy(out, y)
+                if teacher is not None and cfg.distill > 0:
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out, target, cfg.temperature)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
                 if not torch.isfinite(loss):
@@ -249,4 +273,4 @@ def train(
     return history
 
 
-__all__ = ["TrainConfig", "TrainingDivergedError", "check_finite_parameters", "train"]
+__all__ = ["TrainConfig", "TrainingDivergedError", "check_finite_parameters", "distillation_loss", "train"]

@@ -64,24 +64,40 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
-def eval_batches(data: Data, batch_size: int, model: nn.Module,
+AUTO_BATCH = {"cpu": 250, "cuda": 1000}  # images per evaluation batch for batch_size="auto", by device type
+
+
+def eval_batch_size(batch_size: int | str, device: torch.device | str) -> int:
+    """Images per evaluation batch: an integer >= 1 as given, or ``"auto"``: 250 on CPU (a layer's activations
+    stay in the caches; per chip 0.41x/0.42x a clean forward at 1,000 for LeNet-5/VGG11, docs/speed.md), 1,000
+    on other devices."""
+    if batch_size == "auto":
+        return AUTO_BATCH.get(torch.device(device).type, 1000)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"evaluation.batch_size must be 'auto' or an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
+def eval_batches(data: Data, batch_size: int | str, model: nn.Module,
                  channels_last: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The evaluation batches on the model's device, in the faster layout (see :func:`use_channels_last`).
+    """The evaluation batches on the model's device, in the faster layout (see :func:`use_channels_last`), of
+    ``batch_size`` images (``"auto"``: :func:`eval_batch_size`).
 
     The layout changes float round-off only (about 1e-7 relative in the logits), not the computation.
     """
     dev = model_device(model)
     cl = use_channels_last(model, dev) if channels_last is None else channels_last
-    return [(to_channels_last(x) if cl else x, y) for x, y in iter_batches(data, batch_size, dev)]
+    size = eval_batch_size(batch_size, dev)
+    return [(to_channels_last(x) if cl else x, y) for x, y in iter_batches(data, size, dev)]
 
 
-def accuracy(model: nn.Module, data: Data, *, batch_size: int = 1000, channels_last: bool | None = None) -> float:
+def accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None) -> float:
     """Accuracy (fraction in [0, 1]) of ``model`` as it is now (its current analog mode)."""
     with eval_mode(model):
         return _accuracy(model, eval_batches(data, batch_size, model, channels_last))
 
 
-def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int = 1000, channels_last: bool | None = None) -> float:
+def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None) -> float:
     """Accuracy without any variation (nominal weights)."""
     with nominal(model):
         return accuracy(model, data, batch_size=batch_size, channels_last=channels_last)
@@ -274,7 +290,7 @@ def can_fork_workers(model: nn.Module) -> bool:
         t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 
 
-def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int = 1000,
+def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int | str = "auto",
                 stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips",
                 calibrate: Callable[[nn.Module, int], None] | None = None,
                 channels_last: bool | None = None, chips_per_pass: int | None = None,
@@ -439,7 +455,7 @@ def _exported(meta: Mapping[str, Any], stage: str) -> dict[str, Any] | None:
 
 def evaluate_checkpoint(path: str | os.PathLike, *,
                         variations: Sequence[VariationModel | Mapping[str, Any]] | None = None,
-                        n_chips: int | None = None, seed: int | None = None, batch_size: int | None = None,
+                        n_chips: int | None = None, seed: int | None = None, batch_size: int | str | None = None,
                         test_samples: int | None = None,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
                         progress: bool = False,
@@ -468,10 +484,11 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     ev.update({k: v for k, v in _section(cfg, "evaluation").items() if k in ev})
     ev.update({k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size),
                                  ("test_samples", test_samples)) if v is not None})
-    for key, low in (("n_chips", 1), ("seed", 0), ("batch_size", 1)):
+    for key, low in (("n_chips", 1), ("seed", 0)):
         v = ev[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ConfigError(f"evaluation.{key} must be an integer >= {low}, got {v!r}")
+    ev["batch_size"] = eval_batch_size(ev["batch_size"], dev)
     ds: dict[str, Any] = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed")}
     ds.update({k: v for k, v in _section(cfg, "dataset").items() if k in DATASET_KEYS})
     source = meta.get("dataset_source")

@@ -31,7 +31,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   variation.t_eval=T        rram: seconds after programming, e.g. a sweep variation.t_eval=1,3600,86400
   evaluation.n_chips=N      number of simulated chips
   evaluation.seed=S         chip i is seeding.chip_seed(Stream.EVAL, S, i)
-  evaluation.batch_size=B
+  evaluation.batch_size=B   images per batch: auto (250 on CPU, 1000 on GPU) or an integer (default: the run's)
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
   evaluation.workers=auto|N processes the chips are spread over (default auto: cores / threads)
   dataset.root=DIR          where the dataset is on this machine
@@ -160,8 +160,11 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
         dataset["val_fraction"] = _number("dataset.val_fraction", opts["dataset.val_fraction"], float)
     if "seed" in opts:
         dataset["seed"] = _number("seed", opts["seed"], int)
-    ints = {k: _number(f"evaluation.{k}", opts[f"evaluation.{k}"], int)
-            for k in ("n_chips", "seed", "batch_size", "test_samples") if f"evaluation.{k}" in opts}
+    ints: dict[str, Any] = {k: _number(f"evaluation.{k}", opts[f"evaluation.{k}"], int)
+                            for k in ("n_chips", "seed", "batch_size", "test_samples")
+                            if f"evaluation.{k}" in opts and not (k == "batch_size" and opts[f"evaluation.{k}"] == "auto")}
+    if opts.get("evaluation.batch_size") == "auto":
+        ints["batch_size"] = "auto"
     mode = opts.get("calibration", "none")
     if mode not in ("none", "per_chip"):
         raise ConfigError(f"calibration must be none or per_chip, got {mode!r}")

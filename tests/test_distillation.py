@@ -1,0 +1,93 @@
+"""Distillation during (noise-aware) training: ``training.distill`` mixes a KD loss to a clean teacher into the
+cross-entropy, and the pipeline's teacher is the vanilla reference."""
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+import correctnet as cn
+from correctnet.data import load_dataset
+from correctnet.train import validate
+from correctnet.training import TrainConfig, train
+
+CONF = Path(cn.__file__).resolve().parent / "conf"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", val_fraction=0.2, seed=0)
+
+
+def fresh(digits, seed=0):
+    torch.manual_seed(seed)
+    model = cn.build_model("mlp", digits.input_shape, digits.num_classes)
+    return cn.analogize(model, cn.make_variation("lognormal", sigma=0.5), inplace=True)
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    net = fresh(digits, seed=1)
+    train(net, digits.train, None, TrainConfig(epochs=6, batch_size=128, seed=1), progress=False)
+
+    def logits(x):
+        with cn.nominal(net):
+            return net(x)
+    return logits
+
+
+def test_full_distillation_ignores_the_labels(digits, teacher):
+    """distill=1: the loss is the KD term alone, so scrambled labels train exactly the same weights."""
+    x, y = digits.train.tensors
+    scrambled = torch.utils.data.TensorDataset(x, y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))])
+    cfg = TrainConfig(epochs=2, batch_size=128, noise_aware=True, distill=1.0, seed=0)
+    a, b = fresh(digits), fresh(digits)
+    train(a, digits.train, None, cfg, teacher=teacher, progress=False)
+    train(b, scrambled, None, cfg, teacher=teacher, progress=False)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_no_distillation_ignores_the_teacher(digits, teacher):
+    cfg = TrainConfig(epochs=2, batch_size=128, noise_aware=True, seed=0)
+    a, b = fresh(digits), fresh(digits)
+    train(a, digits.train, None, cfg, teacher=teacher, progress=False)
+    train(b, digits.train, None, cfg, progress=False)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_distillation_teaches_what_the_teacher_says(digits, teacher):
+    """A teacher that names every class by its neighbour's label: distilled, the network learns the teacher's
+    naming, not the labels' (it does learn from the teacher's logits)."""
+    shifted = lambda x: teacher(x).roll(1, dims=1)  # noqa: E731  class c -> c + 1
+    x, y = digits.val.tensors
+    agree = {}
+    for distill in (0.0, 0.9):
+        m = fresh(digits)
+        train(m, digits.train, None, TrainConfig(epochs=15, batch_size=128, noise_aware=True, distill=distill, seed=0),
+              teacher=shifted, progress=False)
+        with torch.no_grad(), cn.nominal(m):
+            agree[distill] = (m(x).argmax(1) == shifted(x).argmax(1)).float().mean().item()
+    assert agree[0.0] < 0.2 < 0.8 < agree[0.9], agree
+
+
+@pytest.mark.parametrize("kw, key", [({"distill": 1.5}, "training.distill"), ({"distill": -0.1}, "training.distill"),
+                                     ({"temperature": 0}, "training.temperature")])
+def test_bad_distillation_settings_are_refused(kw, key):
+    with pytest.raises(cn.ConfigError, match=key):
+        TrainConfig(**kw)
+
+
+def test_distillation_without_a_teacher_is_refused(digits):
+    with pytest.raises(cn.ConfigError, match="needs a teacher"):
+        train(fresh(digits), digits.train, None, TrainConfig(epochs=1, distill=0.5), progress=False)
+
+
+def test_the_pipeline_needs_the_reference_to_distill():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=noise_aware", "training.distill=0.5"])
+        ok = compose(config_name="config", overrides=["method=noise_aware", "training.distill=0.5", "reference=true"])
+    with pytest.raises(cn.ConfigError, match="reference=true"):
+        validate(cfg)
+    assert validate(ok).trains_reference
