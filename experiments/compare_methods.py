@@ -7,6 +7,10 @@ of the original (the same seed's vanilla clean accuracy), and the difference chi
 standard errors over seeds (Welch). Writes a markdown table and a JSON file with the provenance record.
 
     python experiments/compare_methods.py SWEEP_DIR [SWEEP_DIR ...] --out experiments/results/NAME
+
+``--earlier JSON`` (an earlier output of this script) adds what it measured when its run directories are gone:
+its one-seed rows are that run's values, so they join the new runs of the same σ as runs (seeds already among
+the new runs are not counted twice); its rows of a σ with no new runs are copied as they are.
 """
 from __future__ import annotations
 
@@ -36,13 +40,37 @@ def load(dirs: list[Path]) -> list[dict[str, Any]]:
     return runs
 
 
+def earlier_runs(rows: list[dict[str, Any]], have: set[tuple[float, int]]) -> list[dict[str, Any]]:
+    """One-seed rows of an earlier comparison as run records (its values are that run's), except (σ, seed) in ``have``."""
+    runs: dict[tuple[float, int], dict[str, Any]] = {}
+    for r in rows:
+        if "tier" not in r or "diff" in r or len(r["seeds"]) != 1 or (r["sigma"], r["seeds"][0]) in have:
+            continue
+        method, stage = next((m, s) for label, m, s in TIERS if label == r["tier"])
+        run = runs.setdefault((r["sigma"], r["seeds"][0]), {
+            "sigma": r["sigma"], "seed": r["seeds"][0], "stages": {}, "original": None, "model": None, "methods": {}})
+        if r["of_original"]:
+            run["original"] = r["mean"] / r["of_original"]
+        over = None if r["params_pct"] is None else {"total": {"params_pct": r["params_pct"], "macs_pct": r["macs_pct"]}}
+        run["methods"][stage] = method
+        run["stages"][stage] = {"clean_accuracy": r["clean"], "overhead": over,
+                                "mc": {"mean": r["mean"], "p5": r["p5"], "min": r["min"], "n_chips": r["n_chips"][0]}}
+    out = []
+    for run in runs.values():  # one record per method, as load() gives
+        for method in set(run["methods"].values()):
+            stages = {k: v for k, v in run["stages"].items() if run["methods"][k] == method}
+            out.append({**{k: v for k, v in run.items() if k != "methods"}, "method": method, "stages": stages})
+    return out
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     originals = {(r["sigma"], r["seed"]): r["original"] for r in runs if r["original"] is not None}
     rows = []
     for sigma in sorted({r["sigma"] for r in runs}):
         per_tier: dict[str, list[float]] = {}
         for label, method, stage in TIERS:
-            sel = [r for r in runs if r["sigma"] == sigma and r["method"] == method and stage in r["stages"]]
+            sel = sorted((r for r in runs if r["sigma"] == sigma and r["method"] == method and stage in r["stages"]),
+                         key=lambda r: r["seed"])
             if not sel:
                 continue
             mc = [r["stages"][stage]["mc"] for r in sel]
@@ -95,16 +123,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", type=Path)
     p.add_argument("--out", type=Path, required=True, help="writes OUT.md and OUT.json")
+    p.add_argument("--earlier", type=Path, help="an earlier output (JSON) whose runs are gone (see the docstring)")
     args = p.parse_args()
     runs = load(args.dirs)
-    rows = summarize(runs)
-    md = markdown(rows, sorted({r["model"] for r in runs}))
+    models = sorted({r["model"] for r in runs})
+    kept: list[dict[str, Any]] = []
+    if args.earlier:
+        before = json.loads(args.earlier.read_text())["rows"]
+        new_sigmas = {r["sigma"] for r in runs}
+        runs += earlier_runs([r for r in before if r["sigma"] in new_sigmas], {(r["sigma"], r["seed"]) for r in runs})
+        kept = [r for r in before if r["sigma"] not in new_sigmas]
+    rows = sorted(summarize(runs) + kept, key=lambda r: r["sigma"])  # stable: each σ keeps its tier order
+    md = markdown(rows, models)
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    setup = record({"dirs": [d.name for d in args.dirs], "out": portable(args.out.resolve())})
+    earlier = portable(args.earlier.resolve()) if args.earlier else None
+    setup = record({"dirs": [d.name for d in args.dirs], "out": portable(args.out.resolve()), "earlier": earlier})
     # the sweep directories by name (they live outside the checkout), the output relative to it
     setup["command"] = (f"python experiments/compare_methods.py {' '.join(d.name for d in args.dirs)} "
-                        f"--out {portable(args.out.resolve())}")
+                        f"--out {portable(args.out.resolve())}" + (f" --earlier {earlier}" if earlier else ""))
     args.out.with_suffix(".md").write_text(f"Command: `{setup['command']}` (commit {setup['git'].get('commit')})\n\n" + md)
     args.out.with_suffix(".json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2))
 
