@@ -34,7 +34,7 @@ from .io import atomic_write
 from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
 from .conf.schema import keyword_defaults  # importing correctnet.conf registers the groups' schemas
-from .errors import ConfigError, CorrectNetError, is_int
+from .errors import ConfigError, CorrectNetError, is_int, is_number
 from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import model_from_config
@@ -73,11 +73,23 @@ def _variation(cfg: DictConfig, sigma: Any = None):
 def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
     params = _section(cfg.training)
     noise_sigma = params.pop("noise_sigma", None)
+    scale = params.pop("noise_scale", 1.0)
     lipschitz = params.pop("lipschitz", None) or {"strength": 0.0}
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(params) - known
     if unknown:
-        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: {sorted(known | {'noise_sigma', 'lipschitz'})}")
+        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: "
+                          f"{sorted(known | {'noise_sigma', 'noise_scale', 'lipschitz'})}")
+    if not is_number(scale) or scale <= 0:
+        raise ConfigError(f"training.noise_scale must be a number > 0, got {scale!r}")
+    if scale != 1.0:
+        if noise_sigma is not None:
+            raise ConfigError(f"training.noise_sigma={noise_sigma} and training.noise_scale={scale} both set the "
+                              "noise-aware training sigma: give one")
+        base = cfg.variation.get("sigma")
+        if not is_number(base):
+            raise ConfigError(f"training.noise_scale={scale} scales variation.sigma, which is {base!r} here")
+        noise_sigma = scale * base
     return TrainConfig(seed=cfg.seed, **params), noise_sigma, lipschitz
 
 

@@ -5,7 +5,7 @@
 =================  ===========================================================================================
 group              fields and defaults from
 =================  ===========================================================================================
-``training``       :class:`~correctnet.training.TrainConfig`, + ``noise_sigma`` and ``lipschitz``
+``training``       :class:`~correctnet.training.TrainConfig`, + ``noise_sigma``, ``noise_scale`` and ``lipschitz``
                    (:class:`~correctnet.lipschitz.LipschitzRegularizer`'s keyword defaults)
 ``compensation``   :class:`~correctnet.calibration.CompensationConfig`, + ``placement`` and
                    :func:`~correctnet.compensation.attach_compensation`'s ``kind``, ``rank``, ``affine``
@@ -72,7 +72,8 @@ def schemas() -> dict[str, type]:
         LipschitzRegularizer.__init__, ("kind", "strength", "target", "samples", "per_channel", "centered")))
     ppo = _node("PPOSchema", _fields(PPOConfig, skip=()))
     return {
-        "training": _node("TrainingSchema", {**_fields(TrainConfig), "noise_sigma": None, "lipschitz": lipschitz}),
+        "training": _node("TrainingSchema", {**_fields(TrainConfig), "noise_sigma": None, "noise_scale": 1.0,
+                                                   "lipschitz": lipschitz}),
         "compensation": _node("CompensationSchema", {
             "placement": None, **keyword_defaults(attach_compensation, ("kind", "rank", "affine")),
             **_fields(CompensationConfig)}),

@@ -1,5 +1,5 @@
-"""Distillation during (noise-aware) training: ``training.distill`` mixes a KD loss to a clean teacher into the
-cross-entropy, and the pipeline's teacher is the vanilla reference."""
+"""Training options of the pipeline: ``training.distill`` mixes a KD loss to a clean teacher (the vanilla reference)
+into the cross-entropy; ``training.noise_scale`` sets the noise-aware training sigma relative to the deployed one."""
 from pathlib import Path
 
 import pytest
@@ -91,3 +91,24 @@ def test_the_pipeline_needs_the_reference_to_distill():
     with pytest.raises(cn.ConfigError, match="reference=true"):
         validate(cfg)
     assert validate(ok).trains_reference
+
+
+def compose_job(*overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return validate(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_noise_scale_trains_at_a_fraction_of_the_deployed_sigma():
+    job = compose_job("method=correctnet", "variation.sigma=0.5", "training.noise_scale=0.6")
+    assert job.variation.sigma == 0.5 and job.train_variation.sigma == pytest.approx(0.3)
+    assert job.train_variation.name == job.variation.name
+    assert compose_job("method=correctnet", "variation.sigma=0.8").train_variation.sigma == 0.8
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["training.noise_scale=0"], "training.noise_scale must be a number > 0"),
+    (["training.noise_scale=0.6", "training.noise_sigma=0.2"], "give one"),
+])
+def test_bad_noise_scale_is_refused(overrides, needle):
+    with pytest.raises(cn.ConfigError, match=needle):
+        compose_job("method=noise_aware", *overrides)
