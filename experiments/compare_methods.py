@@ -24,9 +24,11 @@ import numpy as np
 
 from common import portable, record
 
-TIERS = (("vanilla", "correctnet_calibrated", "baseline"), ("noise-aware", "noise_aware", "noise_aware"),
-         ("CorrectNet chip-agnostic", "correctnet_calibrated", "compensated"),
-         ("CorrectNet calibrated", "correctnet_calibrated", "calibrated"))
+# (label, methods whose runs give the tier, first one present at a sigma wins, stage): the chip-agnostic tier is
+# method=correctnet where the sweep ran it, else the compensated stage of the correctnet_calibrated runs
+TIERS = (("vanilla", ("correctnet_calibrated", "correctnet"), "baseline"), ("noise-aware", ("noise_aware",), "noise_aware"),
+         ("CorrectNet chip-agnostic", ("correctnet", "correctnet_calibrated"), "compensated"),
+         ("CorrectNet calibrated", ("correctnet_calibrated",), "calibrated"))
 
 
 def load(dirs: list[Path]) -> list[dict[str, Any]]:
@@ -46,7 +48,9 @@ def earlier_runs(rows: list[dict[str, Any]], have: set[tuple[float, int]]) -> li
     for r in rows:
         if "tier" not in r or "diff" in r or len(r["seeds"]) != 1 or (r["sigma"], r["seeds"][0]) in have:
             continue
-        method, stage = next((m, s) for label, m, s in TIERS if label == r["tier"])
+        # rows written before the "method" field came from correctnet_calibrated runs (noise-aware: noise_aware)
+        stage = next(s for label, _, s in TIERS if label == r["tier"])
+        method = r.get("method") or ("noise_aware" if stage == "noise_aware" else "correctnet_calibrated")
         run = runs.setdefault((r["sigma"], r["seeds"][0]), {
             "sigma": r["sigma"], "seed": r["seeds"][0], "stages": {}, "original": None, "model": None, "methods": {}})
         if r["of_original"]:
@@ -68,9 +72,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for sigma in sorted({r["sigma"] for r in runs}):
         per_tier: dict[str, list[float]] = {}
-        for label, method, stage in TIERS:
-            sel = sorted((r for r in runs if r["sigma"] == sigma and r["method"] == method and stage in r["stages"]),
-                         key=lambda r: r["seed"])
+        for label, methods, stage in TIERS:
+            at = [r for r in runs if r["sigma"] == sigma and stage in r["stages"]]
+            method = next((m for m in methods if any(r["method"] == m for r in at)), None)
+            sel = sorted((r for r in at if r["method"] == method), key=lambda r: r["seed"])
             if not sel:
                 continue
             mc = [r["stages"][stage]["mc"] for r in sel]
@@ -80,7 +85,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rel = [m["mean"] / o for m, o in zip(mc, orig) if o]
             rel_p5 = [m["p5"] / o for m, o in zip(mc, orig) if o]
             over = [((r["stages"][stage].get("overhead") or {}).get("total") or {}) for r in sel]
-            rows.append({"sigma": sigma, "tier": label, "seeds": [r["seed"] for r in sel],
+            rows.append({"sigma": sigma, "tier": label, "method": method, "seeds": [r["seed"] for r in sel],
                          "clean": float(np.mean([r["stages"][stage]["clean_accuracy"] for r in sel])),
                          "mean": float(np.mean(means)), "mean_std": float(np.std(means, ddof=1)) if len(sel) > 1 else None,
                          "p5": float(np.mean([m["p5"] for m in mc])), "min": float(np.mean([m["min"] for m in mc])),
@@ -101,11 +106,11 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], models: list[str]) -> str:
     pct = lambda v: "—" if v is None else f"{100 * v:.2f}%"  # noqa: E731
     lines = [f"Models: {', '.join(models)}. Mean over seeds; ± std over seeds; p5/min: over chips, mean over seeds.", "",
-             "| σ | tier | seeds | clean | chip mean | p5 | min | mean / orig | p5 / orig | +params | +MACs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| σ | tier | from runs of | seeds | clean | chip mean | p5 | min | mean / orig | p5 / orig | +params | +MACs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "diff" in r:
-            lines.append(f"| {r['sigma']:g} | **{r['tier']}** | | | {100 * r['diff']:+.2f} pts "
+            lines.append(f"| {r['sigma']:g} | **{r['tier']}** | | | | {100 * r['diff']:+.2f} pts "
                          f"({r['z']:.1f} SE, SE {100 * r['se']:.2f}) | | | | | | |")
             continue
         std = "" if r["mean_std"] is None else f" ± {100 * r['mean_std']:.2f}"
@@ -114,7 +119,7 @@ def markdown(rows: list[dict[str, Any]], models: list[str]) -> str:
         params = "—" if r["params_pct"] is None else f"{r['params_pct']:.2f}%"
         macs = "—" if r["macs_pct"] is None else f"{r['macs_pct']:.2f}%"
         seeds = " ".join(map(str, r["seeds"]))
-        lines.append(f"| {r['sigma']:g} | {r['tier']} | {seeds} | {pct(r['clean'])} | {pct(r['mean'])}{std} | "
+        lines.append(f"| {r['sigma']:g} | {r['tier']} | {r.get('method') or '—'} | {seeds} | {pct(r['clean'])} | {pct(r['mean'])}{std} | "
                      f"{pct(r['p5'])} | {pct(r['min'])} | {rel} | {rel5} | {params} | {macs} |")
     return "\n".join(lines) + "\n"
 
