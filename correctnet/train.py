@@ -347,8 +347,10 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     if cal is not None and cal.teacher == "auto" and len(data.val) == 0:
         raise ConfigError("calibration.teacher=auto scores the candidate teachers on the validation split, which is "
                           "empty; set dataset.val_fraction > 0 or choose calibration.teacher=ensemble|self|reference")
-    if cal is not None and cal.n_images > len(data.train):
-        raise ConfigError(f"calibration.n_images={cal.n_images} exceeds the {len(data.train)} training images")
+    if cal is not None and cal.n_images > len(data.train):  # e.g. the preset's 4,000 on the digits default
+        log.warning("calibration.n_images=%d is more than the %d training images: each chip calibrates on all of them",
+                    cal.n_images, len(data.train))
+        job.cal_cfg = cal = dataclasses.replace(cal, n_images=len(data.train))
     if cal is not None and placement is None and not _has_batchnorm(model):
         raise ConfigError("calibration=per_chip needs compensation modules (compensation=all or "
                           "compensation.placement=[...]) or a model with BatchNorm to re-estimate")
@@ -356,6 +358,8 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
              len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device)
     resolved = _section(cfg)
     resolved["evaluation"]["batch_size"] = job.eval_batch  # "auto" recorded as the size used: replays use it
+    if cal is not None:
+        resolved["calibration"]["n_images"] = cal.n_images  # the number used (capped at the training split)
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     store = open_store(out_dir / "resume", job.resume_mode, _resume_record(resolved, vers, job.threads))
     if job.regularizer is not None:  # conv layers need their input shapes for the spectral form

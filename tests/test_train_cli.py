@@ -61,6 +61,9 @@ def test_default_job_tells_the_story_in_one_table(story):
     assert m["original_accuracy"] == m["stages"]["baseline"]["clean_accuracy"]
     comp = m["stages"]["compensated"]
     assert comp["training"]["joint"] and comp["training"]["base"]["noise_aware"] and comp["check"] is None
+    # the calibrated preset's network trains at 0.6 x the deployed sigma; evaluation batches: auto = 250 on CPU
+    assert comp["training"]["base"]["noise_variation"]["sigma"] == pytest.approx(0.6 * m["variation"]["sigma"])
+    assert m["config"]["evaluation"]["batch_size"] == 250
     # then the compensators alone took the preset's chip-agnostic steps, one fresh training chip per step
     t = comp["training"]
     assert t["steps"] > 0 and t["chips"] == t["steps"] and t["chip_stream"] == "COMPENSATION" and t["distill"] > 0
@@ -165,6 +168,20 @@ def test_compensation_and_calibration_stages(tmp_path):
     assert again.accuracies == comp["mc"]["accuracies"]
 
 
+def test_more_calibration_images_than_the_training_split_calibrates_on_all_of_them(tmp_path):
+    """The calibrated preset asks for 4,000 images; digits has fewer: the run says so, uses all, records the number."""
+    r = run_cli(*FAST, "compensation=all", "compensation.placement=[fc1]", "compensation.rank=2", "compensation.steps=0",
+                "calibration=per_chip", "calibration.steps=2", "calibration.n_images=5000", "evaluation.n_chips=2",
+                f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    n_train = len(load_dataset("digits", val_fraction=0.2, seed=0).train)
+    assert f"calibration.n_images=5000 is more than the {n_train} training images" in r.stdout + r.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["config"]["calibration"]["n_images"] == m["stages"]["calibrated"]["calibration"]["n_images"] == n_train
+    _, meta = cn.load_checkpoint(tmp_path / "model.safetensors")
+    assert meta["config"]["calibration"]["n_images"] == n_train  # what a replay calibrates on
+
+
 @pytest.mark.slow
 def test_multirun_sweeps_sigma(tmp_path):
     r = run_cli("-m", "variation.sigma=0.1,0.5", "training.epochs=1", "evaluation.n_chips=2", "progress=false",
@@ -191,7 +208,6 @@ def test_multirun_sweeps_sigma(tmp_path):
     (["compensation=all", "compensation.kind=sideways"], "compensation.kind"),
     pytest.param(["compensation=all", "compensation.lr=0"], "compensation.lr", marks=pytest.mark.slow),
     pytest.param(["calibration=per_chip"], "needs compensation modules", marks=pytest.mark.slow),
-    (["compensation=all", "calibration=per_chip", "calibration.n_images=5000"], "calibration.n_images"),
 ])
 def test_bad_input_is_one_clear_message(tmp_path, args, needle):
     r = run_cli(*FAST, *args, f"hydra.run.dir={tmp_path}")
