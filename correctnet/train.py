@@ -82,10 +82,7 @@ def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
                           f"{sorted(known | {'noise_sigma', 'noise_scale', 'lipschitz'})}")
     if not is_number(scale) or scale <= 0:
         raise ConfigError(f"training.noise_scale must be a number > 0, got {scale!r}")
-    if scale != 1.0:
-        if noise_sigma is not None:
-            raise ConfigError(f"training.noise_sigma={noise_sigma} and training.noise_scale={scale} both set the "
-                              "noise-aware training sigma: give one")
+    if scale != 1.0 and noise_sigma is None:  # an explicit noise_sigma wins over a preset's scale
         base = cfg.variation.get("sigma")
         if not is_number(base):
             raise ConfigError(f"training.noise_scale={scale} scales variation.sigma, which is {base!r} here")

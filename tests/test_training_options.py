@@ -105,10 +105,11 @@ def test_noise_scale_trains_at_a_fraction_of_the_deployed_sigma():
     assert compose_job("method=correctnet", "variation.sigma=0.8").train_variation.sigma == 0.8
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["training.noise_scale=0"], "training.noise_scale must be a number > 0"),
-    (["training.noise_scale=0.6", "training.noise_sigma=0.2"], "give one"),
-])
-def test_bad_noise_scale_is_refused(overrides, needle):
-    with pytest.raises(cn.ConfigError, match=needle):
-        compose_job("method=noise_aware", *overrides)
+def test_an_explicit_noise_sigma_wins_over_the_presets_scale():
+    assert compose_job("method=correctnet_calibrated", "training.noise_sigma=0.2").train_variation.sigma == 0.2
+    assert compose_job("method=correctnet_calibrated").train_variation.sigma == pytest.approx(0.6 * 0.5)
+
+
+def test_bad_noise_scale_is_refused():
+    with pytest.raises(cn.ConfigError, match="training.noise_scale must be a number > 0"):
+        compose_job("method=noise_aware", "training.noise_scale=0")
