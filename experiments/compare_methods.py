@@ -24,8 +24,8 @@ import numpy as np
 
 from common import portable, record
 
-# (label, methods whose runs give the tier, first one present at a sigma wins, stage): the chip-agnostic tier is
-# method=correctnet where the sweep ran it, else the compensated stage of the correctnet_calibrated runs
+# (label, methods whose runs give the tier, for each seed the first one that ran it, stage): the chip-agnostic tier
+# is method=correctnet where the sweep ran it, else the compensated stage of the correctnet_calibrated run
 TIERS = (("vanilla", ("correctnet_calibrated", "correctnet"), "baseline"), ("noise-aware", ("noise_aware",), "noise_aware"),
          ("CorrectNet chip-agnostic", ("correctnet", "correctnet_calibrated"), "compensated"),
          ("CorrectNet calibrated", ("correctnet_calibrated",), "calibrated"))
@@ -42,6 +42,11 @@ def load(dirs: list[Path]) -> list[dict[str, Any]]:
     return runs
 
 
+def legacy_method(row: dict[str, Any]) -> str:
+    """The preset a row written before the "method" field came from: correctnet_calibrated (noise-aware: noise_aware)."""
+    return "noise_aware" if row["tier"] == "noise-aware" else "correctnet_calibrated"
+
+
 def earlier_runs(rows: list[dict[str, Any]], have: set[tuple[float, int]]) -> list[dict[str, Any]]:
     """One-seed rows of an earlier comparison as run records (its values are that run's), except (σ, seed) in ``have``."""
     runs: dict[tuple[float, int], dict[str, Any]] = {}
@@ -50,7 +55,7 @@ def earlier_runs(rows: list[dict[str, Any]], have: set[tuple[float, int]]) -> li
             continue
         # rows written before the "method" field came from correctnet_calibrated runs (noise-aware: noise_aware)
         stage = next(s for label, _, s in TIERS if label == r["tier"])
-        method = r.get("method") or ("noise_aware" if stage == "noise_aware" else "correctnet_calibrated")
+        method = r.get("method") or legacy_method(r)
         run = runs.setdefault((r["sigma"], r["seeds"][0]), {
             "sigma": r["sigma"], "seed": r["seeds"][0], "stages": {}, "original": None, "model": None, "methods": {}})
         if r["of_original"]:
@@ -73,9 +78,12 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for sigma in sorted({r["sigma"] for r in runs}):
         per_tier: dict[str, list[float]] = {}
         for label, methods, stage in TIERS:
-            at = [r for r in runs if r["sigma"] == sigma and stage in r["stages"]]
-            method = next((m for m in methods if any(r["method"] == m for r in at)), None)
-            sel = sorted((r for r in at if r["method"] == method), key=lambda r: r["seed"])
+            at = [r for r in runs if r["sigma"] == sigma and stage in r["stages"] and r["method"] in methods]
+            by_seed: dict[int, dict[str, Any]] = {}  # per seed, the first of ``methods`` that ran it
+            for r in sorted(at, key=lambda r: methods.index(r["method"])):
+                by_seed.setdefault(r["seed"], r)
+            sel = [by_seed[k] for k in sorted(by_seed)]
+            method = " + ".join(m for m in methods if any(r["method"] == m for r in sel))
             if not sel:
                 continue
             mc = [r["stages"][stage]["mc"] for r in sel]
@@ -137,7 +145,8 @@ def main() -> None:
         before = json.loads(args.earlier.read_text())["rows"]
         new_sigmas = {r["sigma"] for r in runs}
         runs += earlier_runs([r for r in before if r["sigma"] in new_sigmas], {(r["sigma"], r["seed"]) for r in runs})
-        kept = [r for r in before if r["sigma"] not in new_sigmas]
+        kept = [r if "diff" in r or r.get("method") else {**r, "method": legacy_method(r)}
+                for r in before if r["sigma"] not in new_sigmas]
     rows = sorted(summarize(runs) + kept, key=lambda r: r["sigma"])  # stable: each σ keeps its tier order
     md = markdown(rows, models)
     print(md)
