@@ -351,3 +351,17 @@ def test_evaluate_command_is_copy_pasteable():
     parts = shlex.split(cmd)
     assert parts[1:3] == ["-m", "correctnet.evaluate"]
     assert parts[3] == f"checkpoint={os.path.abspath('dir with space/model.safetensors')}"
+
+
+def test_the_run_records_its_evaluation_batch_and_other_batches_give_the_same_chips(trained, tmp_path, capsys):
+    """batch_size=auto is recorded as the number used; log-normal chips have no per-read noise, so any batch size
+    gives the same per-chip accuracies; a bad batch size is one clear error."""
+    path, metrics = trained
+    assert metrics["config"]["evaluation"]["batch_size"] == 250  # auto on CPU
+    accs = metrics["stages"]["baseline"]["mc"]["accuracies"]
+    for size in ("auto", "7"):
+        out = tmp_path / f"eval_{size}.json"
+        assert evaluate_main([f"checkpoint={path}", "progress=false", f"evaluation.batch_size={size}", f"out={out}"]) == 0
+        assert json.loads(out.read_text())["results"][0]["mc"]["accuracies"] == accs
+    assert evaluate_main([f"checkpoint={path}", "progress=false", "evaluation.batch_size=big"]) != 0
+    assert "evaluation.batch_size" in capsys.readouterr().err

@@ -160,11 +160,11 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
         dataset["val_fraction"] = _number("dataset.val_fraction", opts["dataset.val_fraction"], float)
     if "seed" in opts:
         dataset["seed"] = _number("seed", opts["seed"], int)
-    ints: dict[str, Any] = {k: _number(f"evaluation.{k}", opts[f"evaluation.{k}"], int)
-                            for k in ("n_chips", "seed", "batch_size", "test_samples")
-                            if f"evaluation.{k}" in opts and not (k == "batch_size" and opts[f"evaluation.{k}"] == "auto")}
-    if opts.get("evaluation.batch_size") == "auto":
-        ints["batch_size"] = "auto"
+    ints: dict[str, Any] = {}  # evaluation settings (batch_size may also be "auto")
+    for k in ("n_chips", "seed", "batch_size", "test_samples"):
+        v = opts.get(f"evaluation.{k}")
+        if v is not None:
+            ints[k] = v if (k, v) == ("batch_size", "auto") else _number(f"evaluation.{k}", v, int)
     mode = opts.get("calibration", "none")
     if mode not in ("none", "per_chip"):
         raise ConfigError(f"calibration must be none or per_chip, got {mode!r}")
