@@ -151,6 +151,8 @@ class AnalogLayer(nn.Module):
         self._noise_gen: torch.Generator | None = None
         self._read_gen: torch.Generator | None = None
         self.chip_seeds: list[int] | None = None  # "chips" mode: the K chips, in batch-group order
+        self.noisy_chips = 1  # "noisy" mode: fresh chips per forward, each on its own group of the batch
+        self._uneven_groups = False  # split the batch into K nearly equal groups (training), not K equal ones
         self._read_gens: list[torch.Generator] | None = None
         self._chips_cache: dict[str, tuple[Any, torch.Tensor]] = {}
         self._digital_class = digital_class
@@ -185,10 +187,11 @@ class AnalogLayer(nn.Module):
         self.chip_seed = seed
         self.analog_mode = "chip"
 
-    def program_chips(self, seeds: Sequence[int]) -> None:
+    def program_chips(self, seeds: Sequence[int], *, uneven: bool = False) -> None:
         """Draw this layer's static noise for each chip of ``seeds`` (stacked ``[K, ...]``), "chips" mode.
 
         Chip ``k`` draws exactly what :meth:`program` draws for ``seeds[k]`` (same generator, same call).
+        ``uneven``: the batch is split into K nearly equal groups (``torch.tensor_split``), not K equal ones.
         """
         seeds = [int(s) for s in seeds]
         if not seeds:
@@ -201,16 +204,32 @@ class AnalogLayer(nn.Module):
         self._read_gens = [layer_generator(s, self.analog_name + ":read", self._device()) for s in seeds]
         self._read_gen, self.chip_seed, self.chip_seeds = None, None, seeds
         self._chips_cache = {}
+        self._uneven_groups = uneven
         self.analog_mode = "chips"
 
     @property
     def n_chips(self) -> int:
-        """K in "chips" mode, else 1."""
-        return len(self.chip_seeds) if self.analog_mode == "chips" and self.chip_seeds else 1
+        """K in "chips" mode, chips per forward in "noisy" mode, else 1."""
+        if self.analog_mode == "chips":
+            return len(self.chip_seeds) if self.chip_seeds else 1
+        return self.noisy_chips if self.analog_mode == "noisy" else 1
 
-    def set_noisy(self, seed: int) -> None:
-        """Draw fresh noise at every forward from a generator seeded by ``seed``."""
+    @property
+    def per_chip(self) -> bool:
+        """Whether a forward splits the batch into groups, one per chip ("chips" mode, or "noisy" with K > 1)."""
+        return self.analog_mode == "chips" or (self.analog_mode == "noisy" and self.noisy_chips > 1)
+
+    def set_noisy(self, seed: int, chips: int = 1) -> None:
+        """Draw fresh noise at every forward from a generator seeded by ``seed``.
+
+        ``chips`` > 1: every forward draws ``chips`` fresh chips and splits the batch into that many
+        nearly equal groups (``torch.tensor_split``), group ``k`` computed with chip ``k`` (each sample on
+        its own chip when ``chips`` >= the batch size). ``chips=1`` draws exactly what it always did.
+        """
+        if isinstance(chips, bool) or not isinstance(chips, int) or chips < 1:
+            raise ConfigError(f"chips per noise-aware forward must be an integer >= 1, got {chips!r}")
         self._noise_seed, self._noise_gen = seed, None
+        self.noisy_chips = chips
         self.analog_mode = "noisy"
 
     def set_off(self) -> None:
@@ -219,15 +238,16 @@ class AnalogLayer(nn.Module):
             setattr(self, self._noise_attr(p), None)
         self._noise_seed, self._noise_gen, self._read_gen = None, None, None
         self.chip_seeds, self._read_gens, self._chips_cache = None, None, {}
+        self.noisy_chips, self._uneven_groups = 1, False
 
     def _analog_state(self) -> tuple:
         return (self.analog_mode, self.chip_seed, [self.chip_noise(p) for p in self.analog_parameters],
                 self._noise_seed, self._noise_gen, self._read_gen, self.chip_seeds, self._read_gens,
-                self._chips_cache)
+                self._chips_cache, self.noisy_chips, self._uneven_groups)
 
     def _set_analog_state(self, state: tuple) -> None:
         (self.analog_mode, self.chip_seed, noises, self._noise_seed, self._noise_gen, self._read_gen,
-         self.chip_seeds, self._read_gens, self._chips_cache) = state
+         self.chip_seeds, self._read_gens, self._chips_cache, self.noisy_chips, self._uneven_groups) = state
         for p, n in zip(self.analog_parameters, noises):
             setattr(self, self._noise_attr(p), n)
 
@@ -247,9 +267,16 @@ class AnalogLayer(nn.Module):
             noise = self.chip_noise(parameter)
             assert noise is not None  # program() drew it: "chip" mode always has its static noise
             return self.variation.apply_read(w, noise, self._read_gen)
+        if self.noisy_chips > 1:
+            return self.analog_weights((parameter,))[parameter]
+        return self._noisy_draw(w)
+
+    def _noisy_draw(self, w: torch.Tensor) -> torch.Tensor:
+        """"noisy" mode: one fresh chip's read of nominal weight ``w`` (static draw + read noise)."""
         if self._noise_gen is None or self._noise_gen.device != w.device:
             self._noise_gen = layer_generator(self._noise_seed or 0, self.analog_name, w.device)
-        return self.variation.apply_read(w, self.variation.sample(w, self._noise_gen), self._noise_gen)
+        v, gen = self.variation, self._noise_gen
+        return v.apply_read(w, v.sample(w, gen), gen)
 
     def _chips_weight(self, parameter: str, w: torch.Tensor) -> torch.Tensor:
         """"chips" mode: one read of each chip's weight, stacked ``[K, *w.shape]`` (chip k as in "chip" mode)."""
@@ -269,9 +296,16 @@ class AnalogLayer(nn.Module):
             self._chips_cache[parameter] = (key, out)
         return out
 
-    def analog_weights(self) -> dict[str, torch.Tensor]:
-        """One read of every analog weight of the layer, in ``analog_parameters`` order."""
-        return {p: self.analog_weight(p) for p in self.analog_parameters}
+    def analog_weights(self, parameters: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """One read of every analog weight of the layer (or of ``parameters``), in ``analog_parameters`` order.
+
+        "noisy" mode with K chips per forward: each ``[K, *w.shape]``, drawn chip by chip (chip k draws all
+        its weights, then chip k+1), the order in which K one-chip forwards would draw them."""
+        names = tuple(parameters) if parameters is not None else self.analog_parameters
+        if self.analog_mode == "noisy" and self.noisy_chips > 1:
+            draws = [{p: self._noisy_draw(getattr(self, p)) for p in names} for _ in range(self.noisy_chips)]
+            return {p: torch.stack([d[p] for d in draws]) for p in names}
+        return {p: self.analog_weight(p) for p in names}
 
     # -- forward (subclasses give the operation, its bias broadcast and the vector dims) --------------
     def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -285,21 +319,29 @@ class AnalogLayer(nn.Module):
         return (-1,)
 
     def _chip_groups(self, x: torch.Tensor, dim: int = 0) -> tuple[torch.Tensor, ...]:
-        """"chips" mode: ``x`` split along its batch dimension ``dim`` into the K chips' groups."""
+        """Per-chip modes: ``x`` split along its batch dimension ``dim`` into the K chips' groups.
+
+        Equal groups in "chips" mode (evaluation: the input is K copies of a batch); K nearly equal ones in
+        "noisy" mode and for ``uneven`` chips (training: group k is chip k's share of the batch; a batch
+        of fewer than K samples uses its first chips only)."""
         k = self.n_chips
+        if x.dim() > dim and (self.analog_mode == "noisy" or self._uneven_groups):
+            return tuple(g for g in x.tensor_split(k, dim) if g.shape[dim])
         if x.dim() <= dim or x.shape[dim] % k:
             raise ConfigError(
                 f"analog layer {self.analog_name!r} runs {k} chips in one pass and needs an input whose batch "
                 f"dimension ({dim}) holds K groups of samples (x.repeat(K, ...)); got shape {tuple(x.shape)}. "
-                f"Models that reshape or mix the batch cannot run chip batches: use chips_per_pass=1")
+                f"Models that reshape or mix the batch cannot run chip batches: use one chip per pass "
+                f"(evaluation chips_per_pass=1, training chips_per_step=1)")
         return x.chunk(k, dim)
 
     def _chips_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """"chips" mode: group ``k`` of ``x`` through chip ``k``'s ``weight[k]`` (the one-by-one call)."""
-        return torch.cat([self._mvm(xk, weight[k], bias) for k, xk in enumerate(self._chip_groups(x))])
+        ws = weight.unbind(0)  # one autograd node: indexing weight[k] K times costs K full-size gradients
+        return torch.cat([self._mvm(xk, ws[k], bias) for k, xk in enumerate(self._chip_groups(x))])
 
     def _mvm_any(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self._chips_mvm(x, weight, bias) if self.analog_mode == "chips" else self._mvm(x, weight, bias)
+        return self._chips_mvm(x, weight, bias) if self.per_chip else self._mvm(x, weight, bias)
 
     def _converted_mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        weight_scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -319,7 +361,7 @@ class AnalogLayer(nn.Module):
             raise ConfigError(f"analog layer {self.analog_name!r} has no input range for variation.dac_range="
                               f"{getattr(v, 'dac_range', '?')}: run correctnet.analog.calibrate_input_ranges(model, "
                               f"batches) on the nominal model first")
-        tiles = v.tiles(weight.shape[1:] if self.analog_mode == "chips" else weight.shape)
+        tiles = v.tiles(weight.shape[1:] if self.per_chip else weight.shape)
         if tiles is not None and not self._can_tile():
             raise ConfigError(f"analog layer {self.analog_name!r} ({type(self).__name__}) cannot be split into tiles "
                               f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
@@ -327,9 +369,11 @@ class AnalogLayer(nn.Module):
             weight_scale = v.weight_scale(cast(torch.Tensor, self.weight))
         if tiles is None and weight_scale is not None and weight_scale.numel() > 1:
             weight_scale = self._bias_view(weight_scale.reshape(-1))
-        if self.analog_mode == "chips":
-            gens: Sequence[torch.Generator | None] = self._read_gens or [None] * self.n_chips
-            y = torch.cat([self._convert(xk, weight[k], weight_scale, tiles, gens[k])
+        if self.per_chip:
+            gens: Sequence[torch.Generator | None] = (
+                (self._read_gens or [None] * self.n_chips) if self.analog_mode == "chips" else [self._noise_gen] * self.n_chips)
+            ws = weight.unbind(0)
+            y = torch.cat([self._convert(xk, ws[k], weight_scale, tiles, gens[k])
                            for k, xk in enumerate(self._chip_groups(x))])
         else:
             gen = self._read_gen if self.analog_mode == "chip" else self._noise_gen
@@ -501,7 +545,7 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
         kpm = _float_mask(key_padding_mask, query.dtype)
         am = None if causal else _float_mask(attn_mask, query.dtype)
 
-        if self.analog_mode == "chips" and not batched:
+        if self.per_chip and not batched:
             raise ConfigError(f"analog attention {self.analog_name!r} runs {self.n_chips} chips in one pass and "
                               f"needs batched inputs (the chips are groups of the batch); got an unbatched query")
         w = self.analog_weights()
@@ -601,7 +645,7 @@ class _AnalogRNN(AnalogLayer):
         if update is not None:  # rebuild now, so that the forward's own check keeps the substituted list
             update()
         w = self.analog_weights()
-        if self.analog_mode == "chips":
+        if self.per_chip:
             return self._chips_forward(input, hx, w)
         return self._forward_with(input, hx, w)
 
@@ -619,7 +663,8 @@ class _AnalogRNN(AnalogLayer):
         if isinstance(input, nn.utils.rnn.PackedSequence) or input.dim() != 3:
             raise ConfigError(f"analog recurrent layer {self.analog_name!r} runs {self.n_chips} chips in one pass "
                               f"and needs a batched, unpacked input [batch, seq, feature] or [seq, batch, feature]"
-                              f"; use chips_per_pass=1 for PackedSequence or unbatched inputs")
+                              f"; use one chip per pass (chips_per_pass=1, chips_per_step=1) for PackedSequence "
+                              f"or unbatched inputs")
         bdim = 0 if self.batch_first else 1
         xs = self._chip_groups(input, bdim)
         if hx is None:
@@ -628,7 +673,8 @@ class _AnalogRNN(AnalogLayer):
             hs = list(zip(*(self._chip_groups(h, 1) for h in hx)))
         else:
             hs = list(self._chip_groups(hx, 1))
-        outs = [self._forward_with(xk, hk, {n: t[k] for n, t in w.items()}) for k, (xk, hk) in enumerate(zip(xs, hs))]
+        per_chip = {n: t.unbind(0) for n, t in w.items()}
+        outs = [self._forward_with(xk, hk, {n: t[k] for n, t in per_chip.items()}) for k, (xk, hk) in enumerate(zip(xs, hs))]
         out = torch.cat([o[0] for o in outs], bdim)
         if isinstance(outs[0][1], tuple):
             return out, tuple(torch.cat([o[1][i] for o in outs], 1) for i in range(len(outs[0][1])))
@@ -920,19 +966,24 @@ def program_chip(model: nn.Module, seed: int) -> None:
         layer.program(seed)
 
 
-def program_chips(model: nn.Module, seeds: Sequence[int]) -> None:
+def program_chips(model: nn.Module, seeds: Sequence[int], *, uneven: bool = False) -> None:
     """Program K chips at once ("chips" mode): every analog layer draws the static variations of each chip
     of ``seeds`` (stacked, memory ``K`` times one chip's). Run the model on ``x.repeat(K, 1, ...)``: the
-    outputs of group ``k`` of the batch are chip ``seeds[k]``'s, as ``program_chip(model, seeds[k])`` gives."""
+    outputs of group ``k`` of the batch are chip ``seeds[k]``'s, as ``program_chip(model, seeds[k])`` gives.
+
+    ``uneven=True`` (training on K chips, a different share of the batch on each): the batch is split
+    into K nearly equal groups (``torch.tensor_split``) instead of K equal ones."""
     seeds = list(seeds)
     for layer in require_analog(model).values():
-        layer.program_chips(seeds)
+        layer.program_chips(seeds, uneven=uneven)
 
 
-def set_noise_aware(model: nn.Module, seed: int) -> None:
-    """Noise-aware mode: every forward of every analog layer draws fresh variations (seeded stream)."""
+def set_noise_aware(model: nn.Module, seed: int, chips: int = 1) -> None:
+    """Noise-aware mode: every forward of every analog layer draws fresh variations (seeded stream);
+    ``chips`` > 1: ``chips`` fresh chips per forward, each on its share of the batch
+    (:meth:`AnalogLayer.set_noisy`)."""
     for layer in require_analog(model).values():
-        layer.set_noisy(seed)
+        layer.set_noisy(seed, chips)
 
 
 def set_nominal(model: nn.Module) -> None:
@@ -970,20 +1021,21 @@ def chip(model: nn.Module, seed: int) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
-def chips(model: nn.Module, seeds: Sequence[int]) -> Iterator[nn.Module]:
+def chips(model: nn.Module, seeds: Sequence[int], *, uneven: bool = False) -> Iterator[nn.Module]:
     """``with chips(model, seeds):`` runs the model as K chips at once (see :func:`program_chips`); the
     previous mode is restored on exit. Eval only (``model.eval()``): layers that mix samples across the
     batch would mix chips."""
     with _restoring(model):
-        program_chips(model, seeds)
+        program_chips(model, seeds, uneven=uneven)
         yield model
 
 
 @contextlib.contextmanager
-def noise_aware(model: nn.Module, seed: int) -> Iterator[nn.Module]:
-    """``with noise_aware(model, seed):`` fresh variations at every forward, previous mode restored on exit."""
+def noise_aware(model: nn.Module, seed: int, chips: int = 1) -> Iterator[nn.Module]:
+    """``with noise_aware(model, seed):`` fresh variations at every forward, previous mode restored on exit;
+    ``chips`` > 1: that many fresh chips per forward, each on its share of the batch."""
     with _restoring(model):
-        set_noise_aware(model, seed)
+        set_noise_aware(model, seed, chips)
         yield model
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .analog import chip, nominal
+from .analog import chip, chips, nominal
 from .checkpoint import tensor_digest
 from .io import atomic_write
 from .compensation import bypass, compensation_parameters, compensators
@@ -46,11 +46,13 @@ from .training import TrainingDivergedError, distillation_loss
 
 @dataclass
 class CompensationConfig:
-    """Chip-agnostic training of the compensators: ``steps`` Adam steps (cosine schedule), one fresh chip
-    per step; the training split is reshuffled at each pass over it."""
+    """Chip-agnostic training of the compensators: ``steps`` Adam steps (cosine schedule), ``chips_per_step``
+    fresh chips per step, each on its share of the batch (nearly equal groups); the training split is
+    reshuffled at each pass over it."""
 
     steps: int = 500
     batch_size: int = 128
+    chips_per_step: int = 1
     lr: float = 1e-2
     distill: float = 1.0       # weight of the clean-teacher KD loss; 1 - distill goes to cross-entropy on labels
     temperature: float = 1.0   # KD softmax temperature
@@ -62,6 +64,8 @@ class CompensationConfig:
         o = "compensation"
         require(is_int(self.steps) and self.steps >= 0, f"{o}.steps", "an integer >= 0", self.steps)
         require(is_int(self.batch_size) and self.batch_size >= 1, f"{o}.batch_size", "an integer >= 1", self.batch_size)
+        require(is_int(self.chips_per_step) and self.chips_per_step >= 1, f"{o}.chips_per_step", "an integer >= 1",
+                self.chips_per_step)
         require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
         require(isinstance(self.joint, bool), f"{o}.joint", "true or false", self.joint)
         require(is_number(self.distill) and 0 <= self.distill <= 1, f"{o}.distill", "a number in [0, 1]", self.distill)
@@ -260,11 +264,18 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                     order = torch.randperm(len(x), generator=shuffle)
                 idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
                 xb, yb = x[idx].to(dev), y[idx].to(dev)
-                s = chip_seed(Stream.COMPENSATION, cfg.seed, step)
-                seeds.append(s)
+                k = cfg.chips_per_step
+                if k == 1:
+                    s = chip_seed(Stream.COMPENSATION, cfg.seed, step)
+                    seeds.append(s)
+                    ctx = chip(model, s)
+                else:  # chip j of step i is the (i * k + j)-th of the stream; the batch split among them
+                    ks = [chip_seed(Stream.COMPENSATION, cfg.seed, step * k + j) for j in range(min(k, len(idx)))]
+                    seeds.extend(ks)
+                    ctx = chips(model, ks, uneven=True)
                 if on_step is not None:
                     on_step(step)
-                with chip(model, s):
+                with ctx:
                     out = model(xb)
                 loss = torch.zeros((), device=dev)
                 if cfg.distill > 0:
@@ -296,7 +307,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
         finally:
             for m, t in flags.items():
                 m.training = t
-    return CompensationResult(history, len(seeds), time.perf_counter() - t_start, seeds)
+    return CompensationResult(history, cfg.steps, time.perf_counter() - t_start, seeds)
 
 
 def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int = 0,

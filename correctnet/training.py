@@ -49,6 +49,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     noise_aware: bool = False
+    chips_per_step: int = 1    # noise-aware: fresh chips per step, each on its share of the batch (>= batch_size: one per sample)
     distill: float = 0.0       # weight of the KD loss to a teacher's logits (``train(teacher=...)``); 1 - distill: CE
     temperature: float = 1.0   # KD softmax temperature
     seed: int = 0
@@ -65,6 +66,10 @@ class TrainConfig:
         need(is_number(self.momentum) and 0 <= self.momentum < 1, "momentum", "a number in [0, 1)")
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
         need(isinstance(self.noise_aware, bool), "noise_aware", "true or false")
+        need(is_int(self.chips_per_step) and self.chips_per_step >= 1, "chips_per_step", "an integer >= 1")
+        if self.chips_per_step > 1 and not self.noise_aware:
+            raise ConfigError(f"training.chips_per_step={self.chips_per_step} draws chips for noise-aware training: "
+                              "set training.noise_aware=true (or chips_per_step=1)")
         need(is_number(self.distill) and 0 <= self.distill <= 1, "distill", "a number in [0, 1]")
         need(is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
@@ -150,7 +155,10 @@ def train(
     """Train ``model`` in place on its current device; returns one metrics dict per epoch.
 
     ``regularizer(model)`` (optional) is added to the cross-entropy loss. With ``cfg.noise_aware`` the
-    model must have analog layers. Raises :class:`TrainingDivergedError` naming the stage, epoch and
+    model must have analog layers; each step draws ``cfg.chips_per_step`` fresh chips and splits the batch
+    into that many nearly equal groups, one per chip (1: the whole batch on one chip; ``batch_size``: every
+    sample on its own chip). The model must then keep the batch dimension intact up to its last analog
+    layer (BatchNorm in training mode still normalizes over the whole batch, as digital hardware would). Raises :class:`TrainingDivergedError` naming the stage, epoch and
     step when the loss or a parameter becomes NaN or infinite.
 
     ``resume``: snapshots go to ``resume.path(resume_key)`` after every epoch and, inside an epoch, at most
@@ -181,7 +189,8 @@ def train(
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
-    ctx = noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, 0)) if cfg.noise_aware else nominal(model)
+    ctx = (noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, 0), cfg.chips_per_step) if cfg.noise_aware
+           else nominal(model))
     attach = getattr(regularizer, "attach", None)
     if attach is not None:
         attach(model)
