@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .analog import chip, chips, nominal
+from .analog import AnalogLayer, chip, chips, nominal
 from .checkpoint import tensor_digest
 from .io import atomic_write
 from .compensation import bypass, compensation_parameters, compensators
@@ -341,9 +341,12 @@ def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
-def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> int:
+def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 256, *, repeat: int = 1) -> int:
     """Recompute BatchNorm running statistics as exact averages over ``x`` under the model's current
-    analog mode (e.g. a programmed chip). Returns the number of BatchNorm layers updated."""
+    analog mode (e.g. a programmed chip). Returns the number of BatchNorm layers updated.
+
+    ``repeat=K``: each batch runs as K copies (K chips programmed at once, :func:`correctnet.analog.chips`,
+    with per-chip BatchNorm copies, as :meth:`ChipCalibrator.chips` installs)."""
     bns = _batchnorms(model)
     if not bns:
         return 0
@@ -358,7 +361,8 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 25
             bn.train()
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size].to(dev))
+                xb = x[i:i + batch_size].to(dev)
+                model(xb.repeat(repeat, *[1] * (xb.dim() - 1)) if repeat > 1 else xb)
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
@@ -374,6 +378,58 @@ def calibration_images(train_data: Data, n_images: int, seed: int) -> torch.Tens
         raise ConfigError(f"calibration.n_images={n_images} exceeds the {len(x)} training images")
     gen = torch.Generator().manual_seed(chip_seed(Stream.CALIBRATION, seed, 0) >> 1)
     return x[torch.randperm(len(x), generator=gen)[:n_images]]
+
+
+class _PerChip(nn.Module):
+    """K copies of a digital module (a compensator or a BatchNorm), for K chips calibrated in one pass: copy
+    ``k`` computes group ``k`` of the batch (equal groups, as in "chips" mode), so each chip has its own state."""
+
+    def __init__(self, module: nn.Module, k: int) -> None:
+        super().__init__()
+        self.copies = nn.ModuleList(copy.deepcopy(module) for _ in range(k))
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        groups = [a.chunk(len(self.copies)) for a in args]
+        return torch.cat([c(*(g[i] for g in groups)) for i, c in enumerate(self.copies)])
+
+    # what correctnet.compensation does to compensators, done to every copy
+    @property
+    def active(self) -> bool:
+        return all(getattr(c, "active", True) for c in self.copies)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        for c in self.copies:
+            c.active = value
+
+    def zero_(self) -> "_PerChip":
+        for c in self.copies:
+            cast(Any, c).zero_()
+        return self
+
+
+@contextlib.contextmanager
+def _per_chip_copies(model: nn.Module, k: int, *, compensators_too: bool, batchnorm: bool
+                     ) -> Iterator[list[_PerChip]]:
+    """Replace each compensator (and each BatchNorm) of ``model`` by K copies of it (:class:`_PerChip`) inside
+    the block; the originals are put back untouched on exit. Yields the compensators' wrappers."""
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    comps: list[_PerChip] = []
+    norms = set(_batchnorms(model)) if batchnorm else set()
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            is_comp = compensators_too and isinstance(parent, AnalogLayer) and name == "compensator" and child is not None
+            if child is not None and (is_comp or child in norms):
+                wrapper = _PerChip(child, k)
+                swaps.append((parent, name, child))
+                parent._modules[name] = wrapper
+                if is_comp:
+                    comps.append(wrapper)
+    try:
+        yield comps
+    finally:
+        for parent, name, child in swaps:
+            parent._modules[name] = child
 
 
 class ChipCalibrator:
@@ -413,46 +469,83 @@ class ChipCalibrator:
         self.seconds: list[float] = []
         self.starts: list[str] = []
 
-    def _start(self, model: nn.Module) -> str:
-        """Put the compensators in the configured start state for this chip; returns the state used."""
+    def _start(self, model: nn.Module, comps: Sequence[_PerChip] | None, k: int) -> list[str]:
+        """Put the compensators of each of the ``k`` chips in the configured start state; returns the states.
+
+        ``comps``: the per-chip compensator copies when ``k`` chips are calibrated at once (None: one chip)."""
         start = self.cfg.start
+        starts = [start] * k
         if start == "best":
-            assert self.teacher is not None  # __call__ starts the compensators only when it has a teacher
-            k = min(len(self.images), 1024)  # enough to rank two states, a fraction of the steps' cost
+            assert self.teacher is not None  # calibration starts the compensators only when it has a teacher
+            m = min(len(self.images), 1024)  # enough to rank two states, a fraction of the steps' cost
             dev = model_device(model)
             with eval_mode(model):
-                x, t = self.images[:k].to(dev), self.teacher[:k].to(dev)
-                trained = distillation_loss(model(x), t, self.cfg.temperature).item()
+                x, t = self.images[:m].to(dev), self.teacher[:m].to(dev)
+                x = x.repeat(k, *[1] * (x.dim() - 1)) if k > 1 else x
+                trained = [distillation_loss(o, t, self.cfg.temperature).item() for o in model(x).chunk(k)]
                 with bypass(model):
-                    zero = distillation_loss(model(x), t, self.cfg.temperature).item()
-            start = "zero" if zero < trained else "trained"
-        if start == "zero":
-            _zero(model)
-        return start
+                    zero = [distillation_loss(o, t, self.cfg.temperature).item() for o in model(x).chunk(k)]
+            starts = ["zero" if z < tr else "trained" for z, tr in zip(zero, trained)]
+        for i, st in enumerate(starts):
+            if st != "zero":
+                continue
+            if comps is None:
+                _zero(model)
+            else:
+                for w in comps:
+                    cast(Any, w.copies[i]).zero_()
+        return starts
+
+    def _fit(self, model: nn.Module, seeds: Sequence[int]) -> None:
+        """``cfg.steps`` Adam steps on the compensators of the chips ``seeds`` (one chip, or K programmed at
+        once with per-chip copies): chip k's batch order comes from its own seed, its loss from its group."""
+        cfg, dev, k = self.cfg, model_device(model), len(seeds)
+        assert self.teacher is not None
+        gens = [layer_generator(s, "calibration", "cpu") for s in seeds]  # batch order: a function of the chip only
+        flags = {m: m.training for m in model.modules()}
+        try:
+            with torch.enable_grad(), only_compensators_trainable(model) as params:
+                model.eval()
+                opt = torch.optim.Adam(params, lr=cfg.lr)  # per-element updates: K chips' copies stay independent
+                n = len(self.images)
+                for _ in range(cfg.steps):
+                    idx = torch.cat([torch.randint(n, (min(cfg.batch_size, n),), generator=g) for g in gens])
+                    out, target = model(self.images[idx].to(dev)), self.teacher[idx].to(dev)
+                    loss = sum(distillation_loss(o, t, cfg.temperature) for o, t in zip(out.chunk(k), target.chunk(k)))
+                    opt.zero_grad(set_to_none=True)
+                    cast(torch.Tensor, loss).backward()
+                    opt.step()
+        finally:
+            for m, t in flags.items():
+                m.training = t
 
     def __call__(self, model: nn.Module, seed: int) -> None:
         t0 = time.perf_counter()
-        cfg, dev = self.cfg, model_device(model)
-        if cfg.batchnorm:
-            reestimate_batchnorm(model, self.images, cfg.batch_size)
+        if self.cfg.batchnorm:
+            reestimate_batchnorm(model, self.images, self.cfg.batch_size)
         if self.teacher is not None:
-            self.starts.append(self._start(model))
-            gen = layer_generator(seed, "calibration", "cpu")  # batch order: a function of the chip only
-            flags = {m: m.training for m in model.modules()}
-            with torch.enable_grad(), only_compensators_trainable(model) as params:
-                model.eval()
-                opt = torch.optim.Adam(params, lr=cfg.lr)
-                n = len(self.images)
-                for _ in range(cfg.steps):
-                    idx = torch.randint(n, (min(cfg.batch_size, n),), generator=gen)
-                    out = model(self.images[idx].to(dev))
-                    loss = distillation_loss(out, self.teacher[idx].to(dev), cfg.temperature)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-            for m, t in flags.items():
-                m.training = t
+            self.starts.extend(self._start(model, None, 1))
+            self._fit(model, [seed])
         self.seconds.append(time.perf_counter() - t0)
+
+    @contextlib.contextmanager
+    def chips(self, model: nn.Module, seeds: Sequence[int]) -> Iterator[nn.Module]:
+        """``with calibrator.chips(model, seeds):`` K chips programmed at once (:func:`correctnet.analog.chips`),
+        each calibrated as ``calibrator(model, seed)`` calibrates it alone: its own copy of every
+        compensator and BatchNorm (copy k computes group k of the batch), its own batch order, the same
+        steps. Inside the block run the model on ``x.repeat(K, ...)``. The model's own modules are never
+        changed; the copies go on exit. ``seconds`` gets the time per chip (the block's calibration / K)."""
+        k = len(seeds)
+        with chips(model, seeds), _per_chip_copies(model, k, compensators_too=self.teacher is not None,
+                                                   batchnorm=self.cfg.batchnorm) as comps:
+            t0 = time.perf_counter()
+            if self.cfg.batchnorm:
+                reestimate_batchnorm(model, self.images, self.cfg.batch_size, repeat=k)
+            if self.teacher is not None:
+                self.starts.extend(self._start(model, comps, k))
+                self._fit(model, seeds)
+            self.seconds.extend([(time.perf_counter() - t0) / k] * k)
+            yield model
 
     def last_record(self) -> dict[str, Any]:
         """What the last call recorded (seconds, start state): sent back by forked Monte-Carlo workers."""

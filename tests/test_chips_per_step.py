@@ -160,3 +160,66 @@ def test_compensation_training_with_chips_per_step():
     model2, _ = _analog("conv2d", VARIATIONS["lognormal"])
     attach_compensation(model2, "all", kind="output", rank=2)
     assert len(train_compensation(model2, (x, y), one, progress=False).chip_seeds) == 4
+
+
+# ----------------------------------------------------------------------------- per-chip calibration, K chips at once
+
+def _calibration_setup(start="best"):
+    from correctnet.calibration import CalibrationConfig, ChipCalibrator
+
+    model, _ = _analog("conv2d", VARIATIONS["rram_read"])  # BatchNorm, grouped convs, read noise
+    attach_compensation(model, ["body.0"], kind="output", rank=2)
+    attach_compensation(model, ["body.4", "fc"], kind="input", rank=1)
+    with torch.no_grad():  # a non-trivial chip-agnostic state: "best" must pick per chip
+        for p in compensation_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    images = torch.randn(48, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    cfg = CalibrationConfig(steps=6, n_images=48, batch_size=16, teacher="self", start=start)
+    return model, ChipCalibrator(model, images, cfg)
+
+
+@pytest.mark.parametrize("start", ["best", "zero"])
+def test_k_chips_calibrated_at_once_equal_one_by_one(start):
+    from correctnet.calibration import calibration_state
+    from correctnet.tensors import eval_mode
+
+    model, cal = _calibration_setup(start)
+    seeds = [chip_seed(Stream.EVAL, 0, i) for i in range(3)]
+    nominal = {n: v.clone() for n, v in model.state_dict().items()}
+    x = torch.randn(10, 3, 8, 8)
+    ref, ref_out = [], []
+    for s in seeds:  # one by one, as monte_carlo runs them: calibrate the programmed chip, then read it
+        with eval_mode(model), chip(model, s):
+            cal(model, s)
+            ref.append(calibration_state(model))
+            ref_out.append(model(x))
+        model.load_state_dict(nominal)
+    one_starts = list(cal.starts)
+    with eval_mode(model), cal.chips(model, seeds) as m:
+        out = m(x.repeat(3, 1, 1, 1))
+        wrappers = {n: w for n, w in m.named_modules() if type(w).__name__ == "_PerChip"}
+        got = [{f"{n}.{k}": v.clone() for n, w in wrappers.items() for k, v in w.copies[i].state_dict().items()}
+               for i in range(3)]
+    assert cal.starts[3:] == one_starts and len(cal.seconds) == 6
+    assert {type(w.copies[0]).__name__ for w in wrappers.values()} == {"Compensator", "BatchNorm2d"}
+    assert len(wrappers) == 4  # three compensators and the BatchNorm, each copied per chip
+    for i, s in enumerate(seeds):  # each chip's copies hold exactly what calibrating it alone gives
+        assert ref[i].keys() <= got[i].keys()
+        for key, v in ref[i].items():
+            torch.testing.assert_close(got[i][key], v, atol=1e-4, rtol=1e-4, msg=f"chip {i}: {key}")
+        torch.testing.assert_close(out[i * 10:(i + 1) * 10], ref_out[i], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(ref_out[0], ref_out[1], atol=1e-3)  # the chips differ
+    for n, v in model.state_dict().items():
+        assert torch.equal(v, nominal[n]), n  # the model's own modules were never touched
+    assert type(model.body[1]).__name__ == "BatchNorm2d"
+
+
+def test_monte_carlo_calibrates_chips_in_batches():
+    model, cal = _calibration_setup()
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    one = cn.monte_carlo(model, (x, y), n_chips=5, batch_size=16, progress=False, calibrate=cal, chips_per_pass=1)
+    many = cn.monte_carlo(model, (x, y), n_chips=5, batch_size=16, progress=False, calibrate=cal, chips_per_pass=3)
+    assert many.accuracies == one.accuracies and many.chip_seeds == one.chip_seeds
+    assert cal.starts[:5] == cal.starts[5:] and len(cal.seconds) == 10

@@ -316,8 +316,10 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     ``calibrate(model, chip_seed)``, if given, runs on each programmed chip before it is measured (e.g.
     :class:`correctnet.calibration.ChipCalibrator`); it never receives ``data``, and the model's state
     (parameters and buffers) is restored after each chip, so every chip is calibrated from the same
-    starting point. Calibrated chips run one by one (``chips_per_pass`` is ignored): each chip trains
-    its own copy of the digital modules.
+    starting point. A calibrator with a ``chips(model, seeds)`` context (as
+    :class:`~correctnet.calibration.ChipCalibrator` has) calibrates K chips at once, each with its own copy
+    of the digital modules it trains, and they are measured in the same pass; any other ``calibrate``
+    runs chips one by one (``chips_per_pass`` is then ignored).
 
     ``workers=N`` (> 1) spreads the one-by-one chips over N forked processes, each with the current torch
     thread count (CPU models only, where ``fork`` exists; otherwise chips run here). Each chip computes the
@@ -336,7 +338,8 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     accs: list[float] = []
     snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                 if calibrate is not None else None)
-    if calibrate is not None or n_chips == 1 or not batches:
+    calibrate_chips = getattr(calibrate, "chips", None)
+    if (calibrate is not None and calibrate_chips is None) or n_chips == 1 or not batches:
         k = 1
     elif chips_per_pass is None:
         k = auto_chips_per_pass(model, batches[0][0], n_chips, memory_budget)
@@ -377,7 +380,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                 total = sum(len(y) for _, y in batches)
                 for i in range(0, n_chips, k):
                     group = seeds[i:i + k]
-                    with chips(model, group):
+                    with chips(model, group) if calibrate_chips is None else calibrate_chips(model, group):
                         accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group)))
                     bar.update(len(group))
                     bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
