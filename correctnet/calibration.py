@@ -400,7 +400,7 @@ class _PerChip(nn.Module):
     @active.setter
     def active(self, value: bool) -> None:
         for c in self.copies:
-            c.active = value
+            cast(Any, c).active = value
 
     def zero_(self) -> "_PerChip":
         for c in self.copies:
