@@ -507,10 +507,11 @@ class ChipCalibrator:
             with torch.enable_grad(), only_compensators_trainable(model) as params:
                 model.eval()
                 opt = torch.optim.Adam(params, lr=cfg.lr)  # per-element updates: K chips' copies stay independent
-                n = len(self.images)
+                images, teacher = self.images.to(dev), self.teacher.to(dev)  # once, not per step
+                n = len(images)
                 for _ in range(cfg.steps):
-                    idx = torch.cat([torch.randint(n, (min(cfg.batch_size, n),), generator=g) for g in gens])
-                    out, target = model(self.images[idx].to(dev)), self.teacher[idx].to(dev)
+                    idx = torch.cat([torch.randint(n, (min(cfg.batch_size, n),), generator=g) for g in gens]).to(dev)
+                    out, target = model(images[idx]), teacher[idx]
                     loss = sum(distillation_loss(o, t, cfg.temperature) for o, t in zip(out.chunk(k), target.chunk(k)))
                     opt.zero_grad(set_to_none=True)
                     cast(torch.Tensor, loss).backward()

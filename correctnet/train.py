@@ -41,7 +41,7 @@ from .models import model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
-from .evaluate import eval_batch_size, resolve_device
+from .evaluate import eval_batch_size, resolve_chips_per_pass, resolve_device
 from .tensors import eval_mode, first_samples
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
@@ -202,6 +202,7 @@ class Job:
     profile_chips: int
     profile_samples: int
     eval_batch: int
+    chips_per_pass: int | None          # None: monte_carlo chooses (1 on CPU, from free memory on CUDA)
     eval_seed: int
     device: torch.device
 
@@ -274,7 +275,8 @@ def validate(cfg: DictConfig) -> Job:
                n_chips=_positive_int(cfg, "evaluation.n_chips"),
                profile_chips=_positive_int(cfg, "evaluation.profile_chips"),
                profile_samples=_positive_int(cfg, "evaluation.profile_samples"),
-               eval_batch=eval_batch_size(cfg.evaluation.batch_size, device), eval_seed=eval_seed, device=device)
+               eval_batch=eval_batch_size(cfg.evaluation.batch_size, device), eval_seed=eval_seed, device=device,
+               chips_per_pass=resolve_chips_per_pass(cfg.evaluation.get("chips_per_pass", "auto")))
 
 
 @dataclasses.dataclass
@@ -297,7 +299,7 @@ class Workspace:
         """Clean accuracy (unless given) and the Monte-Carlo evaluation of ``m`` on the test split."""
         j, t0 = self.job, time.perf_counter()
         mc = monte_carlo(m, self.data.test, n_chips=j.n_chips, seed=j.eval_seed, batch_size=j.eval_batch,
-                         progress=j.progress, desc=desc, workers=j.workers, **kw)
+                         progress=j.progress, desc=desc, workers=j.workers, chips_per_pass=j.chips_per_pass, **kw)
         if clean is None:
             clean = clean_accuracy(m, self.data.test, batch_size=j.eval_batch)
         return {"clean_accuracy": clean, "mc": mc.to_dict(), "eval_seconds": time.perf_counter() - t0}

@@ -223,3 +223,36 @@ def test_monte_carlo_calibrates_chips_in_batches():
     many = cn.monte_carlo(model, (x, y), n_chips=5, batch_size=16, progress=False, calibrate=cal, chips_per_pass=3)
     assert many.accuracies == one.accuracies and many.chip_seeds == one.chip_seeds
     assert cal.starts[:5] == cal.starts[5:] and len(cal.seconds) == 10
+
+
+def test_evaluation_chips_per_pass_key():
+    from correctnet.evaluate import resolve_chips_per_pass
+    from test_training_options import compose_job
+
+    assert compose_job().chips_per_pass is None  # auto: monte_carlo chooses from memory
+    assert compose_job("evaluation.chips_per_pass=16").chips_per_pass == 16
+    for bad in (0, -2, 1.5, True, "many"):
+        with pytest.raises(ConfigError, match="evaluation.chips_per_pass"):
+            resolve_chips_per_pass(bad)
+    with pytest.raises(ConfigError, match="evaluation.chips_per_pass"):
+        compose_job("evaluation.chips_per_pass=0")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_k_chips_in_training_and_calibration():
+    model, x = _analog("conv2d", VARIATIONS["rram_read"])
+    model, x = model.cuda(), torch.cat([x, x[:1]]).cuda()
+    got, g_got = _k_forward(model, x, 3)
+    ref, g_ref = _one_chip_forwards(model, x.tensor_split(3))
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    for n in g_ref:
+        torch.testing.assert_close(g_got[n], g_ref[n], atol=1e-3, rtol=1e-3)
+    model, cal = _calibration_setup()
+    model.cuda()
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y = model(x.cuda()).argmax(1).cpu()
+    one = cn.monte_carlo(model, (x, y), n_chips=4, batch_size=16, progress=False, calibrate=cal, chips_per_pass=1)
+    many = cn.monte_carlo(model, (x, y), n_chips=4, batch_size=16, progress=False, calibrate=cal, chips_per_pass=4)
+    assert many.accuracies == one.accuracies

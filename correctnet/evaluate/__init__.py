@@ -78,6 +78,16 @@ def eval_batch_size(batch_size: int | str, device: torch.device | str) -> int:
     return batch_size
 
 
+def resolve_chips_per_pass(value: int | str | None) -> int | None:
+    """``evaluation.chips_per_pass``: ``"auto"`` (or None) -> None (:func:`monte_carlo` chooses from memory:
+    1 on CPU, as many as a quarter of the free memory holds on CUDA), or an integer >= 1 as given."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"evaluation.chips_per_pass must be 'auto' or an integer >= 1, got {value!r}")
+    return value
+
+
 def eval_batches(data: Data, batch_size: int | str, model: nn.Module,
                  channels_last: bool | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The evaluation batches on the model's device, in the faster layout (see :func:`use_channels_last`), of
@@ -463,7 +473,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
                         progress: bool = False,
                         calibrate: Callable[[nn.Module, Any, dict[str, Any]], Callable[[nn.Module, int], None]]
-                        | None = None, workers: int = 1) -> dict[str, Any]:
+                        | None = None, workers: int = 1, chips_per_pass: int | str | None = "auto") -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
     Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
@@ -477,8 +487,11 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     ``calibrate(model, data, meta)``, if given, returns the per-chip calibrator to pass to
     :func:`monte_carlo` (``data``: the run's splits; see
     :func:`correctnet.calibration.evaluate_calibrated`); the results are then compared with the exported
-    ``calibrated`` stage. ``workers``: processes the chips are spread over (:func:`monte_carlo`).
+    ``calibrated`` stage. ``workers``: processes the chips are spread over; ``chips_per_pass``: chips per
+    pass, ``"auto"`` or an integer (:func:`monte_carlo`; the per-chip accuracies do not depend on it, up to
+    float round-off of calibrated chips).
     """
+    cpp = resolve_chips_per_pass(chips_per_pass)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev)
@@ -537,7 +550,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
             calibrator = calibrate(model, data, meta)
         mc = monte_carlo(model, data.test, n_chips=ev["n_chips"], seed=ev["seed"], batch_size=ev["batch_size"],
                          progress=progress, desc=f"{stage} {v.name} {v.sigma:g}", calibrate=calibrator,
-                         workers=workers)
+                         workers=workers, chips_per_pass=cpp)
         same = None
         if exported and v.to_dict() == stored_var and (exported["mc"].get("seed"), exported["mc"].get("n_chips")) \
                 == (ev["seed"], ev["n_chips"]):

@@ -34,6 +34,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   evaluation.batch_size=B   images per batch: auto (250 on CPU, 1000 on GPU) or an integer (default: the run's)
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
   evaluation.workers=auto|N processes the chips are spread over (default auto: cores / threads)
+  evaluation.chips_per_pass=auto|K  chips computed in one pass (default auto: 1 on CPU, from free memory on CUDA)
   dataset.root=DIR          where the dataset is on this machine
   dataset.name=NAME  dataset.val_fraction=F  seed=S   only for checkpoints that do not record them
   dataset.path=FILE         a moved data file (dataset=file runs)
@@ -52,7 +53,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "variation.t_eval", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
-        "evaluation.workers")
+        "evaluation.workers", "evaluation.chips_per_pass")
 CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
                     "select_chips", "seed")
 
@@ -176,8 +177,10 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     progress = resolve_progress(opts.get("progress", "auto"))
     threads = set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
     workers = resolve_workers(opts.get("evaluation.workers", "auto"), threads)
+    cpp = opts.get("evaluation.chips_per_pass", "auto")
     common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress,
-                  workers=workers, **ints)
+                  workers=workers, chips_per_pass=cpp if cpp == "auto" else _number("evaluation.chips_per_pass", cpp, int),
+                  **ints)
     if mode == "per_chip":
         export = _number("export_chip", opts["export_chip"], int) if "export_chip" in opts else None
         res = evaluate_calibrated(opts["checkpoint"], calibration=overrides, export_chip=export,
