@@ -14,7 +14,11 @@ has three modes:
   whole ``[K*N, ...]`` batch, shared by the chips. Eval only: a layer that mixes samples across the batch
   (BatchNorm in train mode) would mix chips;
 * ``"noisy"``: noise-aware training: a fresh sample at every forward; gradients flow to the nominal
-  weights through the perturbed ones.
+  weights through the perturbed ones. With ``chips=K`` (:func:`noise_aware`) every forward draws K fresh
+  chips and splits the batch into K nearly equal groups, group ``k`` computed with chip ``k`` (the same
+  outputs and gradients as K one-chip forwards on the groups, converter noise aside; K >= the batch size:
+  every sample on its own chip). Training only needs the batch kept intact up to the last analog layer;
+  BatchNorm in training mode normalises over the whole batch, as a digital BatchNorm would.
 
 **Layer kinds** (``SUPPORTED_TYPES``, all in ``DEFAULT_TYPES``) and what becomes analog in each:
 
