@@ -970,6 +970,18 @@ def program_chip(model: nn.Module, seed: int) -> None:
         layer.program(seed)
 
 
+def _require_batch_first(model: nn.Module, what: str) -> None:
+    """Per-chip modes split dimension 0 of every Linear input into the chips' groups: a sequence-first
+    Transformer layer would give its Linear layers [seq, batch, ...] and mix chips across positions."""
+    bad = [n for n, m in model.named_modules()
+           if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first]
+    if bad:
+        raise ConfigError(f"{what} splits the batch (dimension 0 of every analog layer's input) into the chips' groups; "
+                          f"Transformer layers {bad[:3]} are sequence-first (batch_first=False), so their Linear "
+                          f"layers see [sequence, batch, ...]: build them with batch_first=True, or use one chip per "
+                          f"pass (chips_per_pass=1, chips_per_step=1)")
+
+
 def program_chips(model: nn.Module, seeds: Sequence[int], *, uneven: bool = False) -> None:
     """Program K chips at once ("chips" mode): every analog layer draws the static variations of each chip
     of ``seeds`` (stacked, memory ``K`` times one chip's). Run the model on ``x.repeat(K, 1, ...)``: the
@@ -978,7 +990,10 @@ def program_chips(model: nn.Module, seeds: Sequence[int], *, uneven: bool = Fals
     ``uneven=True`` (training on K chips, a different share of the batch on each): the batch is split
     into K nearly equal groups (``torch.tensor_split``) instead of K equal ones."""
     seeds = list(seeds)
-    for layer in require_analog(model).values():
+    layers = require_analog(model)
+    if len(seeds) > 1:
+        _require_batch_first(model, f"running {len(seeds)} chips in one pass")
+    for layer in layers.values():
         layer.program_chips(seeds, uneven=uneven)
 
 
@@ -986,7 +1001,10 @@ def set_noise_aware(model: nn.Module, seed: int, chips: int = 1) -> None:
     """Noise-aware mode: every forward of every analog layer draws fresh variations (seeded stream);
     ``chips`` > 1: ``chips`` fresh chips per forward, each on its share of the batch
     (:meth:`AnalogLayer.set_noisy`)."""
-    for layer in require_analog(model).values():
+    layers = require_analog(model)
+    if not isinstance(chips, bool) and isinstance(chips, int) and chips > 1:
+        _require_batch_first(model, f"noise-aware training with {chips} chips per step")
+    for layer in layers.values():
         layer.set_noisy(seed, chips)
 
 

@@ -10,6 +10,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 import correctnet as cn
 from correctnet.analog import analog_layers, chip, chips, noise_aware
@@ -256,3 +257,15 @@ def test_gpu_k_chips_in_training_and_calibration():
     one = cn.monte_carlo(model, (x, y), n_chips=4, batch_size=16, progress=False, calibrate=cal, chips_per_pass=1)
     many = cn.monte_carlo(model, (x, y), n_chips=4, batch_size=16, progress=False, calibrate=cal, chips_per_pass=4)
     assert many.accuracies == one.accuracies
+
+
+def test_sequence_first_transformers_are_refused_in_per_chip_modes():
+    from test_batched_chips import Head
+
+    model = cn.analogize(Head(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 5 * 16), VARIATIONS["lognormal"])
+    with pytest.raises(ConfigError, match="batch_first=False"):
+        cn.set_noise_aware(model, 0, 4)
+    with pytest.raises(ConfigError, match="batch_first=False"):
+        cn.program_chips(model, [1, 2])
+    cn.set_noise_aware(model, 0)  # one chip per forward: any layout
+    cn.program_chips(model, [1])  # one chip per pass: any layout
