@@ -37,7 +37,7 @@ from .checkpoint import tensor_digest
 from .io import atomic_write
 from .compensation import bypass, compensation_parameters, compensators
 from .errors import CheckpointError, ConfigError, is_int, is_number, require
-from .evaluate import evaluate_checkpoint, monte_carlo
+from .evaluate import repeat_batch, evaluate_checkpoint, monte_carlo
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
 from .tensors import Data, eval_mode, model_device
@@ -362,7 +362,7 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, batch_size: int = 25
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 xb = x[i:i + batch_size].to(dev)
-                model(xb.repeat(repeat, *[1] * (xb.dim() - 1)) if repeat > 1 else xb)
+                model(repeat_batch(xb, repeat) if repeat > 1 else xb)  # in xb's memory layout: same BN sums
     finally:
         for bn, mom in zip(bns, momenta):
             bn.momentum = mom
@@ -481,7 +481,7 @@ class ChipCalibrator:
             dev = model_device(model)
             with eval_mode(model):
                 x, t = self.images[:m].to(dev), self.teacher[:m].to(dev)
-                x = x.repeat(k, *[1] * (x.dim() - 1)) if k > 1 else x
+                x = repeat_batch(x, k) if k > 1 else x
                 trained = [distillation_loss(o, t, self.cfg.temperature).item() for o in model(x).chunk(k)]
                 with bypass(model):
                     zero = [distillation_loss(o, t, self.cfg.temperature).item() for o in model(x).chunk(k)]
@@ -534,8 +534,9 @@ class ChipCalibrator:
         """``with calibrator.chips(model, seeds):`` K chips programmed at once (:func:`correctnet.analog.chips`),
         each calibrated as ``calibrator(model, seed)`` calibrates it alone: its own copy of every
         compensator and BatchNorm (copy k computes group k of the batch), its own batch order, the same
-        steps. Inside the block run the model on ``x.repeat(K, ...)``. The model's own modules are never
-        changed; the copies go on exit. ``seconds`` gets the time per chip (the block's calibration / K)."""
+        steps. Inside the block run the model on K copies of a batch (:func:`correctnet.evaluate.repeat_batch`,
+        which keeps the batch's memory layout: BatchNorm sums in the same order). The model's own modules are
+        never changed; the copies go on exit. ``seconds`` gets the time per chip (the block's calibration / K)."""
         k = len(seeds)
         with chips(model, seeds), _per_chip_copies(model, k, compensators_too=self.teacher is not None,
                                                    batchnorm=self.cfg.batchnorm) as comps:

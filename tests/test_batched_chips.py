@@ -17,7 +17,7 @@ import correctnet as cn
 from correctnet.analog import analog_layers, chip, chips, program_chips
 from correctnet.compensation import attach_compensation
 from correctnet.errors import ConfigError
-from correctnet.evaluate import _repeat_batch, auto_chips_per_pass, to_channels_last
+from correctnet.evaluate import repeat_batch, auto_chips_per_pass, to_channels_last
 from correctnet.seeding import Stream, chip_seed
 
 K = 3
@@ -121,7 +121,7 @@ def _one_by_one(model, x, reads=2):
 
 def _batched(model, x, reads=2):
     with chips(model, SEEDS), torch.no_grad():
-        return [model(_repeat_batch(x, K)) for _ in range(reads)]
+        return [model(repeat_batch(x, K)) for _ in range(reads)]
 
 
 def _compare(model, x):

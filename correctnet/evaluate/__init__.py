@@ -242,7 +242,7 @@ def auto_chips_per_pass(model: nn.Module, x: torch.Tensor, n_chips: int, budget:
     return max(1, min(n_chips, int(budget // max(1, chip_bytes(model, x)))))
 
 
-def _repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
+def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
     """``x`` repeated ``k`` times along the batch (K groups of ``len(x)``), in ``x``'s memory layout."""
     cl = x.dim() == 4 and x.stride(1) == 1 and x.stride(-1) == x.shape[1]  # channels-last (forced too)
     n = len(x)
@@ -258,7 +258,7 @@ def _chip_batch_correct(model: nn.Module, batches: Sequence[tuple[torch.Tensor, 
     """Correct predictions per chip of the programmed chip batch (K = ``k``), one host transfer at the end."""
     correct = None
     for x, y in batches:
-        pred = model(_repeat_batch(x, k)).argmax(1).view(k, len(y))
+        pred = model(repeat_batch(x, k)).argmax(1).view(k, len(y))
         c = (pred == y).sum(1)
         correct = c if correct is None else correct + c
     return [0] * k if correct is None else [int(c) for c in correct.tolist()]
