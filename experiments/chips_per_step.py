@@ -113,6 +113,9 @@ def table(res: dict[str, Any]) -> str:
         for key, r in c["rows"].items():
             lines.append(f"| {name} | {key.split('=')[1]} | {r['seconds_per_chip']:.3f} | {r['ratio']:.2f} | "
                          f"{r['peak_mib']:.0f} | {c['same_accuracies_across_k']} |")
+    lines += ["", "Weights: a seeded random initialisation (the time of a step does not depend on their values), so the "
+              "accuracies are near chance; that K chips per pass compute bit-identical calibrated chips is tested in "
+              "tests/test_chips_per_step.py. Ratios are side by side in one process; absolute seconds depend on the load."]
     return "\n".join(lines) + "\n"
 
 
