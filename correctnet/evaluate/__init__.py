@@ -39,11 +39,12 @@ from ..variation import VariationModel
 
 
 def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    correct = total = 0
-    for x, y in batches:
-        correct += (model(x).argmax(1) == y).sum().item()
+    correct: torch.Tensor | int = 0
+    total = 0
+    for x, y in batches:  # counts stay on the device: one host transfer per chip, not per batch
+        correct = correct + (model(x).argmax(1) == y).sum()
         total += len(y)
-    return correct / max(total, 1)
+    return int(correct) / max(total, 1)
 
 
 def use_channels_last(model: nn.Module, device: torch.device) -> bool:
