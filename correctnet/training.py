@@ -49,7 +49,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     noise_aware: bool = False
-    chips_per_step: int = 1    # noise-aware: fresh chips per step, each on its share of the batch (>= batch_size: one per sample)
+    chips_per_step: int = 1    # noise-aware only: fresh chips per step, each on its share of the batch (>= batch_size: one per sample)
     distill: float = 0.0       # weight of the KD loss to a teacher's logits (``train(teacher=...)``); 1 - distill: CE
     temperature: float = 1.0   # KD softmax temperature
     seed: int = 0
@@ -67,9 +67,6 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, "schedule", f"one of {list(SCHEDULES)}")
         need(isinstance(self.noise_aware, bool), "noise_aware", "true or false")
         need(is_int(self.chips_per_step) and self.chips_per_step >= 1, "chips_per_step", "an integer >= 1")
-        if self.chips_per_step > 1 and not self.noise_aware:
-            raise ConfigError(f"training.chips_per_step={self.chips_per_step} draws chips for noise-aware training: "
-                              "set training.noise_aware=true (or chips_per_step=1)")
         need(is_number(self.distill) and 0 <= self.distill <= 1, "distill", "a number in [0, 1]")
         need(is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")

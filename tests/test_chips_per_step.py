@@ -94,8 +94,6 @@ def test_bad_chips_per_forward():
             cn.set_noise_aware(model, 0, bad)
     with pytest.raises(ConfigError, match="chips_per_step"):
         TrainConfig(chips_per_step=0, noise_aware=True)
-    with pytest.raises(ConfigError, match="noise_aware=true"):
-        TrainConfig(chips_per_step=4)
     with pytest.raises(ConfigError, match="compensation.chips_per_step"):
         CompensationConfig(chips_per_step=0)
 
@@ -124,8 +122,9 @@ def test_chips_per_step_keys_reach_the_pipeline():
     job = compose_job("method=correctnet", "training.chips_per_step=8", "compensation.chips_per_step=4")
     assert job.tcfg.chips_per_step == 8 and job.tcfg.noise_aware
     assert job.comp_cfg.chips_per_step == 4
-    with pytest.raises(ConfigError, match="noise_aware=true"):
-        compose_job("method=vanilla", "training.chips_per_step=8")
+    assert compose_job("method=noise_aware").tcfg.chips_per_step == 8  # the preset's
+    assert compose_job("method=vanilla").tcfg.chips_per_step == 1
+    assert compose_job("method=correctnet", "training.noise_aware=false").tcfg.chips_per_step == 8  # then unused
 
 
 def test_uneven_chips_give_each_group_its_chip():
@@ -271,3 +270,15 @@ def test_sequence_first_transformers_are_refused_in_per_chip_modes():
         cn.program_chips(model, [1, 2])
     cn.set_noise_aware(model, 0)  # one chip per forward: any layout
     cn.program_chips(model, [1])  # one chip per pass: any layout
+
+
+def test_chips_per_step_without_noise_aware_training_changes_nothing():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 12), torch.randint(0, 5, (64,))
+    nets = []
+    for k in (1, 4):
+        net = _analog("linear", VARIATIONS["lognormal"])[0]
+        train(net, (x, y), None, TrainConfig(epochs=1, batch_size=16, chips_per_step=k), progress=False)
+        nets.append(net)
+    for (n, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(a, b), n
