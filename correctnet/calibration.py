@@ -264,15 +264,10 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                     order = torch.randperm(len(x), generator=shuffle)
                 idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
                 xb, yb = x[idx].to(dev), y[idx].to(dev)
-                k = cfg.chips_per_step
-                if k == 1:
-                    s = chip_seed(Stream.COMPENSATION, cfg.seed, step)
-                    seeds.append(s)
-                    ctx = chip(model, s)
-                else:  # chip j of step i is the (i * k + j)-th of the stream; the batch split among them
-                    ks = [chip_seed(Stream.COMPENSATION, cfg.seed, step * k + j) for j in range(min(k, len(idx)))]
-                    seeds.extend(ks)
-                    ctx = chips(model, ks, uneven=True)
+                k = cfg.chips_per_step  # chip j of step i is the (i * k + j)-th of the stream; the batch split among them
+                ks = [chip_seed(Stream.COMPENSATION, cfg.seed, step * k + j) for j in range(min(k, len(idx)))]
+                seeds.extend(ks)
+                ctx = chip(model, ks[0]) if k == 1 else chips(model, ks, uneven=True)
                 if on_step is not None:
                     on_step(step)
                 with ctx:

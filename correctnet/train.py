@@ -382,7 +382,8 @@ def train_reference(ws: Workspace) -> tuple[torch.nn.Module, StageResult]:
     j = ws.job
     reference = copy.deepcopy(ws.model)
     t0 = time.perf_counter()
-    history = train(reference, ws.data.train, ws.data.val, dataclasses.replace(j.tcfg, noise_aware=False, chips_per_step=1, distill=0.0),
+    plain = dataclasses.replace(j.tcfg, noise_aware=False, chips_per_step=1, distill=0.0)
+    history = train(reference, ws.data.train, ws.data.val, plain,
                     progress=j.progress, stage=Stage.BASELINE.value, resume=ws.store, resume_key="reference")
     seconds = time.perf_counter() - t0
     _check_outputs(reference, ws.data.test, Stage.BASELINE)

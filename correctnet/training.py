@@ -49,7 +49,7 @@ class TrainConfig:
     momentum: float = 0.9
     schedule: str = "cosine"
     noise_aware: bool = False
-    chips_per_step: int = 1    # noise-aware only: fresh chips per step, each on its share of the batch (>= batch_size: one per sample)
+    chips_per_step: int = 1    # noise-aware only: fresh chips per step, each on its share of the batch
     distill: float = 0.0       # weight of the KD loss to a teacher's logits (``train(teacher=...)``); 1 - distill: CE
     temperature: float = 1.0   # KD softmax temperature
     seed: int = 0
@@ -155,8 +155,9 @@ def train(
     model must have analog layers; each step draws ``cfg.chips_per_step`` fresh chips and splits the batch
     into that many nearly equal groups, one per chip (1: the whole batch on one chip; ``batch_size``: every
     sample on its own chip). The model must then keep the batch dimension intact up to its last analog
-    layer (BatchNorm in training mode still normalizes over the whole batch, as digital hardware would). Raises :class:`TrainingDivergedError` naming the stage, epoch and
-    step when the loss or a parameter becomes NaN or infinite.
+    layer (BatchNorm in training mode still normalizes over the whole batch, as digital hardware would).
+    Raises :class:`TrainingDivergedError` naming the stage, epoch and step when the loss or a parameter
+    becomes NaN or infinite.
 
     ``resume``: snapshots go to ``resume.path(resume_key)`` after every epoch and, inside an epoch, at most
     every ``resume.interval_s`` seconds; a snapshot found there at the start is continued from, and

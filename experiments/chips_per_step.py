@@ -20,7 +20,6 @@ Peak memory as in ``mc_speed.py`` (the process's peak resident set during the me
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import correctnet as cn
-from common import add_run_args, apply_threads, machine_line, record
+from common import add_run_args, apply_threads, machine_line, record, write_result
 from correctnet.calibration import CalibrationConfig, ChipCalibrator, calibration_images
 from correctnet.compensation import attach_compensation
 from correctnet.data import load_dataset
@@ -148,10 +147,7 @@ def main() -> None:
         res["models"][name] = {"training": bench_training(model, x, y, args.train_chips, args, device),
                                "calibration": bench_calibration(model, data, args.cal_chips_per_pass, args, device),
                                "seconds": time.perf_counter() - t0}
-    out = args.out or Path(__file__).parent / "results" / f"chips_per_step_{device.type}.json"
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(table(res))
-    print(table(res))
+    write_result(args.out or Path(__file__).parent / "results" / f"chips_per_step_{device.type}.json", res, table)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,14 @@ and neither the host name nor the user's directories are recorded, so committed 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -104,6 +105,14 @@ def record(args: argparse.Namespace | dict[str, Any] | None = None) -> dict[str,
     }
 
 
+def write_result(out: Path, result: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``result`` to ``out`` (JSON) and its table ``render(result)`` beside it (``.md``), and print the table."""
+    out.write_text(json.dumps(result, indent=1))
+    text = render(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
 def machine_line(setup: dict[str, Any]) -> str:
     """One line for a result table: the machine, the threads, torch and the commit (older files: their string)."""
     m = setup.get("machine")
@@ -115,4 +124,5 @@ def machine_line(setup: dict[str, Any]) -> str:
             f"torch {setup.get('versions', {}).get('torch', '?')}, commit {commit}")
 
 
-__all__ = ["add_base_args", "add_run_args", "apply_threads", "git_state", "machine_line", "portable", "record"]
+__all__ = ["add_base_args", "add_run_args", "apply_threads", "git_state", "machine_line", "portable", "record",
+           "write_result"]

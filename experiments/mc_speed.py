@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import platform
 import sys
 import time
@@ -56,6 +55,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import correctnet as cn
+from common import write_result
 from correctnet.calibration import CalibrationConfig, ChipCalibrator, calibration_images
 from correctnet.compensation import attach_compensation
 from correctnet.data import load_dataset
@@ -381,10 +381,7 @@ def main() -> None:
         bench, render, suffix = bench_model, table, ""
     for name in args.models:
         res["models"][name] = bench(name, args, data, device)
-    out = args.out or Path(__file__).parent / "results" / f"mc_speed_{suffix}{device.type}.json"
-    out.write_text(json.dumps(res, indent=1))
-    out.with_suffix(".md").write_text(render(res))
-    print(render(res))
+    write_result(args.out or Path(__file__).parent / "results" / f"mc_speed_{suffix}{device.type}.json", res, render)
 
 
 if __name__ == "__main__":
