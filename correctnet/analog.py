@@ -106,9 +106,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 import fnmatch
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence, cast
 
 import torch
@@ -128,6 +130,33 @@ _LOOKUP_TYPES = (nn.Embedding, nn.EmbeddingBag)
 _FAST_PATH_TYPES = (nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
 
+class _Reads(threading.local):
+    """Per-thread read state: ``nominal`` > 0 makes analog layers serve their nominal weights (library code
+    that needs them, PyTorch internals such as the recurrent layers' flat-weight bookkeeping)."""
+
+    nominal = 0
+
+
+_READS = _Reads()
+
+
+@contextlib.contextmanager
+def nominal_reads() -> Iterator[None]:
+    """Inside this context ``layer.weight`` of an analog layer is the nominal Parameter in every mode."""
+    _READS.nominal += 1
+    try:
+        yield
+    finally:
+        _READS.nominal -= 1
+
+
+def nominal_weight(module: nn.Module, parameter: str = "weight") -> torch.Tensor:
+    """The nominal Parameter ``parameter`` of ``module`` (analog or not), never a chip's value."""
+    if isinstance(module, AnalogLayer):
+        return module.nominal(parameter)
+    return cast(torch.Tensor, getattr(module, parameter))
+
+
 class DigitalWeightsWarning(UserWarning):
     """:func:`analogize` left weights digital that were not declared digital (see the module docstring)."""
 
@@ -143,8 +172,40 @@ class AnalogLayer(nn.Module):
     #: whether a ``compensator`` submodule runs in this layer's forward (see :mod:`correctnet.compensation`)
     can_compensate: bool = True
 
+    #: the layer's own forward is not correctnet's: it runs with its analog weights served as attributes
+    foreign_forward: bool = False
+    #: the crossbar holds the transpose of the stored parameter (GPT-2's ``Conv1D``: ``[in, out]``)
+    transposed: bool = False
+
     def _analog_parameter_names(self) -> tuple[str, ...]:
         return ("weight",)
+
+    def __getattr__(self, name: str) -> Any:
+        # Attribute access is how any forward reads a weight (the technique of torch.nn.utils.parametrize):
+        # outside "off" mode an analog parameter reads as the chip's value, differentiable in the nominal one.
+        d = self.__dict__
+        if name in d.get("_served_names", ()) and d.get("analog_mode", "off") != "off" and not _READS.nominal:
+            return self._served(name)
+        return super().__getattr__(name)
+
+    def nominal(self, parameter: str = "weight") -> torch.Tensor:
+        """The nominal Parameter ``parameter`` (what the optimizer trains and the state_dict stores)."""
+        return self._parameters[parameter]  # type: ignore[return-value]
+
+    def _crossbar(self, w: torch.Tensor) -> torch.Tensor:
+        """A stored weight in crossbar layout ``[out, in, ...]`` (and back: the transpose is its own inverse)."""
+        return w.t() if self.transposed else w
+
+    def _served(self, name: str) -> torch.Tensor:
+        override = self.__dict__.get("_serve_override")
+        if override is not None and name in override:
+            return override[name]
+        if self.per_chip:
+            raise ConfigError(
+                f"analog weight {self.analog_name}.{name} is read as an attribute by code outside correctnet's own "
+                f"forward of that layer, which can be given one chip's weight, not {self.n_chips} chips at once: "
+                f"use one chip per pass (evaluation chips_per_pass=1, training chips_per_step=1)")
+        return self._crossbar(self.analog_weight(name))
 
     def _init_analog(self, name: str, variation: VariationModel, digital_class: type[nn.Module]) -> None:
         self.analog_name = name
@@ -164,6 +225,9 @@ class AnalogLayer(nn.Module):
         self.input_range: float | None = None
         self._input_ranges: list[torch.Tensor] | None = None
         self.analog_parameters: tuple[str, ...] = self._analog_parameter_names()
+        self._served_names = frozenset(self.analog_parameters)
+        self._chip_cache: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._serve_override: dict[str, torch.Tensor] | None = None
         self._draw_keys = {p: weight_key(name, p) for p in self.analog_parameters}
         for p in self.analog_parameters:
             self.register_buffer(self._noise_attr(p), None, persistent=False)
@@ -177,17 +241,18 @@ class AnalogLayer(nn.Module):
         return getattr(self, self._noise_attr(parameter))
 
     def _device(self) -> torch.device:
-        return getattr(self, self.analog_parameters[0]).device
+        return self.nominal(self.analog_parameters[0]).device
 
     # -- state changes (never touch the nominal weights) ---------------------------------------------
     def program(self, seed: int) -> None:
         """Draw this layer's static noise for chip ``seed`` and switch to chip mode."""
         with torch.no_grad():
             for p in self.analog_parameters:
-                w = getattr(self, p)
+                w = self._crossbar(self.nominal(p))
                 gen = layer_generator(seed, self._draw_keys[p], w.device)
                 setattr(self, self._noise_attr(p), self.variation.sample(w, gen))
         self._read_gen = layer_generator(seed, self.analog_name + ":read", self._device())
+        self._chip_cache = {}
         self.chip_seed = seed
         self.analog_mode = "chip"
 
@@ -202,7 +267,7 @@ class AnalogLayer(nn.Module):
             raise ConfigError("program_chips needs at least one chip seed")
         with torch.no_grad():
             for p in self.analog_parameters:
-                w = getattr(self, p)
+                w = self._crossbar(self.nominal(p))
                 setattr(self, self._noise_attr(p), torch.stack(
                     [self.variation.sample(w, layer_generator(s, self._draw_keys[p], w.device)) for s in seeds]))
         self._read_gens = [layer_generator(s, self.analog_name + ":read", self._device()) for s in seeds]
@@ -243,34 +308,48 @@ class AnalogLayer(nn.Module):
         self._noise_seed, self._noise_gen, self._read_gen = None, None, None
         self.chip_seeds, self._read_gens, self._chips_cache = None, None, {}
         self.noisy_chips, self._uneven_groups = 1, False
+        self._chip_cache = {}
 
     def _analog_state(self) -> tuple:
         return (self.analog_mode, self.chip_seed, [self.chip_noise(p) for p in self.analog_parameters],
                 self._noise_seed, self._noise_gen, self._read_gen, self.chip_seeds, self._read_gens,
-                self._chips_cache, self.noisy_chips, self._uneven_groups)
+                self._chips_cache, self.noisy_chips, self._uneven_groups, self._chip_cache)
 
     def _set_analog_state(self, state: tuple) -> None:
         (self.analog_mode, self.chip_seed, noises, self._noise_seed, self._noise_gen, self._read_gen,
-         self.chip_seeds, self._read_gens, self._chips_cache, self.noisy_chips, self._uneven_groups) = state
+         self.chip_seeds, self._read_gens, self._chips_cache, self.noisy_chips, self._uneven_groups,
+         self._chip_cache) = state
         for p, n in zip(self.analog_parameters, noises):
             setattr(self, self._noise_attr(p), n)
 
     def analog_weight(self, parameter: str = "weight") -> torch.Tensor:
         """The weight the hardware computes with in the current mode (differentiable in the nominal one).
 
-        Each call is one read (it advances the read-noise / training generator where there is one).
+        Each call is one read (it advances the read-noise / training generator where there is one). In the
+        crossbar layout ``[out, in, ...]`` (the transpose of a ``transposed`` layer's stored parameter).
+        In "chip" mode without read noise and without gradients the chip's weight is computed once per chip
+        (cached while the nominal weight is unchanged).
         """
-        w = getattr(self, parameter)
+        w = self._crossbar(self.nominal(parameter))
         if self.analog_mode == "off":
             return w
         if self.analog_mode == "chips":
             return self._chips_weight(parameter, w)
         if self.analog_mode == "chip":
-            if self._read_gen is not None and self._read_gen.device != w.device:
-                self._read_gen = layer_generator(self.chip_seed or 0, self.analog_name + ":read", w.device)
             noise = self.chip_noise(parameter)
             assert noise is not None  # program() drew it: "chip" mode always has its static noise
-            return self.variation.apply_read(w, noise, self._read_gen)
+            static = not self.variation.reads and not torch.is_grad_enabled()
+            key = (w._version, w.data_ptr(), w.dtype, w.device)
+            if static:
+                hit = self._chip_cache.get(parameter)
+                if hit is not None and hit[0] == key and hit[1] is noise:
+                    return hit[2]
+            if self._read_gen is not None and self._read_gen.device != w.device:
+                self._read_gen = layer_generator(self.chip_seed or 0, self.analog_name + ":read", w.device)
+            out = self.variation.apply_read(w, noise, self._read_gen)
+            if static:
+                self._chip_cache[parameter] = (key, noise, out)
+            return out
         if self.noisy_chips > 1:
             return self.analog_weights((parameter,))[parameter]
         return self._noisy_draw(w)
@@ -307,7 +386,8 @@ class AnalogLayer(nn.Module):
         its weights, then chip k+1), the order in which K one-chip forwards would draw them."""
         names = tuple(parameters) if parameters is not None else self.analog_parameters
         if self.analog_mode == "noisy" and self.noisy_chips > 1:
-            draws = [{p: self._noisy_draw(getattr(self, p)) for p in names} for _ in range(self.noisy_chips)]
+            draws = [{p: self._noisy_draw(self._crossbar(self.nominal(p))) for p in names}
+                     for _ in range(self.noisy_chips)]
             return {p: torch.stack([d[p] for d in draws]) for p in names}
         return {p: self.analog_weight(p) for p in names}
 
@@ -370,7 +450,7 @@ class AnalogLayer(nn.Module):
             raise ConfigError(f"analog layer {self.analog_name!r} ({type(self).__name__}) cannot be split into tiles "
                               f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
         if weight_scale is None:
-            weight_scale = v.weight_scale(cast(torch.Tensor, self.weight))
+            weight_scale = v.weight_scale(self._crossbar(self.nominal(self.analog_parameters[0])))
         if tiles is None and weight_scale is not None and weight_scale.numel() > 1:
             weight_scale = self._bias_view(weight_scale.reshape(-1))
         if self.per_chip:
@@ -508,7 +588,7 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
                                average_attn_weights, is_causal)
 
     def analog_weights_nominal(self) -> list[torch.Tensor]:
-        return [getattr(self, p) for p in self.analog_parameters]
+        return [self.nominal(p) for p in self.analog_parameters]
 
     def _qkv_scales(self) -> tuple[torch.Tensor | None, ...]:
         """The converters' full-scale weights of the q/k/v MVMs (a packed array has one mapping)."""
@@ -519,8 +599,8 @@ class AnalogMultiheadAttention(AnalogLayer, nn.MultiheadAttention):
             raise ConfigError(f"analog attention {self.analog_name!r} cannot be split into tiles "
                               f"(variation.tile_rows / tile_cols): only Linear and ungrouped Conv layers can")
         if not self._qkv_same_embed_dim:
-            return tuple(v.weight_scale(getattr(self, p)) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
-        s = v.weight_scale(self.in_proj_weight)
+            return tuple(v.weight_scale(self.nominal(p)) for p in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+        s = v.weight_scale(self.nominal("in_proj_weight"))
         if s is None or s.numel() == 1:
             return s, s, s
         return s.reshape(-1).chunk(3)
@@ -642,6 +722,15 @@ class _AnalogRNN(AnalogLayer):
     def _analog_parameter_names(self) -> tuple[str, ...]:
         return tuple(n for n in self._flat_weights_names if n.startswith("weight_"))
 
+    # PyTorch's flat-weight bookkeeping compares and stores the nominal Parameters
+    def _weights_have_changed(self) -> bool:
+        with nominal_reads():
+            return bool(super()._weights_have_changed())  # type: ignore[misc]
+
+    def _init_flat_weights(self) -> None:
+        with nominal_reads():
+            super()._init_flat_weights()  # type: ignore[misc]
+
     def forward(self, input: Any, hx: Any = None) -> Any:
         if self.analog_mode == "off":
             return super().forward(input, hx)
@@ -713,14 +802,164 @@ _ANALOG_CLASSES: dict[type[nn.Module], type[AnalogLayer]] = {
 }
 
 
+class _ForeignForward(AnalogLayer):
+    """A layer whose forward is its own (a Linear/Conv subclass, a registered kind without ``mvm``): that
+    forward runs unchanged, reading its analog weights as attributes. One read of every analog weight per
+    call (served to every access within the call); in per-chip modes the forward runs once per chip on that
+    chip's group of the batch (the first argument). Converters and tiles cannot act inside it."""
+
+    foreign_forward = True
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        fwd = self._digital_class.forward
+        if self.analog_mode == "off":
+            y = fwd(self, *args, **kwargs)
+        else:
+            w = self.analog_weights()
+            if not self.per_chip:
+                y = self._with_served({p: self._crossbar(t) for p, t in w.items()}, fwd, args, kwargs)
+            else:
+                if not args or not isinstance(args[0], torch.Tensor):
+                    raise ConfigError(f"analog layer {self.analog_name!r} runs {self.n_chips} chips in one pass and "
+                                      f"needs its input tensor as the first positional argument")
+                per = {p: t.unbind(0) for p, t in w.items()}
+                y = torch.cat([self._with_served({p: self._crossbar(t[k]) for p, t in per.items()}, fwd,
+                                                 (xk, *args[1:]), kwargs)
+                               for k, xk in enumerate(self._chip_groups(args[0]))])
+        return self._compensate(args[0], y) if self.can_compensate and args else y
+
+    def _with_served(self, weights: dict[str, torch.Tensor], fwd: Callable[..., Any], args: tuple,
+                     kwargs: dict) -> Any:
+        saved = self._serve_override
+        self._serve_override = weights
+        try:
+            return fwd(self, *args, **kwargs)
+        finally:
+            self._serve_override = saved
+
+
+class _RegisteredMVM(AnalogLayer):
+    """A registered layer kind with a known MVM (:func:`register_layer_kind` with ``mvm``)."""
+
+    _kind: "LayerKind"
+    can_compensate = False
+
+    def _analog_parameter_names(self) -> tuple[str, ...]:
+        return self._kind.weights
+
+    def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        assert self._kind.mvm is not None
+        return self._kind.mvm(self, x, weight, bias)
+
+    def _can_tile(self) -> bool:
+        return False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.analog_mode == "off" and not _observed(self):
+            return cast(torch.Tensor, self._digital_class.forward(self, x))
+        bias = self._parameters.get(self._kind.bias) if self._kind.bias else None
+        return self._compensate(x, self._converted_mvm(x, self.analog_weight(), bias))
+
+    def mvm_macs(self, args: tuple, kwargs: dict, output: Any) -> int:
+        """MACs of one call: every input vector (last dimension) times the crossbar's weights."""
+        x = args[0] if args else next(iter(kwargs.values()))
+        return x.numel() // x.shape[-1] * self.nominal(self._kind.weights[0]).numel()
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How correctnet makes a layer class analog (see :func:`register_layer_kind`)."""
+
+    weights: tuple[str, ...] = ("weight",)
+    mvm: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    bias: str | None = "bias"
+    transposed: bool = False
+
+
+_KINDS: dict[type[nn.Module], LayerKind] = {}
+
+
+def _conv1d_mvm(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    # transformers' Conv1D computes addmm(bias, x, W[in, out]); weight here is the crossbar's [out, in] = W.T
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+#: kinds known by qualified class name, registered when their module is imported (no import from here)
+_LAZY_KINDS: dict[str, LayerKind] = {
+    "transformers.pytorch_utils.Conv1D": LayerKind(("weight",), _conv1d_mvm, "bias", transposed=True),
+}
+
+
+def register_layer_kind(cls: type[nn.Module], *, weights: Sequence[str] = ("weight",),
+                        mvm: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+                        | None = None, bias: str | None = "bias", transposed: bool = False) -> None:
+    """Teach :func:`analogize` a layer class of your own (subclasses included).
+
+    ``weights``: its parameters that are crossbar arrays. ``mvm(layer, x, weight, bias) -> y``: the crossbar
+    MVM given one analog ``weight`` in crossbar layout ``[out, in, ...]`` (``bias`` may be None; the
+    converters call it without): correctnet then runs its own forward for the layer (converters, chip
+    batches). Without ``mvm`` the layer's own forward runs with its analog weights served as attributes
+    (any number of weights; no converters or tiles inside it). ``transposed``: the parameter is stored
+    ``[in, out]`` (as GPT-2's ``Conv1D``); the crossbar holds its transpose.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ConfigError(f"register_layer_kind needs an nn.Module class, got {cls!r}")
+    weights = tuple(weights)
+    if not weights or not all(isinstance(w, str) and w for w in weights):
+        raise ConfigError(f"register_layer_kind({cls.__name__}): weights must be parameter names, got {weights!r}")
+    if mvm is not None and len(weights) != 1:
+        raise ConfigError(f"register_layer_kind({cls.__name__}): an mvm takes one weight; got weights={weights!r} "
+                          f"(leave mvm=None to run the layer's own forward with every weight served)")
+    _KINDS[cls] = LayerKind(weights, mvm, bias, bool(transposed))
+    for k in [k for k in _ANALOG_CLASSES if issubclass(k, cls)]:
+        del _ANALOG_CLASSES[k]
+
+
+def _registered_kinds() -> dict[type[nn.Module], LayerKind]:
+    import sys
+    for qual, kind in _LAZY_KINDS.items():
+        mod, _, name = qual.rpartition(".")
+        cls = getattr(sys.modules.get(mod), name, None)
+        if isinstance(cls, type) and cls not in _KINDS:
+            _KINDS[cls] = kind
+    return _KINDS
+
+
+def _supported_types() -> tuple[type[nn.Module], ...]:
+    return SUPPORTED_TYPES + tuple(_registered_kinds())
+
+
+def _kind_of(cls: type[nn.Module]) -> LayerKind | None:
+    return next((k for c, k in _registered_kinds().items() if issubclass(cls, c)), None)
+
+
 def _analog_class(cls: type[nn.Module], name: str) -> type[AnalogLayer]:
     if cls in _ANALOG_CLASSES:
         return _ANALOG_CLASSES[cls]
+    kind = _kind_of(cls)
+    if kind is not None:
+        if kind.mvm is not None:
+            new = type(f"Analog{cls.__name__}", (_RegisteredMVM, cls), {"_kind": kind, "transposed": kind.transposed})
+        else:
+            new = type(f"Analog{cls.__name__}", (_ForeignForward, cls), {
+                "transposed": kind.transposed, "can_compensate": False,
+                "_analog_parameter_names": lambda self, w=kind.weights: w})
+        _ANALOG_CLASSES[cls] = new
+        return new
     base = next(b for b in SUPPORTED_TYPES if issubclass(cls, b))
     if cls.forward is not base.forward:
-        raise ConfigError(
-            f"layer {name!r} ({cls.__name__}) overrides forward(); correctnet cannot inject variations into "
-            f"it. Exclude it (exclude=[{name!r}]) or use a plain {base.__name__}.")
+        if base not in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            raise ConfigError(
+                f"layer {name!r} ({cls.__name__}) overrides forward(); correctnet cannot inject variations into "
+                f"it. Exclude it (exclude=[{name!r}]), use a plain {base.__name__}, or register it "
+                f"(correctnet.register_layer_kind)")
+        # a Linear/Conv subclass with its own forward (timm's Linear, Conv2dSame): it runs with the chip's weight
+        # served; a compensator fits its output only for Linear (conv subclasses may pad their own way)
+        new = type(f"Analog{cls.__name__}", (_ForeignForward, cls), {"can_compensate": issubclass(cls, nn.Linear)})
+        _ANALOG_CLASSES[cls] = new
+        return new
     mixin = _ANALOG_CLASSES[base]
     new = type(f"Analog{cls.__name__}", (mixin, cls), {})
     _ANALOG_CLASSES[cls] = new
@@ -793,6 +1032,13 @@ def _warn_unconverted(layers: Iterable[AnalogLayer], variation: VariationModel) 
         warnings.warn(f"recurrent analog layers {rnn} compute with analog weights but without the converters "
                       f"(DAC/ADC) of {variation.name}: they cannot act inside PyTorch's fused recurrent kernel",
                       stacklevel=3)
+    foreign = [l.analog_name for l in layers if l.foreign_forward]
+    if foreign and variation.converts:
+        warnings.warn(f"analog layers {foreign} run their own forward with the chip's weights served as attributes; "
+                      f"the converters (DAC/ADC) and tiles of {variation.name} cannot act inside a forward correctnet "
+                      f"does not know: these layers compute with analog weights but exact inputs and outputs "
+                      f"(register the layer's MVM with correctnet.register_layer_kind(cls, mvm=...) to convert)",
+                      stacklevel=3)
 
 
 def _digital_patterns(model: nn.Module, digital: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -810,7 +1056,7 @@ def _digital_report(model: nn.Module, reasons: dict[str, str], patterns: list[st
     for name, m in model.named_modules():
         if isinstance(m, AnalogLayer):
             for p in m.analog_parameters:
-                analog.setdefault(id(getattr(m, p)), f"{name}.{p}")
+                analog.setdefault(id(m.nominal(p)), f"{name}.{p}")
     out = []
     for name, m in model.named_modules():
         for pname, p in m.named_parameters(recurse=False):
@@ -825,7 +1071,7 @@ def _digital_report(model: nn.Module, reasons: dict[str, str], patterns: list[st
                 why = reasons[name]
             elif isinstance(m, _LOOKUP_TYPES):
                 why = f"nn.{type(m).__name__}: a lookup table, not a crossbar MVM"
-            elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, SUPPORTED_TYPES):
+            elif type(m).__module__.startswith("torch.nn.") and not isinstance(m, _supported_types()):
                 why = (f"nn.{type(m).__name__} is not a layer kind correctnet makes analog; supported: "
                        f"{[c.__name__ for c in SUPPORTED_TYPES]}")
             else:
@@ -865,14 +1111,18 @@ def analogize(
         raise ConfigError(f"variation must be a VariationModel, got {type(variation).__name__}")
     if isinstance(digital, str):
         digital = [digital]
+    supported_types = _supported_types()
+    if layer_types is DEFAULT_TYPES:  # the default: every supported kind, registered ones included
+        layer_types = supported_types
     for t in layer_types:
-        ok = issubclass(t, SUPPORTED_TYPES) if isinstance(t, type) else t in {c.__name__ for c in SUPPORTED_TYPES}
+        ok = issubclass(t, supported_types) if isinstance(t, type) else t in {c.__name__ for c in supported_types}
         if not ok:
-            raise ConfigError(f"unsupported analog layer type {t!r}; supported: {[c.__name__ for c in SUPPORTED_TYPES]}")
+            raise ConfigError(f"unsupported analog layer type {t!r}; supported: {[c.__name__ for c in supported_types]} "
+                              f"(correctnet.register_layer_kind adds your own)")
     if not inplace:
         model = copy.deepcopy(model)
     include, exclude = (list(include) if include is not None else None), list(exclude)
-    supported = {n: m for n, m in model.named_modules() if n and isinstance(m, SUPPORTED_TYPES)}
+    supported = {n: m for n, m in model.named_modules() if n and isinstance(m, supported_types)}
     candidates = {n: m for n, m in supported.items() if _type_matches(m, layer_types)}
     for pattern in (include or []) + exclude:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
@@ -915,7 +1165,7 @@ def analogize(
     first: dict[int, str] = {}
     for layer in analog_layers(model).values():
         for p in layer.analog_parameters:
-            layer._draw_keys[p] = first.setdefault(id(getattr(layer, p)), layer._draw_keys[p])
+            layer._draw_keys[p] = first.setdefault(id(layer.nominal(p)), layer._draw_keys[p])
     _guard_fast_paths(model)
     _warn_unconverted(analog_layers(model).values(), variation)
     left = _digital_report(model, reasons, user_patterns + declared)
@@ -943,7 +1193,8 @@ def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             layer._buffers.pop(layer._noise_attr(p), None)
             layer._non_persistent_buffers_set.discard(layer._noise_attr(p))
         for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen", "_read_gen",
-                     "chip_seeds", "_read_gens", "_chips_cache", "analog_parameters", "_draw_keys"):
+                     "chip_seeds", "_read_gens", "_chips_cache", "analog_parameters", "_draw_keys",
+                     "_served_names", "_chip_cache", "_serve_override"):
             layer.__dict__.pop(attr, None)
         layer.__class__ = layer.__dict__.pop("_digital_class")
     for m in model.modules():

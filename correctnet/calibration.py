@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, is_int, is_number, require
 from .evaluate import repeat_batch, evaluate_checkpoint, monte_carlo
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
-from .tensors import Data, eval_mode, model_device
+from .tensors import Data, OutputFn, eval_mode, logits_of, model_device
 from .training import TrainingDivergedError, distillation_loss
 
 
@@ -123,9 +123,11 @@ TEACHERS = ("ensemble", "self", "reference", "auto")
 
 
 def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
-                   batchnorm_images: int = 10_000, *, bypass_compensators: bool = True) -> torch.Tensor:
+                   batchnorm_images: int = 10_000, *, bypass_compensators: bool = True,
+                   output: OutputFn | None = None) -> torch.Tensor:
     """Logits ``[N, classes]`` of the clean network: nominal weights, compensators bypassed (unless
-    ``bypass_compensators=False``), eval mode.
+    ``bypass_compensators=False``), eval mode. ``output``: how the model's outputs hold the logits
+    (:func:`correctnet.tensors.logits_of`; None: a tensor, tuple, dict or transformers ``ModelOutput``).
 
     A model with BatchNorm is distilled from a copy whose BatchNorm statistics are re-estimated on the
     first ``batchnorm_images`` of ``x`` with nominal weights: after noise-aware training the running
@@ -140,20 +142,23 @@ def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1000,
         with nominal(teacher), skip(teacher):
             reestimate_batchnorm(teacher, x[:batchnorm_images], batch_size)
     with torch.no_grad(), nominal(teacher), skip(teacher), eval_mode(teacher):
-        return torch.cat([teacher(x[i:i + batch_size].to(dev)) for i in range(0, len(x), batch_size)])
+        return torch.cat([logits_of(teacher(x[i:i + batch_size].to(dev)), output)
+                          for i in range(0, len(x), batch_size)])
 
 
-def ensemble_logits(model: nn.Module, x: torch.Tensor, chips: int, seed: int = 0, batch_size: int = 1000
-                    ) -> torch.Tensor:
+def ensemble_logits(model: nn.Module, x: torch.Tensor, chips: int, seed: int = 0, batch_size: int = 1000, *,
+                    output: OutputFn | None = None) -> torch.Tensor:
     """Log of the mean softmax ``[N, classes]`` of ``model`` (eval mode, compensators on) over ``chips`` chips
     of ``Stream.TEACHER``: the network's prediction on an average chip, a teacher for per-chip calibration that
-    needs no other network. The model's analog mode is restored afterwards."""
+    needs no other network. The model's analog mode is restored afterwards. ``output``: as in
+    :func:`teacher_logits`."""
     dev = model_device(model)
     probs: torch.Tensor | None = None
     with torch.no_grad(), eval_mode(model):
         for i in range(chips):
             with chip(model, chip_seed(Stream.TEACHER, seed, i)):
-                p = torch.cat([F.softmax(model(x[j:j + batch_size].to(dev)), 1) for j in range(0, len(x), batch_size)])
+                p = torch.cat([F.softmax(logits_of(model(x[j:j + batch_size].to(dev)), output), 1)
+                               for j in range(0, len(x), batch_size)])
             probs = p if probs is None else probs + p
     assert probs is not None
     return torch.log(probs / chips)
@@ -199,7 +204,7 @@ def data_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
 def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool = True,
                        stage: str = "compensation", on_step: Callable[[int], None] | None = None,
                        teacher: torch.Tensor | None = None, resume: ResumeStore | None = None,
-                       resume_key: str = "compensation") -> CompensationResult:
+                       resume_key: str = "compensation", output: OutputFn | None = None) -> CompensationResult:
     """Train the compensators of ``model`` in place on sampled chips; returns the history and chip seeds.
 
     ``on_step(step)`` runs before each step's forward (the placement search uses it to switch random
@@ -211,12 +216,16 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     seconds and at the end; one found there at the start is continued from, bit-identically (the
     caller makes sure it belongs to the same model, data and config; ``on_step`` must be a function of
     the step index, or fast-forward its own state to it, as the placement search's does).
+
+    ``output``: how the model's outputs hold the logits ``[N, C]`` the loss reads
+    (:func:`correctnet.tensors.logits_of`; None: a tensor, a tuple's first element, a dict's ``"logits"`` or a
+    transformers ``ModelOutput``'s ``.logits``); the teacher computed here reads them the same way.
     """
     x, y = data_tensors(train_data)
     dev = model_device(model)
     t_start = time.perf_counter()
     if teacher is None:
-        teacher = teacher_logits(model, x) if cfg.distill > 0 else torch.zeros(len(x), 0)
+        teacher = teacher_logits(model, x, output=output) if cfg.distill > 0 else torch.zeros(len(x), 0)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     steps_per_pass = math.ceil(len(x) / cfg.batch_size)
     seeds: list[int] = []
@@ -271,7 +280,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                 if on_step is not None:
                     on_step(step)
                 with ctx:
-                    out = model(xb)
+                    out = logits_of(model(xb), output)
                 loss = torch.zeros((), device=dev)
                 if cfg.distill > 0:
                     loss = loss + cfg.distill * distillation_loss(out, teacher[idx].to(dev), cfg.temperature)
@@ -285,7 +294,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                 opt.step()
                 sched.step()
                 loss_sum += loss.item() * len(yb)
-                correct += (out.argmax(1) == yb).sum().item()
+                correct += int((out.argmax(1) == yb).sum().item())
                 seen += len(yb)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -306,16 +315,16 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
 
 
 def check_compensation(model: nn.Module, val: Data, *, chips: int = 8, seed: int = 0,
-                       batch_size: int = 1000) -> dict[str, Any]:
+                       batch_size: int = 1000, output: OutputFn | None = None) -> dict[str, Any]:
     """Keep the trained compensators unless they hurt: mean accuracy on validation data ``val`` over
     ``chips`` chips of ``Stream.CHECK`` (chips that neither the placement search, compensation training nor
     the evaluation draw), with the compensators and bypassed, on the same chips. If they lower it, they
     are zeroed (an exact no-op again, and per-chip calibration then starts from zero): the chip-agnostic
     deployment then carries no compensation hardware. Returns both accuracies and ``kept``. The caller
-    passes validation images the placement search did not score on."""
+    passes validation images the placement search did not score on. ``output``: as in :func:`monte_carlo`."""
     def acc() -> float:
         return monte_carlo(model, val, n_chips=chips, seed=seed, stream=Stream.CHECK, batch_size=batch_size,
-                           progress=False).mean
+                           progress=False, output=output).mean
 
     with_comp = acc()
     with bypass(model):
@@ -437,12 +446,17 @@ class ChipCalibrator:
     and present), puts the compensators in their start state (``cfg.start``), then runs ``cfg.steps`` Adam
     steps on them with a KD loss to the teacher. The caller restores the model's state between chips
     (``monte_carlo`` does). ``seconds`` lists the time spent per chip.
+
+    ``output``: how the model's outputs (and the ``teacher`` network's) hold the logits ``[N, C]``
+    (:func:`correctnet.tensors.logits_of`; None: a tensor, a tuple's first element, a dict's ``"logits"`` or a
+    transformers ``ModelOutput``'s ``.logits``). Give :func:`~correctnet.evaluate.monte_carlo` the same one.
     """
 
     def __init__(self, model: nn.Module, images: torch.Tensor, cfg: CalibrationConfig, *,
-                 teacher: nn.Module | None = None) -> None:
+                 teacher: nn.Module | None = None, output: OutputFn | None = None) -> None:
         self.cfg = cfg
         self.images = images
+        self.output = output
         self.has_compensators = bool(compensators(model))
         self.has_batchnorm = bool(_batchnorms(model))
         if not (self.has_compensators and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
@@ -456,11 +470,11 @@ class ChipCalibrator:
         self.teacher = None
         if self.has_compensators and cfg.steps > 0:
             if cfg.teacher == "ensemble":
-                self.teacher = ensemble_logits(model, images, cfg.teacher_chips, cfg.seed)
+                self.teacher = ensemble_logits(model, images, cfg.teacher_chips, cfg.seed, output=output)
             elif teacher is None:  # self: the clean network
-                self.teacher = teacher_logits(model, images)
+                self.teacher = teacher_logits(model, images, output=output)
             else:  # a given network is used as it is, with its own compensators (jointly trained ones are part of it)
-                self.teacher = teacher_logits(teacher, images, bypass_compensators=False)
+                self.teacher = teacher_logits(teacher, images, bypass_compensators=False, output=output)
         self.seconds: list[float] = []
         self.starts: list[str] = []
 
@@ -477,9 +491,11 @@ class ChipCalibrator:
             with eval_mode(model):
                 x, t = self.images[:m].to(dev), self.teacher[:m].to(dev)
                 x = repeat_batch(x, k) if k > 1 else x
-                trained = [distillation_loss(o, t, self.cfg.temperature).item() for o in model(x).chunk(k)]
+                logits = logits_of(model(x), self.output)  # [K * m, C]: group k is chip k's
+                trained = [distillation_loss(o, t, self.cfg.temperature).item() for o in logits.chunk(k)]
                 with bypass(model):
-                    zero = [distillation_loss(o, t, self.cfg.temperature).item() for o in model(x).chunk(k)]
+                    logits = logits_of(model(x), self.output)
+                    zero = [distillation_loss(o, t, self.cfg.temperature).item() for o in logits.chunk(k)]
             starts = ["zero" if z < tr else "trained" for z, tr in zip(zero, trained)]
         for i, st in enumerate(starts):
             if st != "zero":
@@ -506,7 +522,7 @@ class ChipCalibrator:
                 n = len(images)
                 for _ in range(cfg.steps):
                     idx = torch.cat([torch.randint(n, (min(cfg.batch_size, n),), generator=g) for g in gens]).to(dev)
-                    out, target = model(images[idx]), teacher[idx]
+                    out, target = logits_of(model(images[idx]), self.output), teacher[idx]
                     loss = sum(distillation_loss(o, t, cfg.temperature) for o, t in zip(out.chunk(k), target.chunk(k)))
                     opt.zero_grad(set_to_none=True)
                     cast(torch.Tensor, loss).backward()

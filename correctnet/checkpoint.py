@@ -8,13 +8,19 @@ object with
 * ``model``: how to rebuild the network, one of
 
   - ``{"name", "input_shape", "num_classes", "kwargs"}``: a reference model, :func:`correctnet.build_model`;
-  - ``{"name", "target", "kwargs", ...}``: any other ``nn.Module``: ``target`` is its class as
-    ``"module:QualName"`` (or the ``_target_`` string of ``python -m correctnet.train model=custom``),
-    ``kwargs`` its constructor arguments (null when unknown: the class is then called without arguments).
-    A library caller may give ``meta["model"] = {"target": ..., "kwargs": {...}}``; without them
-    :func:`save_checkpoint` records the model's own class. A class that cannot be imported again (defined in
-    ``__main__`` or inside a function) is saved with ``target: null`` and a ``rebuild`` note (and a
-    warning): such a checkpoint loads only into an instance, ``load_checkpoint(path, model=MyNet())``;
+  - ``{"name", "target", "kwargs", ...}``: any other ``nn.Module``: ``target`` is its class or the factory
+    function that built it as ``"module:QualName"`` (or the ``_target_`` string of ``python -m correctnet.train
+    model=custom|timm|hf``), ``kwargs`` its (JSON) arguments (null when unknown: the class is then called without
+    arguments); for a factory, ``class`` is the class it returned (checked when rebuilt). A library caller may
+    give ``meta["model"] = {"target": ..., "kwargs": {...}}`` (e.g. ``{"target": "timm.create_model", "kwargs":
+    {"model_name": "resnet18", "num_classes": 10, "in_chans": 1}}``); without them :func:`save_checkpoint`
+    records the model's own class. A class that cannot be imported again (defined in ``__main__`` or inside a
+    function) is saved with ``target: null`` and a ``rebuild`` note (and a warning): such a checkpoint loads only
+    into an instance, ``load_checkpoint(path, model=MyNet())``;
+  - a transformers model (a ``transformers.PreTrainedModel``) has, besides, ``transformers``: ``{"class",
+    "config_class", "config"}``, its class and its config class as import paths and the complete config
+    (``config.to_json_string(use_diff=False)``): it is rebuilt from these, ``cls._from_config(config)``
+    (:func:`correctnet.models.hf_from_spec`), whatever built it;
 * ``variation``: ``VariationModel.to_dict()``; ``analog``: ``{"include", "exclude", "layers", "input_ranges"}``
   (``layers``, the analog layer names, and ``input_ranges``, the fixed DAC ranges set by
   ``calibrate_input_ranges``, are filled in at save);
@@ -35,7 +41,10 @@ Safety: loading never unpickles. The header is checked before safetensors sees t
 zip archives from ``torch.save`` are named and refused, the header size is bounded by the file size),
 the model is built on the meta device and compared with the file before any weight is allocated, and
 every failure is one :class:`CheckpointError`. Rebuilding a user model imports the module its ``target``
-names (code on your Python path) and calls nothing but ``nn.Module`` subclasses. Files are written
+names (code on your Python path) and calls only what builds models (:func:`correctnet.models.factory_refusal`):
+``nn.Module`` subclasses, functions whose return annotation is an ``nn.Module`` class, timm's ``create_model``,
+and for transformers models the ``PreTrainedModel`` and config classes; arguments that load weights
+(``pretrained``, ``checkpoint_path``) are turned off, the weights come from the file. Files are written
 atomically (temporary file, fsync, rename) and an existing file is only replaced when ``overwrite=True``.
 """
 from __future__ import annotations
@@ -62,7 +71,7 @@ from .compensation import attach_from_spec, compensation_spec
 from .data import normalize
 from .errors import CheckpointError, ConfigError, CorrectNetError
 from .io import atomic_write
-from .models import MODELS, build_model, build_target, importable, locate, target_name
+from .models import MODELS, build_model, build_target, hf_from_spec, hf_spec, importable, locate, target_name
 from .registry import make_variation
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_metadata", "normalize", "atomic_write", "tensor_digest",
@@ -148,24 +157,30 @@ def _model_spec(model: nn.Module, given: Any) -> dict[str, Any]:
     if spec.get("target") is None and spec.get("name") in MODELS:
         return spec  # a reference model: build_model(name, input_shape, num_classes, **kwargs)
     cls = _digital_class(model)
+    hf = hf_spec(model)
+    if hf is not None:
+        spec["transformers"] = hf  # rebuilt from its config, whatever built it
     if spec.get("target") is not None:
         try:
-            locate(spec["target"], "meta['model']['target']")
+            obj = locate(spec["target"], "meta['model']['target']")
         except ConfigError as e:
             raise CheckpointError(f"cannot record how to rebuild the model: {e}") from None
         spec.setdefault("name", spec["target"].replace(":", ".").rsplit(".", 1)[-1])
         spec.setdefault("kwargs", None)
+        if obj is not cls:
+            spec.setdefault("class", target_name(cls))  # what a factory returned: checked when rebuilt
         return spec
     why = importable(cls)
     spec.update(name=spec.get("name") or cls.__name__, target=None if why else target_name(cls))
     spec.setdefault("kwargs", None)
     notes = []
-    if why:
+    if why and hf is None:
         notes.append(f"{why}: load this checkpoint into an instance, load_checkpoint(path, model={cls.__name__}(...))")
         warnings.warn(f"checkpoint {cls.__name__}: {notes[-1]}", stacklevel=3)
-    elif spec["kwargs"] is None:
+    elif spec["kwargs"] is None and hf is None:
         notes.append(f"the constructor arguments are not recorded (meta['model']['kwargs']): load_checkpoint(path) "
-                     f"calls {cls.__name__}() without arguments")
+                     f"calls {cls.__name__}() without arguments (a model made by a factory: record it, "
+                     f"meta['model'] = {{'target': 'pkg.module.factory', 'kwargs': {{...}}}})")
     if notes:
         spec["rebuild"] = "; ".join(notes)
     return spec
@@ -365,7 +380,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                     expected = None  # checked after the real build below
                 note = (f". {spec['name']}() was built without arguments: the checkpoint does not record its "
                         f"constructor arguments; pass an instance: load_checkpoint(path, model=<plain instance>)"
-                        if spec.get("target") is not None and spec.get("kwargs") is None else "")
+                        if spec.get("target") is not None and spec.get("kwargs") is None
+                        and not spec.get("transformers") else "")
                 if expected is not None:
                     _check_state(path, expected, tensors, note=note)
                 model = build()
@@ -396,6 +412,15 @@ def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn
     if "target" not in spec:
         return lambda: prepare(build_model(spec["name"], spec["input_shape"], spec["num_classes"],
                                            **(spec.get("kwargs") or {})))
+    if spec.get("transformers") is not None:
+        hf = spec["transformers"]
+        if not isinstance(hf, dict):
+            raise CheckpointError(f"{path}: model.transformers must be a mapping, got {type(hf).__name__}")
+        try:
+            make = hf_from_spec(hf)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: cannot rebuild the transformers model: {e}") from None
+        return lambda: prepare(make())
     target, kwargs = spec["target"], spec.get("kwargs")
     if target is None:
         raise CheckpointError(f"{path}: the model ({spec.get('name', '?')}) cannot be rebuilt from the file: "
@@ -404,14 +429,19 @@ def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn
     if kwargs is not None and not isinstance(kwargs, dict):
         raise CheckpointError(f"{path}: model.kwargs must be a mapping or null, got {kwargs!r}")
 
+    expected_class = spec.get("class")
+
     def build() -> nn.Module:
         try:
-            m, _ = build_target(target, kwargs or {}, classes_only=True)
+            m, _ = build_target(target, kwargs or {}, from_file=True)
         except ConfigError as e:
             note = (" (the checkpoint does not record its constructor arguments, so it was called without "
                     "any)" if kwargs is None else "")
             raise CheckpointError(f"{path}: cannot rebuild the model: {e}{note}; pass an instance instead: "
                                   f"load_checkpoint(path, model=<plain instance>)") from None
+        if expected_class is not None and target_name(type(m)) != expected_class:
+            raise CheckpointError(f"{path}: {target} built a {target_name(type(m))}, but the checkpoint was saved "
+                                  f"from a {expected_class}; pass an instance: load_checkpoint(path, model=...)")
         return prepare(m)
     return build
 

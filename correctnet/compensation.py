@@ -199,7 +199,7 @@ def attach_compensation(model: nn.Module, placement: Mapping[str, int] | Iterabl
         layer = layers[name]
         comp = Compensator(layer, kind=kind, rank=r, affine=affine)
         comp.reset_parameters(layer_generator(seed, "compensator:" + name))
-        p = cast(torch.Tensor, layer.weight)  # a Linear or Conv layer: Compensator() accepted it
+        p = layer.nominal()  # a Linear or Conv layer: Compensator() accepted it
         layer.compensator = comp.to(device=p.device, dtype=p.dtype)
         made[name] = layer.compensator
     return made

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .analog import AnalogLayer, analog_layers, chip, nominal
+from .analog import AnalogLayer, analog_layers, chip, nominal, nominal_weight
 from .errors import ConfigError
-from .tensors import eval_mode
+from .tensors import OutputFn, eval_mode, logits_of
 from .seeding import Stream, chip_seed
 
 KINDS = ("relative", "orthogonal", "spectral")
@@ -96,7 +96,7 @@ def operator_norm(layer: nn.Module, input_shape: tuple[int, ...] | None = None, 
     """Spectral norm of ``layer``'s linear map (nominal weight, bias excluded) on inputs of ``input_shape``."""
     if not isinstance(layer, nn.Linear) and not _is_conv(layer):
         raise ConfigError(f"operator_norm supports Linear and Conv1d/2d/3d layers, got {type(layer).__name__}")
-    w = cast(torch.Tensor, layer.weight).detach()
+    w = nominal_weight(layer).detach()
     if isinstance(layer, nn.Linear):
         return float(torch.linalg.matrix_norm(w.double(), 2))
     if input_shape is None:
@@ -126,12 +126,13 @@ def lipschitz_constants(model: nn.Module, example: torch.Tensor, **kwargs: Any) 
 
 
 def error_profile(model: nn.Module, x: torch.Tensor, *, n_chips: int = 20, seed: int = 0,
-                  stream: Stream = Stream.EVAL) -> dict[str, dict[str, float]]:
+                  stream: Stream = Stream.EVAL, output: OutputFn | None = None) -> dict[str, dict[str, float]]:
     """Relative output error of every analog layer and of the model output under ``n_chips`` chips.
 
     ``x``: a batch of inputs ``[N, ...]``. Returns ``{layer: {"mean", "std"}}`` over chips, where each
     chip's value is ``||y_chip - y_nom||_F / ||y_nom||_F`` over the batch. Layers in forward order,
-    the model output last under the key ``"output"``.
+    the model output last under the key ``"output"``: its logits (:func:`correctnet.tensors.logits_of`,
+    ``output`` mapping any other form of output to them).
     """
     layers = analog_layers(model)
     outs: dict[str, torch.Tensor] = {}
@@ -151,12 +152,12 @@ def error_profile(model: nn.Module, x: torch.Tensor, *, n_chips: int = 20, seed:
         with eval_mode(model):
             x = x.to(next(model.parameters()).device)
             with nominal(model):
-                ref_out = model(x)
+                ref_out = logits_of(model(x), output)
             ref = dict(outs)
             order = list(ref)  # forward order
             for i in range(n_chips):
                 with chip(model, chip_seed(stream, seed, i)):
-                    out = model(x)
+                    out = logits_of(model(x), output)
                 for name in order:
                     rel.setdefault(name, []).append(((outs[name] - ref[name]).norm() / ref[name].norm()).item())
                 rel.setdefault("output", []).append(((out - ref_out).norm() / ref_out.norm()).item())
@@ -223,7 +224,7 @@ class LipschitzRegularizer:
         if not (layer.training and torch.is_grad_enabled()):
             return
         k = self.samples  # a fixed slice of the batch estimates the batch mean at a fraction of the cost
-        x, w2 = inputs[0][:k].square(), cast(torch.Tensor, layer.weight).square()
+        x, w2 = inputs[0][:k].square(), nominal_weight(layer).square()
         spread = F.linear(x, w2) if isinstance(layer, nn.Linear) else cast(_Conv, layer)._conv_forward(x, w2, None)
         out = output[:k].clone()  # the next op may be an in-place ReLU that would overwrite the saved output
         if self.per_channel:  # channels (dim 1 of conv maps, last dim of Linear outputs), pooled over samples
@@ -240,7 +241,7 @@ class LipschitzRegularizer:
         self._terms.append(F.relu(ratio - self.target).mean())
 
     def penalty(self, name: str, layer: AnalogLayer) -> torch.Tensor:
-        w = cast(torch.Tensor, layer.weight)
+        w = nominal_weight(layer)
         if self.kind == "orthogonal":
             m = w.reshape(w.shape[0], -1)
             g = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
@@ -250,7 +251,7 @@ class LipschitzRegularizer:
 
     def sigma_estimate(self, name: str, layer: AnalogLayer) -> torch.Tensor:
         """One power-iteration step on persistent vectors; differentiable in the weight."""
-        w = cast(torch.Tensor, layer.weight)
+        w = nominal_weight(layer)
         op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         shape: tuple[int, ...]
         if isinstance(layer, nn.Linear):

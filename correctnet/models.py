@@ -1,24 +1,33 @@
-"""Reference models (LeNet-5, a configurable VGG, an MLP, a CIFAR-style ResNet-20, a small ViT) and models
-built from a user's class by import path (Hydra's ``_target_`` convention). Plain ``nn.Module``s, nothing
+"""Reference models (LeNet-5, a configurable VGG, an MLP, a CIFAR-style ResNet-20, a small ViT), models built from a
+user's class or factory function by import path (Hydra's ``_target_`` convention) and from the model zoos (timm's
+``create_model``, a transformers model built from a config: :func:`hf_model`). Plain ``nn.Module``s, nothing
 analog here.
 
 Image models take ``[N, C, H, W]`` float tensors; the MLP takes any ``[N, *features]``; outputs are
 ``[N, num_classes]`` logits.
 
 User models (:func:`build_target`, used by ``python -m correctnet.train model=custom model._target_=...``):
-the target is ``"pkg.module.Class"`` or ``"pkg.module:Outer.Inner"``, importable from ``sys.path``
-(``PYTHONPATH`` or an installed package). It is called with the configured keyword arguments plus, for each
-of ``num_classes``, ``in_channels``, ``image_size``, ``input_shape`` and ``in_features`` that its signature
-names explicitly and that the configuration does not set, the value the dataset implies (``in_channels`` and
-``image_size`` only for ``[C, H, W]`` inputs, ``image_size`` only when square). A keyword argument that is a
-mapping with a ``_target_`` is built the same way first (a sub-module, e.g. a backbone).
+the target is ``"pkg.module.Class"`` or ``"pkg.module:Outer.Inner"`` (a class or a function returning an
+``nn.Module``), importable from ``sys.path`` (``PYTHONPATH`` or an installed package). It is called with the
+configured keyword arguments plus, for each name of :data:`INJECTED` (``num_classes``, ``num_labels``,
+``in_channels``, ``in_chans``, ``num_channels``, ``image_size``, ``input_shape``, ``in_features``) that its
+signature names explicitly and that the configuration does not set, the value the dataset implies (the channel
+counts and ``image_size`` only for ``[C, H, W]`` inputs, ``image_size`` only when square). A key of these set to
+``null`` in the configuration is filled the same way, whatever the signature says (``model=timm``: timm's
+``create_model`` takes them through ``**kwargs``). A keyword argument that is a mapping with a ``_target_`` is
+built the same way first (a sub-module, e.g. a backbone). :func:`check_fits` runs one dataset sample through the
+model before training: a model whose input channels or class count do not fit the data is one
+:class:`ConfigError` naming the key to set.
+
+The zoos are optional extras, imported only when a target names them: ``pip install 'correctnet[timm]'``,
+``pip install 'correctnet[hf]'`` (transformers).
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -248,7 +257,18 @@ class ViT(nn.Module):
 
 
 MODELS = ("lenet5", "mlp", *VGG_CONFIGS, "resnet20", "vit")
-INJECTED = ("num_classes", "in_channels", "image_size", "input_shape", "in_features")
+# keyword arguments a user model gets from the dataset (see the module docstring): timm says in_chans,
+# transformers configs num_labels and num_channels
+INJECTED = ("num_classes", "num_labels", "in_channels", "in_chans", "num_channels", "image_size", "input_shape",
+            "in_features")
+CHANNEL_KEYS = ("in_channels", "in_chans", "num_channels")
+CLASS_KEYS = ("num_classes", "num_labels")
+# optional extras: top-level module -> the extra that installs it
+EXTRAS = {"timm": "timm", "transformers": "hf"}
+# factories of the zoos that take INJECTED names through **kwargs: (top-level module, function) -> names
+ZOO_FACTORIES = {("timm", "create_model"): ("num_classes", "in_chans")}
+# keyword arguments of a factory that load weights; off when a model is rebuilt from a file (its weights are there)
+WEIGHT_LOADING = {"pretrained": False, "checkpoint_path": ""}
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwargs: Any) -> nn.Module:
@@ -280,11 +300,17 @@ def build_model(name: str, input_shape: Sequence[int], num_classes: int, **kwarg
 
 # ----------------------------------------------------------------------------- user models by import path
 
+def _extra_hint(module: str | None) -> str:
+    extra = EXTRAS.get((module or "").partition(".")[0])
+    return f" (an optional extra of correctnet: pip install 'correctnet[{extra}]')" if extra else ""
+
+
 def locate(target: str, key: str = "model._target_") -> Any:
     """The object named by ``target`` (``"pkg.mod.Name"`` or ``"pkg.mod:Qual.Name"``), imported from sys.path.
 
     A :class:`ConfigError` naming ``key`` says what could not be imported and why (module not found, an
-    error inside the module, no such attribute).
+    error inside the module, no such attribute); a missing optional extra (timm, transformers) names the
+    ``pip install 'correctnet[...]'`` that installs it.
     """
     if not isinstance(target, str) or not target.strip() or target.startswith((".", ":")):
         raise ConfigError(f"{key} must be an import path 'package.module.Name', got {target!r}")
@@ -299,14 +325,16 @@ def locate(target: str, key: str = "model._target_") -> Any:
                               f"(the module importable via PYTHONPATH or installed)")
         candidates = [(".".join(parts[:i]), parts[i:]) for i in range(len(parts) - 1, 0, -1)]
     first_error: str | None = None
+    missing: str | None = None
     for module_name, attrs in candidates:
         try:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
             if e.name is not None and not (module_name == e.name or module_name.startswith(e.name + ".")):
                 raise ConfigError(f"{key}={target!r}: importing module {module_name!r} failed: it needs module "
-                                  f"{e.name!r}, which is not installed") from None
+                                  f"{e.name!r}, which is not installed{_extra_hint(e.name)}") from None
             first_error = f"no module named {e.name or module_name!r}"
+            missing = e.name or module_name
             continue
         except Exception as e:  # noqa: BLE001 - any error raised by the user's module while importing
             raise ConfigError(f"{key}={target!r}: importing module {module_name!r} raised "
@@ -318,6 +346,8 @@ def locate(target: str, key: str = "model._target_") -> Any:
             raise ConfigError(f"{key}={target!r} cannot be found: module {module_name!r} has no attribute "
                               f"{'.'.join(attrs)!r}") from None
         return obj
+    if _extra_hint(missing):
+        raise ConfigError(f"{key}={target!r} cannot be imported: {first_error}{_extra_hint(missing)}")
     raise ConfigError(f"{key}={target!r} cannot be imported: {first_error}. Is its package on PYTHONPATH "
                       f"(PYTHONPATH=/dir/containing/the/package python -m ...) or installed?")
 
@@ -347,19 +377,56 @@ def _is_module_class(obj: Any) -> bool:
     return inspect.isclass(obj) and issubclass(obj, nn.Module)
 
 
+def _zoo_factory(obj: Any) -> tuple[str, ...] | None:
+    """The INJECTED names a zoo factory (timm's ``create_model``) takes through ``**kwargs``; None for others."""
+    module = getattr(obj, "__module__", None) or ""
+    return ZOO_FACTORIES.get((module.partition(".")[0], getattr(obj, "__name__", "")))
+
+
+def factory_refusal(obj: Any) -> str | None:
+    """Why ``obj`` may not be called to rebuild a model from a file (None: it may).
+
+    A file names what it is rebuilt with, so only what builds models is called: ``nn.Module`` subclasses, Python
+    functions whose return annotation is an ``nn.Module`` class (``def make_net(...) -> nn.Module``) and the
+    zoos' factories (:data:`ZOO_FACTORIES`). Builtins, other classes and functions that do not say they return
+    a module (``torch.load``, ``os.remove``, ...) are refused.
+    """
+    if _is_module_class(obj):
+        return None
+    if inspect.isclass(obj):
+        return f"the class {obj.__qualname__} is not an nn.Module subclass"
+    if not inspect.isfunction(obj):
+        return f"a {type(obj).__name__} is not an nn.Module class or a Python function"
+    if _zoo_factory(obj) is not None:
+        return None
+    try:
+        import typing
+        returns = typing.get_type_hints(obj).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: no evidence it builds a module
+        returns = None
+    if _is_module_class(returns):
+        return None
+    return (f"the function {obj.__qualname__} does not declare that it returns an nn.Module (annotate it: "
+            f"'def {obj.__name__}(...) -> nn.Module')")
+
+
 def build_target(target: str, kwargs: Mapping[str, Any] | None = None, *, input_shape: Sequence[int] | None = None,
-                 num_classes: int | None = None, key: str = "model", classes_only: bool = False
+                 num_classes: int | None = None, key: str = "model", from_file: bool = False, name: str | None = None
                  ) -> tuple[nn.Module, dict[str, Any]]:
     """Build the user's model ``target`` with ``kwargs``; returns ``(module, the keyword arguments used)``.
 
-    The dataset's ``input_shape``/``num_classes`` are added for the parameters the constructor names (see the
-    module docstring); the returned arguments rebuild the same module with ``build_target(target, args)``.
-    ``classes_only`` (used when the target comes from a checkpoint) calls nothing but ``nn.Module`` subclasses.
+    The dataset's ``input_shape``/``num_classes`` are added for the parameters the constructor names and for the
+    :data:`INJECTED` keys set to None (see the module docstring); the returned arguments rebuild the same module
+    with ``build_target(target, args)``. ``name`` (the configured ``model.name``) is passed too when the target's
+    signature names a ``name`` parameter (:func:`hf_model`'s model type). ``from_file`` (the target comes from a
+    checkpoint) calls only what :func:`factory_refusal` allows, and with the :data:`WEIGHT_LOADING` arguments
+    turned off (no download, no second file: the weights are in the checkpoint).
     """
     obj = locate(target, f"{key}._target_")
-    if classes_only and not _is_module_class(obj):
-        raise ConfigError(f"{key}._target_={target!r} is not an nn.Module class; only nn.Module classes are called "
-                          f"when a model is rebuilt from a file")
+    if from_file:
+        why = factory_refusal(obj)
+        if why is not None:
+            raise ConfigError(f"{key}._target_={target!r} is not called when a model is rebuilt from a file: {why}")
     if not callable(obj):
         raise ConfigError(f"{key}._target_={target!r} is a {type(obj).__name__}, not an nn.Module class or a function "
                           f"returning one")
@@ -367,9 +434,15 @@ def build_target(target: str, kwargs: Mapping[str, Any] | None = None, *, input_
         raise ConfigError(f"{key}._target_={target!r} is the class {obj.__qualname__}, which is not an nn.Module "
                           f"subclass")
     args = dict(kwargs or {})
+    if name is not None and "name" not in args and "name" in _parameters(obj):
+        args = {"name": name, **args}
     if input_shape is not None or num_classes is not None:
-        args = {**_implied_args(obj, input_shape, num_classes, set(args)), **args}
-    built = {k: _build_nested(v, f"{key}.{k}", classes_only) for k, v in args.items()}
+        implied = _implied_args(obj, input_shape, num_classes, args)
+        args = {**implied, **{k: v for k, v in args.items() if k not in implied}}
+    used = dict(args)
+    if from_file:
+        args.update({k: v for k, v in WEIGHT_LOADING.items() if k in args})
+    built = {k: _build_nested(v, f"{key}.{k}", from_file) for k, v in args.items()}
     try:
         inspect.signature(obj).bind(**built)
     except TypeError as e:
@@ -386,7 +459,16 @@ def build_target(target: str, kwargs: Mapping[str, Any] | None = None, *, input_
                           f"{_short(args)}: {e}{_accepted(obj)}") from None
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{key}._target_={target!r} returned a {type(module).__name__}, not an nn.Module")
-    return module, args
+    return module, used
+
+
+def _parameters(obj: Callable) -> set[str]:
+    """The parameters ``obj`` names explicitly (positional-or-keyword, keyword-only)."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _accepted(obj: Callable) -> str:
@@ -404,30 +486,29 @@ def _short(args: Mapping[str, Any]) -> str:
 
 
 def _implied_args(obj: Callable, input_shape: Sequence[int] | None, num_classes: int | None,
-                  given: set[str]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(obj).parameters
-    except (TypeError, ValueError):
-        return {}
-    named = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+                  given: Mapping[str, Any]) -> dict[str, Any]:
+    """The dataset's values for the INJECTED names ``obj`` takes (explicitly, or a zoo factory's ``**kwargs``)
+    that ``given`` does not set, and for those ``given`` sets to None."""
+    named = _parameters(obj) | set(_zoo_factory(obj) or ()) | {k for k, v in given.items() if v is None}
+    set_keys = {k for k, v in given.items() if v is not None}
     implied: dict[str, Any] = {}
     if num_classes is not None:
-        implied["num_classes"] = int(num_classes)
+        implied["num_classes"] = implied["num_labels"] = int(num_classes)
     if input_shape is not None:
         shape = [int(d) for d in input_shape]
         implied["input_shape"] = shape
         implied["in_features"] = math.prod(shape)
         if len(shape) == 3:
-            implied["in_channels"] = shape[0]
+            implied["in_channels"] = implied["in_chans"] = implied["num_channels"] = shape[0]
             if shape[1] == shape[2]:
                 implied["image_size"] = shape[1]
-    return {k: v for k, v in implied.items() if k in named and k not in given}
+    return {k: v for k, v in implied.items() if k in named and k not in set_keys}
 
 
-def _build_nested(value: Any, key: str, classes_only: bool) -> Any:
+def _build_nested(value: Any, key: str, from_file: bool) -> Any:
     if isinstance(value, Mapping) and "_target_" in value:
         sub = {k: v for k, v in value.items() if k != "_target_"}
-        return build_target(value["_target_"], sub, key=key, classes_only=classes_only)[0]
+        return build_target(value["_target_"], sub, key=key, from_file=from_file)[0]
     return value
 
 
@@ -436,9 +517,10 @@ def model_from_config(params: Mapping[str, Any], input_shape: Sequence[int], num
     """The model a ``model`` config section describes; returns ``(module, spec for the checkpoint)``.
 
     ``{"name": <built-in>, **kwargs}`` builds a reference model (:data:`MODELS`); ``{"_target_": path,
-    **kwargs}`` the user's class (:func:`build_target`), ``name`` then being an optional display name.
-    The spec is ``{"name", "input_shape", "num_classes", "kwargs"}``, plus ``"target"`` for user models
-    (``kwargs`` are then the complete constructor arguments, dataset-implied ones included).
+    **kwargs}`` the user's class or factory (:func:`build_target`), ``name`` then being a display name (passed
+    on when the target takes a ``name``: ``model=hf model.name=vit``). The spec is ``{"name", "input_shape",
+    "num_classes", "kwargs"}``, plus ``"target"`` for user models (``kwargs`` are then the complete arguments,
+    dataset-implied ones included).
     """
     kwargs = dict(params)
     name, target = kwargs.pop("name", None), kwargs.pop("_target_", None)
@@ -448,9 +530,137 @@ def model_from_config(params: Mapping[str, Any], input_shape: Sequence[int], num
             raise ConfigError("the model config needs model.name (one of " + ", ".join(MODELS) + ") or "
                               "model._target_ (your own class: model=custom model._target_=package.module.Class)")
         return build_model(name, input_shape, num_classes, **kwargs), {"name": name, **spec, "kwargs": kwargs}
-    if name in MODELS:
+    obj = locate(target)
+    if name in MODELS and "name" not in _parameters(obj):
         raise ConfigError(f"model.name={name!r} is a built-in model but model._target_={target!r} is set too; "
                           f"use model=custom for your own class (or drop model._target_)")
-    module, args = build_target(target, kwargs, input_shape=input_shape, num_classes=num_classes)
-    obj = locate(target)
+    module, args = build_target(target, kwargs, input_shape=input_shape, num_classes=num_classes, name=name)
     return module, {"name": name or getattr(obj, "__name__", str(target)), "target": target, **spec, "kwargs": args}
+
+
+# ----------------------------------------------------------------------------- the model zoos
+
+HF_TASKS = {"image-classification": "AutoModelForImageClassification",
+            "text-classification": "AutoModelForSequenceClassification"}
+
+
+def import_extra(module: str) -> Any:
+    """Import the optional extra ``module`` (``"timm"``, ``"transformers"``); a :class:`ConfigError` naming its
+    ``pip install`` when it is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"{module} is not installed ({e}): pip install 'correctnet[{EXTRAS[module]}]'") from None
+
+
+def hf_model(name: str, task: str = "image-classification", *, num_labels: int | None = None,
+             num_channels: int | None = None, image_size: int | None = None, **config: Any) -> nn.Module:
+    """A transformers model of type ``name`` (``"vit"``, ``"deit"``, ``"swin"``, ``"convnext"``, ``"bert"``, ...)
+    for ``task`` (:data:`HF_TASKS`) with freshly initialised weights, built offline from a config:
+    ``transformers.AutoConfig.for_model(name, **config)`` and the task's ``AutoModelFor...from_config``.
+    ``num_labels``, ``num_channels`` and ``image_size`` (the dataset's, from ``python -m correctnet.train
+    model=hf``) are set where the model type's config has them. Needs ``pip install 'correctnet[hf]'``."""
+    transformers = import_extra("transformers")
+    if task not in HF_TASKS:
+        raise ConfigError(f"model.task must be one of {list(HF_TASKS)}, got {task!r}")
+    try:
+        default = transformers.AutoConfig.for_model(name)
+    except (ValueError, KeyError):
+        raise ConfigError(f"model.name={name!r} is not a transformers model type (e.g. vit, deit, swin, convnext, "
+                          f"bert; transformers {transformers.__version__})") from None
+    known = {k: v for k, v in (("num_channels", num_channels), ("image_size", image_size))
+             if v is not None and hasattr(default, k)}
+    if num_labels is not None:
+        known["num_labels"] = num_labels
+    try:
+        cfg = transformers.AutoConfig.for_model(name, **config, **known)
+        return getattr(transformers, HF_TASKS[task]).from_config(cfg)
+    except ValueError as e:  # e.g. no model of this type for the task
+        raise ConfigError(f"model.name={name!r}, model.task={task!r}: {e}") from None
+
+
+def hf_spec(model: nn.Module) -> dict[str, Any] | None:
+    """How to rebuild a transformers model (a ``transformers.PreTrainedModel``): ``{"class", "config_class",
+    "config"}`` (import paths and the complete ``config.to_dict()``, as JSON); None for other models. Does not
+    import transformers (a transformers model has imported it)."""
+    import sys
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        return None
+    import json
+    config = model.config
+    return {"class": target_name(type(model)), "config_class": target_name(type(config)),
+            "config": json.loads(config.to_json_string(use_diff=False))}
+
+
+def hf_from_spec(spec: Mapping[str, Any], key: str = "model.transformers") -> Callable[[], nn.Module]:
+    """A function building the transformers model :func:`hf_spec` describes, with fresh weights
+    (``cls._from_config(config_class.from_dict(config))``: no download, no file read)."""
+    transformers = import_extra("transformers")
+    cls, config_cls, config = spec.get("class"), spec.get("config_class"), spec.get("config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"{key}.config must be a mapping (a transformers config), got {type(config).__name__}")
+    if not (isinstance(cls, str) and isinstance(config_cls, str)):
+        raise ConfigError(f"{key}.class and {key}.config_class must be import paths (strings), got "
+                          f"{type(cls).__name__} and {type(config_cls).__name__}")
+    cls, config_cls = locate(cls, f"{key}.class"), locate(config_cls, f"{key}.config_class")
+    if not (inspect.isclass(cls) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ConfigError(f"{key}.class={spec['class']!r} is not a transformers PreTrainedModel class")
+    if not (inspect.isclass(config_cls) and issubclass(config_cls, transformers.PretrainedConfig)):
+        raise ConfigError(f"{key}.config_class={spec['config_class']!r} is not a transformers config class")
+    cfg = cast(Any, config_cls).from_dict(dict(config))
+    return lambda: cast(Any, cls)._from_config(cfg)
+
+
+def check_fits(model: nn.Module, sample: torch.Tensor, num_classes: int, kwargs: Mapping[str, Any] | None = None,
+               key: str = "model") -> None:
+    """Run ``sample`` (one input ``[1, *input_shape]``) through ``model`` (eval mode, no gradients, the global
+    RNG untouched); a model that cannot take it (input channels, image size) or whose output's last dimension is
+    not ``num_classes`` is a :class:`ConfigError` naming the key to set (``kwargs``: the configured arguments)."""
+    kwargs = kwargs or {}
+    shape = list(sample.shape[1:])
+    flags = {m: m.training for m in model.modules()}
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.eval()
+            try:
+                out = model(sample)
+            except Exception as e:  # noqa: BLE001 - any error of the user's forward on the dataset's input
+                chan = next((k for k in CHANNEL_KEYS if k in kwargs), None)
+                if len(shape) != 3:
+                    hint = "the model must take inputs of the dataset's sample shape"
+                elif chan is not None and kwargs[chan] != shape[0]:
+                    hint = f"{key}.{chan}={kwargs[chan]!r}, but the images have {shape[0]} channels: set {key}.{chan}={shape[0]}"
+                elif chan is not None:
+                    hint = f"the images are [C, H, W] = {shape}: check the arguments that depend on the image size"
+                else:
+                    hint = (f"the images have {shape[0]} channels: set the model's input channels, {key}.in_channels, "
+                            f"in_chans (timm) or num_channels (transformers), whichever its constructor takes")
+                what = " ".join(f"{type(e).__name__}: {e}".split())
+                raise ConfigError(f"the model does not run on the dataset's inputs {[1, *shape]}: "
+                                  f"{what[:400]}{' ...' if len(what) > 400 else ''}; {hint}") from None
+    finally:
+        for m, t in flags.items():
+            m.training = t
+    logits = _logits(out)
+    got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(out).__name__
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[-1] != num_classes:
+        classes = next((k for k in CLASS_KEYS if k in kwargs), None)
+        hint = (f"{key}.{classes}={kwargs[classes]!r}, set it to {num_classes}" if classes else
+                f"set the model's class count to {num_classes}: {key}.num_classes, or num_labels (transformers), "
+                f"whichever its constructor takes")
+        raise ConfigError(f"the model outputs {got} for one input, but the dataset has {num_classes} classes "
+                          f"(expected [1, {num_classes}] logits): {hint}")
+
+
+def _logits(out: Any) -> Any:
+    """The logits of a model output: a tensor, a transformers ``ModelOutput`` (``.logits``) or a tuple's first."""
+    # NOTE: correctnet.tensors is getting a shared ``logits_of`` for model outputs (another change); use it here
+    # once it is there
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "logits", None) is not None:
+        return out.logits
+    if isinstance(out, (tuple, list)) and out:
+        return out[0]
+    return out

@@ -37,7 +37,7 @@ from .conf.schema import keyword_defaults  # importing correctnet.conf registers
 from .errors import ConfigError, CorrectNetError, is_int, is_number
 from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
-from .models import model_from_config
+from .models import check_fits, model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
@@ -326,6 +326,8 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     data = dataclasses.replace(data, test=first_samples(data.test, cfg.evaluation.get("test_samples")))
     torch.manual_seed(cfg.seed)
     model, model_spec = model_from_config(model_params, data.input_shape, data.num_classes)  # built-in or _target_
+    if "target" in model_spec:  # the user's or a zoo's: channels and classes must fit the data (one dry forward)
+        check_fits(model, data.train.tensors[0][:1], data.num_classes, model_spec["kwargs"])
     include = list(cfg.analog.include) if cfg.analog.include is not None else None
     try:
         model = analogize(model, job.train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)

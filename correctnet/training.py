@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import clean_accuracy
-from .tensors import Data, iter_batches
+from .tensors import Data, OutputFn, iter_batches, logits_of
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed
 
@@ -136,6 +136,11 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
                     reduction="batchmean") * (t * t)
 
 
+def _teacher_logits(out: Any, output: OutputFn | None) -> torch.Tensor:
+    """A teacher's logits: a tensor as it is, any other output as the model's (:func:`logits_of`)."""
+    return out if isinstance(out, torch.Tensor) else logits_of(out, output)
+
+
 def train(
     model: nn.Module,
     train_data: Data,
@@ -147,7 +152,8 @@ def train(
     stage: str = "training",
     resume: ResumeStore | None = None,
     resume_key: str = "training",
-    teacher: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    teacher: Callable[[torch.Tensor], Any] | None = None,
+    output: OutputFn | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on its current device; returns one metrics dict per epoch.
 
@@ -168,6 +174,12 @@ def train(
     ``(1 - distill) * CE + distill * KD(teacher)`` (knowledge distillation, Hinton et al.; with noise-aware
     training a clean teacher pulls every sampled chip towards the clean function, Zhou et al., "Noisy Machines",
     2020). The pipeline's teacher is the vanilla reference's clean logits.
+
+    The loss and the training accuracy read the logits ``[N, C]`` in the model's output: a tensor, a tuple's
+    first element, a dict's ``"logits"``, a transformers ``ModelOutput``'s ``.logits``, or what
+    ``output(raw output)`` returns for any other form (:func:`correctnet.tensors.logits_of`); validation
+    accuracy too. The teacher's output is read the same way (a tensor as it is: a teacher returning logits
+    needs no ``output``).
     """
     if cfg.distill > 0 and teacher is None:
         raise ConfigError(f"training.distill={cfg.distill} needs a teacher: train(..., teacher=...); in the pipeline "
@@ -241,11 +253,11 @@ def train(
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch}/{cfg.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             for step, (x, y) in enumerate(bar, start=skip):
-                out = model(x)
+                out = logits_of(model(x), output)
                 loss = F.cross_entropy(out, y)
                 if teacher is not None and cfg.distill > 0:
                     with torch.no_grad():
-                        target = teacher(x)
+                        target = _teacher_logits(teacher(x), output)
                     loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out, target, cfg.temperature)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
@@ -269,7 +281,7 @@ def train(
             rec: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             if val_data is not None:
-                rec["val_accuracy"] = clean_accuracy(model, val_data)
+                rec["val_accuracy"] = clean_accuracy(model, val_data, output=output)
             history.append(rec)
             log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%%s (%.1fs)", stage, epoch, cfg.epochs,
                      rec["train_loss"], 100 * rec["train_accuracy"],

@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import correctnet as cn
 from correctnet.evaluate import monte_carlo
@@ -134,7 +135,7 @@ def test_gradients_reach_nominal_weights_in_noise_aware_training():
     cn.set_noise_aware(model, 0)
     model(torch.randn(4, 1, 8, 8)).square().sum().backward()
     for name, layer in cn.analog_layers(model).items():
-        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
+        assert layer.nominal().grad is not None and layer.nominal().grad.abs().sum() > 0, name
 
 
 def test_noise_aware_gradient_matches_chain_rule():
@@ -146,7 +147,7 @@ def test_noise_aware_gradient_matches_chain_rule():
     model(x).sum().backward()
     factor = torch.exp(0.4 * layer._chip_noise)
     expected = torch.ones(5, 2).T @ x * factor  # d/dw sum(x @ (w*f)^T) = (1^T x) * f
-    assert torch.allclose(layer.weight.grad, expected, atol=1e-6)
+    assert torch.allclose(layer.nominal().grad, expected, atol=1e-6)
 
 
 def test_state_dict_round_trips_between_plain_and_analog():
@@ -172,10 +173,31 @@ def test_conv1d_and_digitize():
     assert torch.equal(d(x), m(x))
 
 
-def test_subclass_overriding_forward_is_refused():
+def test_subclass_with_its_own_forward_computes_with_the_chip():
+    """A Linear subclass with its own forward (timm's Linear idiom) reads the chip's weight: output and
+    gradient equal an independent plain copy holding the chip's weight; the nominal weight is untouched."""
     class Weird(nn.Linear):
         def forward(self, x):
-            return super().forward(x) * 2
+            return F.linear(x, self.weight, self.bias) * 2
 
-    with pytest.raises(cn.ConfigError, match="overrides forward"):
-        cn.analogize(nn.Sequential(Weird(2, 2)), cn.LogNormal(0.1))
+    torch.manual_seed(0)
+    net = nn.Sequential(Weird(3, 2))
+    nominal_w = net[0].weight.detach().clone()
+    model = cn.analogize(net, cn.LogNormal(0.4))
+    layer = cn.analog_layers(model)["0"]
+    x = torch.randn(5, 3)
+    cn.program_chip(model, 7)
+    factor = torch.exp(0.4 * layer._chip_noise)
+    plain = Weird(3, 2)
+    with torch.no_grad():
+        plain.weight.copy_(nominal_w * factor)
+        plain.bias.copy_(layer.bias)
+    out = model(x)
+    assert torch.allclose(out, plain(x), atol=1e-6)
+    out.sum().backward()
+    plain(x).sum().backward()
+    assert torch.allclose(layer.nominal().grad, plain.weight.grad * factor, atol=1e-6)  # chain rule
+    cn.analog.set_nominal(model)
+    assert torch.equal(layer.weight, nominal_w)
+
+

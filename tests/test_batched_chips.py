@@ -204,7 +204,7 @@ def test_memory_bounded_by_chips_per_pass():
     cn.monte_carlo(model, (x, y), n_chips=10, batch_size=16, progress=False, chips_per_pass=4)
     assert seen == [4, 4, 2]  # stacked draws hold K chips at most, whatever n_chips (4 draws per cell: faults)
     program_chips(model, SEEDS)
-    w = layer.weight
+    w = layer.nominal()
     assert layer.chip_noise().shape == (K, 4, *w.shape) and layer.analog_weight().shape == (K, *w.shape)
     cn.analog.set_nominal(model)
     # the memory-based choice scales with the budget

@@ -434,11 +434,13 @@ def test_local_class_saves_with_a_note_and_loads_into_an_instance(tmp_path):
     assert meta["model"]["target"] is None and _bits(loaded.state_dict(), model.state_dict())
 
 
-def test_factory_targets_are_not_called_from_a_checkpoint(usermod, tmp_path):
+def test_factories_without_a_module_return_annotation_are_not_called_from_a_checkpoint(usermod, tmp_path):
+    # annotated factories are rebuilt: tests/test_zoo_models.py
     mod, _ = usermod
     model, spec = model_from_config({"_target_": f"{mod.__name__}.make_net"}, (1, 8, 8), 10)
     path = save_checkpoint(tmp_path / "f.safetensors", _analog(model), {"variation": VAR, "model": spec})
-    with pytest.raises(CheckpointError, match="not an nn.Module class.*model="):
+    with pytest.raises(CheckpointError, match="not called when a model is rebuilt from a file: the function make_net "
+                                              "does not declare that it returns an nn.Module.*model="):
         load_checkpoint(path)
     assert isinstance(load_checkpoint(path, model=mod.make_net())[0], mod.Net)
 

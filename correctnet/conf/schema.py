@@ -14,6 +14,9 @@ group              fields and defaults from
                    (:class:`~correctnet.placement.PPOConfig`)
 =================  ===========================================================================================
 
+The ``model`` group's ``hf`` option starts from ``hf_schema`` (:func:`model_schemas`), built from
+:func:`~correctnet.models.hf_model`'s keyword defaults the same way.
+
 Every YAML option of these groups starts from its schema (``defaults: [schema, _self_]``) and states only what
 it changes, so ``TrainConfig()`` in a script and ``correctnet train`` run the same experiment; a key the library
 does not know is refused when the config is composed. ``seed`` is the job's top-level ``seed``. Values are typed
@@ -33,6 +36,7 @@ from hydra.core.config_store import ConfigStore
 from ..calibration import CalibrationConfig, CompensationConfig
 from ..compensation import attach_compensation
 from ..lipschitz import LipschitzRegularizer
+from ..models import hf_model
 from ..placement import PPOConfig, SearchConfig
 from ..training import TrainConfig
 
@@ -83,8 +87,18 @@ def schemas() -> dict[str, type]:
     }
 
 
+def model_schemas() -> dict[str, dict[str, Any]]:
+    """Options of the ``model`` group built from a library function: ``hf_schema`` (``model=hf``), the target
+    :func:`~correctnet.models.hf_model` and its keyword defaults (plain mappings, open: the model type's config
+    keys go beside them)."""
+    return {"hf_schema": {"_target_": f"{hf_model.__module__}.{hf_model.__name__}",
+                          **keyword_defaults(hf_model, ("task", "num_labels", "num_channels", "image_size"))}}
+
+
 def register() -> None:
     """Store the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     for group, node in schemas().items():
         cs.store(group=group, name=NAME, node=node)
+    for name, options in model_schemas().items():
+        cs.store(group="model", name=name, node=options)

@@ -35,14 +35,16 @@ from ..registry import make_variation
 # the ground-floor helpers, also importable from here as before
 from ..tensors import Data as Data, eval_mode as eval_mode, first_samples as first_samples  # noqa: F401
 from ..tensors import iter_batches as iter_batches, model_device as model_device  # noqa: F401
+from ..tensors import OutputFn, logits_of
 from ..variation import VariationModel
 
 
-def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+              output: OutputFn | None = None) -> float:
     correct: torch.Tensor | int = 0
     total = 0
     for x, y in batches:  # counts stay on the device: one host transfer per chip, not per batch
-        correct = correct + (model(x).argmax(1) == y).sum()
+        correct = correct + (logits_of(model(x), output).argmax(1) == y).sum()
         total += len(y)
     return int(correct) / max(total, 1)
 
@@ -102,16 +104,23 @@ def eval_batches(data: Data, batch_size: int | str, model: nn.Module,
     return [(to_channels_last(x) if cl else x, y) for x, y in iter_batches(data, size, dev)]
 
 
-def accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None) -> float:
-    """Accuracy (fraction in [0, 1]) of ``model`` as it is now (its current analog mode)."""
+def accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None,
+             output: OutputFn | None = None) -> float:
+    """Accuracy (fraction in [0, 1]) of ``model`` as it is now (its current analog mode).
+
+    The prediction is the argmax of the logits ``[N, C]`` in the model's output: a tensor, a tuple's first
+    element, a dict's ``"logits"``, a transformers ``ModelOutput``'s ``.logits``, or what ``output(raw output)``
+    returns (:func:`correctnet.tensors.logits_of`).
+    """
     with eval_mode(model):
-        return _accuracy(model, eval_batches(data, batch_size, model, channels_last))
+        return _accuracy(model, eval_batches(data, batch_size, model, channels_last), output)
 
 
-def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None) -> float:
-    """Accuracy without any variation (nominal weights)."""
+def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None,
+                   output: OutputFn | None = None) -> float:
+    """Accuracy without any variation (nominal weights); ``output``: see :func:`accuracy`."""
     with nominal(model):
-        return accuracy(model, data, batch_size=batch_size, channels_last=channels_last)
+        return accuracy(model, data, batch_size=batch_size, channels_last=channels_last, output=output)
 
 
 def chip_copy(model: nn.Module, seed: int) -> nn.Module:
@@ -134,7 +143,7 @@ def chip_copy(model: nn.Module, seed: int) -> nn.Module:
         for name, layer in layers.items():
             target = plain.get_submodule(name)
             for p in layer.analog_parameters:  # every analog weight (attention in-projections, RNN weights)
-                getattr(target, p).copy_(layer.analog_weight(p))
+                getattr(target, p).copy_(getattr(layer, p))  # the chip's value, in the parameter's layout
     return plain
 
 
@@ -206,7 +215,7 @@ def chip_bytes(model: nn.Module, x: torch.Tensor) -> int:
     weights = 0
     for layer in require_analog(model).values():
         for p in layer.analog_parameters:  # noise: up to 4 draws per cell (RRAM with faults) + the weight read
-            weights += 5 * getattr(layer, p).numel() * getattr(layer, p).element_size()
+            weights += 5 * layer.nominal(p).numel() * layer.nominal(p).element_size()
     largest = [0]
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -255,11 +264,11 @@ def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _chip_batch_correct(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        k: int) -> list[int]:
+                        k: int, output: OutputFn | None = None) -> list[int]:
     """Correct predictions per chip of the programmed chip batch (K = ``k``), one host transfer at the end."""
     correct = None
-    for x, y in batches:
-        pred = model(repeat_batch(x, k)).argmax(1).view(k, len(y))
+    for x, y in batches:  # logits [K * N, C]: group k is chip k's
+        pred = logits_of(model(repeat_batch(x, k)), output).argmax(1).view(k, len(y))
         c = (pred == y).sum(1)
         correct = c if correct is None else correct + c
     return [0] * k if correct is None else [int(c) for c in correct.tolist()]
@@ -270,11 +279,11 @@ _WORK: dict[str, Any] = {}  # what forked chip workers read (inherited at fork, 
 
 def _work_chip(i: int) -> tuple[int, float, Any]:
     """A forked worker: chip ``i`` of the evaluation in ``_WORK`` (calibrated first, then restored)."""
-    model, batches, seeds, calibrate, snapshot = _WORK["args"]
+    model, batches, seeds, calibrate, snapshot, output = _WORK["args"]
     with chip(model, seeds[i]):
         if calibrate is not None:
             calibrate(model, seeds[i])
-        acc = _accuracy(model, batches)
+        acc = _accuracy(model, batches, output)
     if snapshot is not None:
         model.load_state_dict(snapshot)
     record = getattr(calibrate, "last_record", None)
@@ -305,7 +314,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                 stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips",
                 calibrate: Callable[[nn.Module, int], None] | None = None,
                 channels_last: bool | None = None, chips_per_pass: int | None = None,
-                memory_budget: int | None = None, workers: int = 1) -> MCResult:
+                memory_budget: int | None = None, workers: int = 1, output: OutputFn | None = None) -> MCResult:
     """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips.
 
     The model must have analog layers (:func:`correctnet.analogize`). Data is moved to the model's
@@ -336,6 +345,12 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     thread count (CPU models only, where ``fork`` exists; otherwise chips run here). Each chip computes the
     same thing as in this process, so the per-chip accuracies are identical; a calibrator's per-chip records
     (``last_record``/``add_record``, as :class:`~correctnet.calibration.ChipCalibrator` has) come back to it.
+
+    Predictions are the argmax of the logits ``[N, C]`` in the model's output (``[K * N, C]`` for a chip
+    batch): a tensor, a tuple's first element, a dict's ``"logits"``, a transformers ``ModelOutput``'s
+    ``.logits``, or, for any other form, what ``output(raw output)`` returns
+    (:func:`correctnet.tensors.logits_of`). A calibrator reads the outputs its own way: give
+    :class:`~correctnet.calibration.ChipCalibrator` the same ``output=``.
     """
     if n_chips < 1:
         raise ValueError(f"n_chips must be >= 1, got {n_chips}")
@@ -362,7 +377,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
             if k == 1 and workers > 1 and n_chips > 1 and can_fork_workers(model):
                 import multiprocessing
 
-                _WORK["args"] = (model, batches, seeds, calibrate, snapshot)
+                _WORK["args"] = (model, batches, seeds, calibrate, snapshot, output)
                 try:
                     with multiprocessing.get_context("fork").Pool(min(workers, n_chips),
                                                                   initializer=_init_worker) as pool:
@@ -382,7 +397,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                     with chip(model, s):
                         if calibrate is not None:
                             calibrate(model, s)
-                        accs.append(_accuracy(model, batches))
+                        accs.append(_accuracy(model, batches, output))
                     if snapshot is not None:
                         model.load_state_dict(snapshot)
                     bar.update(1)
@@ -392,7 +407,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                 for i in range(0, n_chips, k):
                     group = seeds[i:i + k]
                     with chips(model, group) if calibrate_chips is None else calibrate_chips(model, group):
-                        accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group)))
+                        accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group), output))
                     bar.update(len(group))
                     bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
         finally:

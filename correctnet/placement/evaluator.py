@@ -30,7 +30,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence, cast
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from ..calibration import CompensationConfig, data_tensors, teacher_logits, trai
 from ..compensation import layer_macs, attach_compensation, compensators, overhead
 from ..errors import ConfigError, is_int, is_number, require
 from ..evaluate import accuracy, clean_accuracy
-from ..tensors import eval_mode, model_device
+from ..tensors import OutputFn, eval_mode, model_device
 from ..lipschitz import lipschitz_constants
 from ..resume import ResumeStore
 from ..seeding import Stream, chip_seed
@@ -102,15 +102,18 @@ class PlacementEvaluator:
     ``cfg.shared_steps``). ``layers``: candidate layer names (default: every analog layer).
     ``resume``: the shared training and the evaluated accuracies are saved there (``placement_shared``,
     ``placement_cache``) and continued from, so an interrupted search repeats no evaluation; the search
-    itself is deterministic, so it ends as an uninterrupted one would.
+    itself is deterministic, so it ends as an uninterrupted one would. ``output``: how the model's outputs
+    hold the logits ``[N, C]`` (:func:`correctnet.tensors.logits_of`; None: a tensor, tuple, dict or
+    transformers ``ModelOutput``).
     """
 
     def __init__(self, model: nn.Module, train_data: Any, val: tuple[torch.Tensor, torch.Tensor],
                  cfg: SearchConfig, *, attach: dict[str, Any] | None = None,
                  comp_cfg: CompensationConfig | None = None, layers: Sequence[str] | None = None,
-                 progress: bool = False, resume: ResumeStore | None = None) -> None:
+                 progress: bool = False, resume: ResumeStore | None = None, output: OutputFn | None = None) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
+        self.output = output
         self.model = copy.deepcopy(model)
         if compensators(self.model):
             raise ConfigError("the placement search needs a model without compensation modules; detach them first")
@@ -130,7 +133,8 @@ class PlacementEvaluator:
 
         self.lipschitz = {n: c for n, c in lipschitz_constants(self.model, example).items() if n in self.names}
         self.layer_info = layer_info(self.model, self.names, example)
-        self.clean_accuracy = clean_accuracy(self.model, (self.val_x, self.val_y), batch_size=cfg.batch_size)
+        self.clean_accuracy = clean_accuracy(self.model, (self.val_x, self.val_y), batch_size=cfg.batch_size,
+                                             output=output)
         self.base_accuracy = self._accuracy()  # no compensator exists yet: the uncompensated network
         self.sensitivity = self._sensitivities()
 
@@ -158,10 +162,12 @@ class PlacementEvaluator:
         tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
         tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
         # the clean network's logits on the training images: also the teacher of the final fine-tuning
-        self.teacher = teacher_logits(self.model, data_tensors(train_data)[0]) if tcfg.distill > 0 else None
+        self.teacher = (teacher_logits(self.model, data_tensors(train_data)[0], output=output) if tcfg.distill > 0
+                        else None)
         self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
                                            stage="shared compensators", on_step=random_subset, resume=resume,
-                                           resume_key="placement_shared", teacher=self.teacher).to_dict()
+                                           resume_key="placement_shared", teacher=self.teacher,
+                                           output=output).to_dict()
         self.cache: dict[Placement, Evaluation] = {}  # in evaluation order
         self.resume = resume
         self._saved: dict[Placement, float] = {}
@@ -189,7 +195,8 @@ class PlacementEvaluator:
             with chip(self.model, s):
                 for layer in nominal_layers:
                     layer.set_off()
-                accs.append(accuracy(self.model, (self.val_x, self.val_y), batch_size=self.cfg.batch_size))
+                accs.append(accuracy(self.model, (self.val_x, self.val_y), batch_size=self.cfg.batch_size,
+                                     output=self.output))
         return float(np.mean(accs))
 
     def cost(self, placement: Placement) -> float:
@@ -290,7 +297,7 @@ def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) ->
     finally:
         for h in hooks:
             h.remove()
-    params = {n: cast(torch.Tensor, layers[n].weight).numel() for n in names}
+    params = {n: layers[n].nominal().numel() for n in names}
     tp, tm = sum(params.values()), max(sum(macs.values()), 1)
     return [{"name": n, "position": i, "conv": not isinstance(layers[n], nn.Linear),
              "params_share": params[n] / tp, "macs_share": macs[n] / tm} for i, n in enumerate(names)]
