@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 from .analog import (AnalogLayer, DigitalWeightsWarning, analog_layers, analogize,  # noqa: E402
                      calibrate_input_ranges, chip, chips, digitize, noise_aware, nominal, program_chip, program_chips, set_noise_aware, set_nominal,
                      set_variation, register_layer_kind, nominal_weight, nominal_reads)
+from .reads import AnalogReadWarning, ReadReport, check_reads  # noqa: E402
 from .calibration import (evaluate_calibrated, load_calibrated_chip, save_calibrated_chip)  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, normalize, save_checkpoint  # noqa: E402
 from .errors import ConfigError, CorrectNetError, DataFormatError, DataNotFoundError  # noqa: E402
@@ -15,7 +16,7 @@ from .registry import make_variation  # noqa: E402
 from .variation import Gaussian, LogNormal, VariationModel  # noqa: E402
 
 __all__ = [
-    "register_layer_kind", "nominal_weight", "nominal_reads", "AnalogLayer", "DigitalWeightsWarning", "analog_layers", "analogize", "calibrate_input_ranges", "chip", "chips", "program_chips",
+    "register_layer_kind", "AnalogReadWarning", "ReadReport", "check_reads", "nominal_weight", "nominal_reads", "AnalogLayer", "DigitalWeightsWarning", "analog_layers", "analogize", "calibrate_input_ranges", "chip", "chips", "program_chips",
     "evaluate_calibrated", "load_calibrated_chip", "save_calibrated_chip", "normalize", "digitize", "noise_aware", "nominal", "program_chip",
     "set_noise_aware", "set_nominal", "set_variation", "CheckpointError", "load_checkpoint", "save_checkpoint",
     "evaluate_checkpoint", "LipschitzRegularizer", "error_profile", "lipschitz_constants", "ConfigError",

@@ -62,6 +62,31 @@ Compensators (:mod:`correctnet.compensation`) can only sit on layers whose forwa
 (``AnalogLayer.can_compensate``): Linear and Conv layers, ``out_proj`` of an attention included; not the
 attention or recurrent modules themselves.
 
+**Every reader sees the chip.** Outside ``off`` mode an analog parameter read as an attribute
+(``layer.weight``, the way any forward reads it; the technique of ``torch.nn.utils.parametrize``) is the
+chip's value, differentiable in the nominal Parameter: a module that computes with another layer's weight
+(``F.linear(x, self.qkv.weight, bias)``, timm's BEiT/EVA attention; ``torch.addmm(b, x, fc.weight.t())``)
+computes with the chip, and its gradient reaches the nominal weight by the chain rule. Such a read happens
+outside the layer's forward, so the layer's converters, tiles and compensator do not act on it
+(:mod:`correctnet.reads` reports it when they would), and in the per-chip modes (``"chips"``, noise-aware
+with K > 1 chips) it is refused (one chip per pass). :meth:`AnalogLayer.nominal` (or
+:func:`nominal_weight`, or the :func:`nominal_reads` context) is the nominal Parameter in every mode; the
+state_dict, ``named_parameters()`` and the optimizer hold the nominal Parameters as ever.
+
+**Layers with their own forward**: a Linear/Conv subclass that overrides ``forward`` (timm's ``Linear``,
+``Conv2dSame``) and a kind registered without an MVM (:func:`register_layer_kind`) run their own forward
+with one read of each analog weight served to it (in per-chip modes once per chip, on that chip's share of
+the batch, the first argument); a compensator runs on a Linear subclass's output. Converters and tiles
+cannot act inside a forward correctnet does not know: :func:`analogize` names those layers once when the
+variation converts. :func:`register_layer_kind` with ``mvm=`` gives the MVM, and the layer then runs
+correctnet's own forward (converters, chip batches): transformers' GPT-2 ``Conv1D`` is registered so
+(``[in, out]`` storage: ``transposed=True``), as soon as transformers is imported.
+
+**One chip's static weights are computed once**: in ``"chip"`` mode without read noise and without
+gradients, each analog weight's chip value is cached per chip (keyed by the nominal tensor's version,
+storage, dtype and device), so repeated forwards of one chip cost a clean forward
+(``experiments/one_chip_speed.py``).
+
 Per-read noise (``VariationModel.apply_read``, e.g. ``rram`` with ``read_noise``) is drawn at every forward
 in ``chip`` and ``noisy`` modes, on top of the static sample: in ``chip`` mode from a generator seeded by
 ``(chip seed, layer name + ":read")`` when the chip is programmed, so a chip's sequence of reads is
@@ -135,19 +160,32 @@ class _Reads(threading.local):
     that needs them, PyTorch internals such as the recurrent layers' flat-weight bookkeeping)."""
 
     nominal = 0
+    #: > 0 inside correctnet's own analog computations (they read nominal weights on purpose)
+    internal = 0
+    #: the active read probe (:mod:`correctnet.reads`), told about attribute reads of analog weights
+    probe: Any = None
 
 
-_READS = _Reads()
+READ_STATE = _Reads()
+
+
+@contextlib.contextmanager
+def _internal() -> Iterator[None]:
+    READ_STATE.internal += 1
+    try:
+        yield
+    finally:
+        READ_STATE.internal -= 1
 
 
 @contextlib.contextmanager
 def nominal_reads() -> Iterator[None]:
     """Inside this context ``layer.weight`` of an analog layer is the nominal Parameter in every mode."""
-    _READS.nominal += 1
+    READ_STATE.nominal += 1
     try:
         yield
     finally:
-        _READS.nominal -= 1
+        READ_STATE.nominal -= 1
 
 
 def nominal_weight(module: nn.Module, parameter: str = "weight") -> torch.Tensor:
@@ -176,6 +214,8 @@ class AnalogLayer(nn.Module):
     foreign_forward: bool = False
     #: the crossbar holds the transpose of the stored parameter (GPT-2's ``Conv1D``: ``[in, out]``)
     transposed: bool = False
+    #: ``analogize(strict=True)``: weights left digital and reads that bypass the analog path are errors
+    strict: bool = False
 
     def _analog_parameter_names(self) -> tuple[str, ...]:
         return ("weight",)
@@ -184,7 +224,7 @@ class AnalogLayer(nn.Module):
         # Attribute access is how any forward reads a weight (the technique of torch.nn.utils.parametrize):
         # outside "off" mode an analog parameter reads as the chip's value, differentiable in the nominal one.
         d = self.__dict__
-        if name in d.get("_served_names", ()) and d.get("analog_mode", "off") != "off" and not _READS.nominal:
+        if name in d.get("_served_names", ()) and d.get("analog_mode", "off") != "off" and not READ_STATE.nominal:
             return self._served(name)
         return super().__getattr__(name)
 
@@ -200,12 +240,15 @@ class AnalogLayer(nn.Module):
         override = self.__dict__.get("_serve_override")
         if override is not None and name in override:
             return override[name]
+        if READ_STATE.probe is not None:
+            READ_STATE.probe.outside_read(self, name)
         if self.per_chip:
             raise ConfigError(
                 f"analog weight {self.analog_name}.{name} is read as an attribute by code outside correctnet's own "
                 f"forward of that layer, which can be given one chip's weight, not {self.n_chips} chips at once: "
                 f"use one chip per pass (evaluation chips_per_pass=1, training chips_per_step=1)")
-        return self._crossbar(self.analog_weight(name))
+        with _internal():
+            return self._crossbar(self.analog_weight(name))
 
     def _init_analog(self, name: str, variation: VariationModel, digital_class: type[nn.Module]) -> None:
         self.analog_name = name
@@ -815,7 +858,8 @@ class _ForeignForward(AnalogLayer):
         if self.analog_mode == "off":
             y = fwd(self, *args, **kwargs)
         else:
-            w = self.analog_weights()
+            with _internal():
+                w = self.analog_weights()
             if not self.per_chip:
                 y = self._with_served({p: self._crossbar(t) for p, t in w.items()}, fwd, args, kwargs)
             else:
@@ -826,7 +870,10 @@ class _ForeignForward(AnalogLayer):
                 y = torch.cat([self._with_served({p: self._crossbar(t[k]) for p, t in per.items()}, fwd,
                                                  (xk, *args[1:]), kwargs)
                                for k, xk in enumerate(self._chip_groups(args[0]))])
-        return self._compensate(args[0], y) if self.can_compensate and args else y
+        if self.can_compensate and args:
+            with _internal():
+                return self._compensate(args[0], y)
+        return y
 
     def _with_served(self, weights: dict[str, torch.Tensor], fwd: Callable[..., Any], args: tuple,
                      kwargs: dict) -> Any:
@@ -1161,6 +1208,7 @@ def analogize(
         dig = type(m)
         m.__class__ = _analog_class(dig, name)
         cast(AnalogLayer, m)._init_analog(name, variation, dig)
+        cast(AnalogLayer, m).strict = strict  # the read check (correctnet.reads) raises instead of warning
     # tied weights: one set of cells, drawn with the key of the first analog user
     first: dict[int, str] = {}
     for layer in analog_layers(model).values():
@@ -1194,7 +1242,7 @@ def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             layer._non_persistent_buffers_set.discard(layer._noise_attr(p))
         for attr in ("analog_name", "variation", "analog_mode", "chip_seed", "_noise_seed", "_noise_gen", "_read_gen",
                      "chip_seeds", "_read_gens", "_chips_cache", "analog_parameters", "_draw_keys",
-                     "_served_names", "_chip_cache", "_serve_override"):
+                     "_served_names", "_chip_cache", "_serve_override", "strict"):
             layer.__dict__.pop(attr, None)
         layer.__class__ = layer.__dict__.pop("_digital_class")
     for m in model.modules():

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import clean_accuracy
+from .reads import check_reads_once
 from .tensors import Data, OutputFn, iter_batches, logits_of
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed
@@ -253,6 +254,8 @@ def train(
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch}/{cfg.epochs}",
                        disable=not progress, leave=False, dynamic_ncols=True)
             for step, (x, y) in enumerate(bar, start=skip):
+                if cfg.noise_aware and step == skip:
+                    check_reads_once(model, x)  # once per model: does every analog weight reach the output?
                 out = logits_of(model(x), output)
                 loss = F.cross_entropy(out, y)
                 if teacher is not None and cfg.distill > 0:

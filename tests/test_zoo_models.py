@@ -376,16 +376,7 @@ def test_cli_timm_preset_trains_and_the_printed_evaluate_command_reproduces_it(z
     assert "reproduces the exported metrics exactly" in c.stdout and "calibrated" in c.stdout
 
 
-def _trains_model_outputs() -> bool:
-    """Whether the training loop takes transformers' ModelOutput objects (correctnet.tensors.logits_of, another
-    change in progress)."""
-    import correctnet.tensors
-    return hasattr(correctnet.tensors, "logits_of")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _trains_model_outputs(), reason="training on ModelOutput objects (tensors.logits_of) "
-                                                         "is not in this tree yet")
 def test_cli_hf_preset_trains_and_evaluate_reproduces_it(tmp_path):
     pytest.importorskip("transformers")
     env, out = _env(tmp_path), tmp_path / "run"

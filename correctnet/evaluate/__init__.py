@@ -31,6 +31,7 @@ from ..checkpoint import load_checkpoint, versions
 from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
 from ..errors import ConfigError
 from ..seeding import Stream, chip_seed
+from ..reads import check_reads_once
 from ..registry import make_variation
 # the ground-floor helpers, also importable from here as before
 from ..tensors import Data as Data, eval_mode as eval_mode, first_samples as first_samples  # noqa: F401
@@ -360,6 +361,8 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, got {workers!r}")
     batches = eval_batches(data, batch_size, model, channels_last)
+    if batches:
+        check_reads_once(model, batches[0][0])  # once per model: does every analog weight reach the output?
     seeds = [chip_seed(stream, seed, i) for i in range(n_chips)]
     accs: list[float] = []
     snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()}
