@@ -195,6 +195,36 @@ def nominal_weight(module: nn.Module, parameter: str = "weight") -> torch.Tensor
     return cast(torch.Tensor, getattr(module, parameter))
 
 
+_METADATA = frozenset({"dtype", "shape", "device", "size", "dim", "ndim", "ndimension", "requires_grad", "layout",
+                       "is_floating_point", "is_complex", "numel", "nelement", "is_cuda", "is_sparse", "is_meta",
+                       "element_size", "__len__", "is_contiguous", "stride", "names", "is_leaf", "grad_fn"})
+
+
+class _PerChipRead(torch.Tensor):
+    """What an attribute read of an analog weight gets in per-chip modes (K chips, one forward): its metadata
+    (dtype, shape, device) is the weight's; any computation with it is refused with a message, since no
+    single tensor is K chips' weights."""
+
+    _cn_message: str
+
+    @staticmethod
+    def of(weight: torch.Tensor, message: str) -> "_PerChipRead":
+        t = cast(_PerChipRead, torch.Tensor._make_subclass(_PerChipRead, weight.detach(), False))
+        t._cn_message = message
+        return t
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name == "__get__":  # a property (dtype, shape, ...): the descriptor names it
+            name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name not in _METADATA:
+            msg = next((a._cn_message for a in args if isinstance(a, _PerChipRead)), "per-chip analog weight")
+            raise ConfigError(msg)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+
 class DigitalWeightsWarning(UserWarning):
     """:func:`analogize` left weights digital that were not declared digital (see the module docstring)."""
 
@@ -242,11 +272,12 @@ class AnalogLayer(nn.Module):
             return override[name]
         if READ_STATE.probe is not None:
             READ_STATE.probe.outside_read(self, name)
-        if self.per_chip:
-            raise ConfigError(
-                f"analog weight {self.analog_name}.{name} is read as an attribute by code outside correctnet's own "
-                f"forward of that layer, which can be given one chip's weight, not {self.n_chips} chips at once: "
-                f"use one chip per pass (evaluation chips_per_pass=1, training chips_per_step=1)")
+        if self.per_chip:  # metadata (dtype, shape, device) can be read; computing with it is refused
+            with _internal():
+                    return _PerChipRead.of(self.nominal(name), (
+                    f"analog weight {self.analog_name}.{name} is computed with by code outside correctnet's own "
+                    f"forward of that layer, which can be given one chip's weight, not {self.n_chips} chips at "
+                    f"once: use one chip per pass (evaluation chips_per_pass=1, training chips_per_step=1)"))
         with _internal():
             return self._crossbar(self.analog_weight(name))
 

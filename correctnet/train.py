@@ -42,7 +42,7 @@ from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, s
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .evaluate import eval_batch_size, resolve_chips_per_pass, resolve_device
-from .tensors import eval_mode, first_samples
+from .tensors import eval_mode, first_samples, logits_of
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
 from .runtime import resolve_progress, resolve_threads, resolve_workers
@@ -430,7 +430,7 @@ def _clean_logits(net: torch.nn.Module):
     """``x -> logits`` of ``net`` with nominal weights, in eval mode (a fixed teacher for distillation)."""
     def logits(x: torch.Tensor) -> torch.Tensor:
         with nominal(net), eval_mode(net):
-            return net(x)
+            return logits_of(net(x))
     return logits
 
 
@@ -641,7 +641,7 @@ def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) 
     (accuracies measured on such outputs would be meaningless, e.g. a silent 10%)."""
     x = test.tensors[0][:n].to(next(model.parameters()).device)
     with torch.no_grad(), nominal(model), eval_mode(model):
-        out = model(x)
+        out = logits_of(model(x))
     if not torch.isfinite(out).all():
         raise TrainingDivergedError(f"{stage}: after training, the network outputs NaN or infinite values on test "
                                     f"images; lower the learning rate or check the data")

@@ -276,3 +276,31 @@ def test_the_check_leaves_the_model_as_it_was():
     assert torch.equal(torch.get_rng_state(), rng) and model.training
     assert all(l.analog_mode == "noisy" for l in cn.analog_layers(model).values())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_per_chip_modes_serve_metadata_and_refuse_computation():
+    """K chips in one pass: a forward that only asks a layer's weight for its dtype (transformers' ViT patch
+    embedding) runs; one that computes with it is one clear error."""
+    torch.manual_seed(0)
+
+    class DtypeReader(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.conv.weight
+            assert w.shape == (4, 1, 3, 3) and w.device == x.device
+            return self.conv(x.to(dtype=w.dtype)).mean((2, 3))
+
+    model = cn.analogize(DtypeReader(), cn.LogNormal(SIGMA)).eval()
+    x = torch.randn(4, 1, 6, 6)
+    with torch.no_grad(), cn.chips(model, [1, 2]):
+        both = model(x.repeat(2, 1, 1, 1))
+    for k, s in enumerate([1, 2]):
+        with torch.no_grad(), cn.chip(model, s):
+            torch.testing.assert_close(both[4 * k:4 * (k + 1)], model(x))
+    model = cn.analogize(TimmStyleNet(), cn.LogNormal(SIGMA)).eval()
+    with torch.no_grad(), cn.chips(model, [1, 2]), pytest.raises(
+            cn.ConfigError, match=r"attn\.qkv\.weight is computed with by code outside.*chips_per_pass=1"):
+        model(torch.randn(4, 1, 9, 9))

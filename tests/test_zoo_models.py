@@ -381,12 +381,15 @@ def test_cli_hf_preset_trains_and_evaluate_reproduces_it(tmp_path):
     pytest.importorskip("transformers")
     env, out = _env(tmp_path), tmp_path / "run"
     r = _run("model=hf", "model.hidden_size=16", "model.num_hidden_layers=1", "model.num_attention_heads=2",
-             "model.intermediate_size=32", "method=noise_aware", "training.chips_per_step=1", "training.epochs=1",
-             "evaluation.n_chips=3",
-             "progress=false", f"hydra.run.dir={out}", env=env)
+             "model.intermediate_size=32", "training.epochs=1", "evaluation.n_chips=3", "calibration.steps=5",
+             "compensation.steps=20", "progress=false", f"hydra.run.dir={out}", env=env)  # the default recipe
     assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "calibrated" in metrics["stages"]
     spec = read_metadata(out / "model.safetensors")["model"]
-    assert spec["target"] == "correctnet.models.hf_model" and spec["transformers"]["config"]["num_labels"] == 10
-    e = _run(*_printed_evaluate(r.stdout), "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
-    assert e.returncode == 0, e.stderr
-    assert "reproduces the exported metrics exactly" in e.stdout
+    assert spec["target"] == "correctnet.models.hf_model" and len(spec["transformers"]["config"]["id2label"]) == 10
+    args = _printed_evaluate(r.stdout)
+    for extra in ((), ("calibration=per_chip",)):  # the chip-agnostic stage, then the calibrated one
+        e = _run(*args, *extra, "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+        assert e.returncode == 0, e.stderr
+        assert "reproduces the exported metrics exactly" in e.stdout
