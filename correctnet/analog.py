@@ -936,7 +936,7 @@ class _RegisteredMVM(AnalogLayer):
         if self.analog_mode == "off" and not _observed(self):
             return cast(torch.Tensor, self._digital_class.forward(self, x))
         bias = self._parameters.get(self._kind.bias) if self._kind.bias else None
-        return self._compensate(x, self._converted_mvm(x, self.analog_weight(), bias))
+        return self._compensate(x, self._converted_mvm(x, self.analog_weight(self._kind.weights[0]), bias))
 
     def mvm_macs(self, args: tuple, kwargs: dict, output: Any) -> int:
         """MACs of one call: every input vector (last dimension) times the crossbar's weights."""

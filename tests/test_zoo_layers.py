@@ -304,3 +304,58 @@ def test_per_chip_modes_serve_metadata_and_refuse_computation():
     with torch.no_grad(), cn.chips(model, [1, 2]), pytest.raises(
             cn.ConfigError, match=r"attn\.qkv\.weight is computed with by code outside.*chips_per_pass=1"):
         model(torch.randn(4, 1, 9, 9))
+
+
+class Dense(nn.Module):
+    """A user's layer kind: kernel stored [in, out] (as GPT-2's Conv1D), computed with x @ kernel + offset."""
+
+    def __init__(self, i: int, o: int) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(i, o) / i ** 0.5)
+        self.offset = nn.Parameter(torch.randn(o) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel + self.offset
+
+
+class Bilinear2(nn.Module):
+    """A kind with two crossbar arrays and its own forward (registered without an MVM)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+        self.b = nn.Parameter(torch.randn(d, d) / d ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(torch.tanh(F.linear(x, self.a)), self.b)
+
+
+def test_registered_layer_kinds_compute_with_the_chip():
+    cn.register_layer_kind(Dense, weights=("kernel",), bias="offset", transposed=True,
+                           mvm=lambda layer, x, w, bias: F.linear(x, w, bias))
+    cn.register_layer_kind(Bilinear2, weights=("a", "b"))
+    torch.manual_seed(0)
+    net = nn.Sequential(Dense(6, 8), nn.ReLU(), Bilinear2(8), Dense(8, 3))
+    model = _check_against_plain_copy(net, {"input": torch.randn(5, 6)})
+    layers = cn.analog_layers(model)
+    assert set(layers) == {"0", "2", "3"} and layers["2"].analog_parameters == ("a", "b")
+    assert layers["0"].chip_noise("kernel") is None and not layers["0"].foreign_forward
+    with torch.no_grad(), cn.chip(model, 3):  # the crossbar holds kernel.T [out, in]
+        assert layers["0"].analog_weight("kernel").shape == (8, 6)
+    v = cn.make_variation("rram", SIGMA, dac_bits=4, adc_bits=4)  # converters act on a registered MVM
+    conv = cn.analogize(nn.Sequential(Dense(6, 8)), v).eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad(), cn.chip(conv, 3):
+        coarse = conv(x)
+    cn.set_variation(conv, cn.make_variation("rram", SIGMA))
+    with torch.no_grad(), cn.chip(conv, 3):
+        assert not torch.allclose(coarse, conv(x), atol=1e-3)
+
+
+def test_register_layer_kind_refuses_bad_input():
+    with pytest.raises(cn.ConfigError, match="needs an nn.Module class"):
+        cn.register_layer_kind(int)
+    with pytest.raises(cn.ConfigError, match="an mvm takes one weight"):
+        cn.register_layer_kind(Bilinear2, weights=("a", "b"), mvm=lambda layer, x, w, b: x)
+    with pytest.raises(cn.ConfigError, match="weights must be parameter names"):
+        cn.register_layer_kind(Bilinear2, weights=())
