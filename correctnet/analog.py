@@ -209,7 +209,7 @@ class _PerChipRead(torch.Tensor):
 
     @staticmethod
     def of(weight: torch.Tensor, message: str) -> "_PerChipRead":
-        t = cast(_PerChipRead, torch.Tensor._make_subclass(_PerChipRead, weight.detach(), False))
+        t: Any = torch.Tensor._make_subclass(_PerChipRead, weight.detach(), False)
         t._cn_message = message
         return t
 
