@@ -27,6 +27,7 @@ Training on sampled chips lives in :mod:`correctnet.calibration`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fnmatch
 from typing import Any, Callable, Iterable, Iterator, Mapping, cast
 
@@ -58,6 +59,7 @@ class Compensator(nn.Module):
             raise ConfigError("a compensator with rank 0 and affine=false would do nothing")
         self.kind, self.rank, self.affine = kind, rank, affine
         self.active = True
+        self.use_rank: int | None = None  # None: all `rank` components; k: the first k only (a placement search's option)
         self._fold = True  # fold into one map when no gradients are needed (see the module docstring)
         if isinstance(layer, nn.Linear):
             out_ch, in_ch = layer.out_features, layer.in_features
@@ -110,6 +112,22 @@ class Compensator(nn.Module):
         # per-channel vector -> broadcastable against y ([N, C] or [N, C, *spatial])
         return v.view(-1, *([1] * (y.dim() - 2))) if self.conv_dims else v
 
+    @property
+    def effective_rank(self) -> int:
+        """Low-rank components in use: ``rank``, or the first ``use_rank`` of them."""
+        return self.rank if self.use_rank is None else min(self.use_rank, self.rank)
+
+    def set_option(self, rank: int | None) -> None:
+        """Switch to one option of a placement search: None = off, ``k`` = affine plus the first ``k``
+        low-rank components (``0 <= k <= rank``; 0 needs ``affine``)."""
+        if rank is None:
+            self.active = False
+            return
+        if not 0 <= rank <= self.rank or (rank == 0 and not self.affine):
+            raise ConfigError(f"compensator option rank {rank} is not within this compensator (rank {self.rank}, "
+                              f"affine={self.affine})")
+        self.active, self.use_rank = True, rank
+
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """An ``output`` compensator as one map: weight ``[out, out, 1, ...]`` (``[out, out]`` for Linear)
         and bias ``[out]`` (None without ``affine``), so that ``forward(x, y) = map(y)``."""
@@ -118,28 +136,54 @@ class Compensator(nn.Module):
         ref = next(self.parameters())
         scale = torch.ones(self.out_channels, device=ref.device, dtype=ref.dtype)
         w = torch.diag(scale + self.gamma if self.affine else scale)
-        if self.rank > 0:
-            w = w + self.up.weight.flatten(1) @ self.down.weight.flatten(1)
+        k = self.effective_rank
+        if k > 0:
+            w = w + self.up.weight.flatten(1)[:, :k] @ self.down.weight.flatten(1)[:k]
         return w.view(*w.shape, *([1] * self.conv_dims)), (self.beta if self.affine else None)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return y
-        if self._fold and self.kind == "output" and self.rank > 0 and not torch.is_grad_enabled():
+        k = self.effective_rank
+        if self._fold and self.kind == "output" and k > 0 and not torch.is_grad_enabled():
             w, b = self.folded()
             return _FOLDED[self.conv_dims](y, w, b)
         out = y
         if self.affine:
             out = out + self._channel(self.gamma, y) * y + self._channel(self.beta, y)
-        if self.rank > 0:
+        if k == self.rank and k > 0:
             out = out + self.up(self.down(x if self.kind == "input" else y))
+        elif k > 0:  # the first k components: rows of down, columns of up (1x1 / Linear up maps)
+            h = self.down(x if self.kind == "input" else y)
+            h = h[..., :k] if self.conv_dims == 0 else h[:, :k]  # Linear: features last ([N, ..., rank])
+            out = out + _FOLDED[self.conv_dims](h, self.up.weight[:, :k])
         return out
+
+    def shrunk(self, rank: int) -> "Compensator":
+        """A standalone compensator of rank ``rank`` holding this one's affine part and first ``rank``
+        low-rank components: what deploying option ``rank`` of a placement search puts on the chip."""
+        self.set_option(rank)
+        new = copy.deepcopy(self)
+        new.rank, new.use_rank, new.active = rank, None, True
+        with torch.no_grad():
+            if rank == 0 and self.rank > 0:
+                del new.down, new.up
+            elif 0 < rank < self.rank:
+                new.down.weight = nn.Parameter(self.down.weight[:rank].clone())
+                new.up.weight = nn.Parameter(self.up.weight[:, :rank].clone())
+                if isinstance(new.down, nn.Linear) and isinstance(new.up, nn.Linear):
+                    new.down.out_features = new.up.in_features = rank
+                elif not isinstance(new.down, nn.Linear) and not isinstance(new.up, nn.Linear):
+                    new.down.out_channels = new.up.in_channels = rank
+        self.use_rank = None
+        return new
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "rank": self.rank, "affine": self.affine}
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, rank={self.rank}, affine={self.affine}, active={self.active}"
+        use = "" if self.use_rank is None else f", use_rank={self.use_rank}"
+        return f"kind={self.kind}, rank={self.rank}, affine={self.affine}, active={self.active}{use}"
 
 
 # ----------------------------------------------------------------------------- placement
@@ -227,6 +271,23 @@ def detach_compensation(model: nn.Module, names: Iterable[str] | None = None) ->
         raise ConfigError(f"layers {missing} have no compensator; compensated layers: {list(comps)}")
     layers = analog_layers(model)
     return {n: cast(Compensator, layers[n]._modules.pop("compensator")) for n in names}
+
+
+def keep_compensation(model: nn.Module, ranks: Mapping[str, int]) -> dict[str, Compensator]:
+    """Cut ``model``'s compensators to ``ranks`` (``{layer: rank}``), in place: the others are removed, each kept
+    one is replaced by its first ``rank`` components (:meth:`Compensator.shrunk`). Deploys a placement
+    search's choice from a supernet's compensators. Returns the kept modules."""
+    comps = compensators(model)
+    missing = [n for n in ranks if n not in comps]
+    if missing:
+        raise ConfigError(f"layers {missing} have no compensator to keep; compensated layers: {list(comps)}")
+    layers = analog_layers(model)
+    for n, c in comps.items():
+        if n in ranks:
+            layers[n].compensator = c.shrunk(ranks[n])
+        else:
+            del layers[n]._modules["compensator"]
+    return compensators(model)
 
 
 def compensators(model: nn.Module) -> dict[str, Compensator]:
@@ -336,4 +397,5 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
 
 
 __all__ = ["KINDS", "Compensator", "attach_compensation", "attach_from_spec", "bypass", "compensation_parameters",
-           "compensation_spec", "compensators", "detach_compensation", "overhead", "resolve_placement"]
+           "compensation_spec", "compensators", "detach_compensation", "keep_compensation", "overhead",
+           "resolve_placement"]

@@ -31,7 +31,7 @@ from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig,
                           teacher_logits, teacher_network, train_compensation)
 from .checkpoint import checkpoint_digest, save_checkpoint, versions
 from .io import atomic_write
-from .compensation import KINDS, attach_compensation, compensation_spec, overhead, resolve_placement
+from .compensation import KINDS, attach_compensation, compensation_spec, keep_compensation, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
 from .conf.schema import keyword_defaults  # importing correctnet.conf registers the groups' schemas
 from .errors import ConfigError, CorrectNetError, is_int, is_number
@@ -39,6 +39,7 @@ from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_ca
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import check_fits, model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
+from .placement.evaluator import random_options
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .evaluate import eval_batch_size, resolve_chips_per_pass, resolve_device
@@ -252,10 +253,6 @@ def validate(cfg: DictConfig) -> Job:
     use_reference = cfg.get("reference", False)
     if not isinstance(use_reference, bool):
         raise ConfigError(f"reference must be true or false, got {use_reference!r}")
-    if comp_cfg is not None and comp_cfg.joint and strategy is not None:
-        raise ConfigError(f"compensation.joint=true trains the compensators with the network, so their placement must "
-                          f"be fixed before training; placement.strategy={strategy} chooses it after training. Use "
-                          f"placement=fixed, or compensation.joint=false")
     if tcfg.distill > 0 and not use_reference:
         raise ConfigError(f"training.distill={tcfg.distill} distills the vanilla reference into the trained network: "
                           "set reference=true, or training.distill=0")
@@ -345,6 +342,15 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     if job.strategy is not None and len(data.val) == 0:
         raise ConfigError("the placement search scores placements on the validation split, which is empty; "
                           "set dataset.val_fraction > 0")
+    if job.search_cfg is not None and job.search_cfg.val_images >= len(data.val) and (
+            (cal is not None and cal.teacher == "auto")
+            or (job.comp_cfg is not None and job.comp_cfg.check_chips > 0 and not job.joint)):
+        # a later choice (the calibration teacher, the compensation check) needs validation images the search did not
+        # score placements on: the search keeps the first half of a small validation split
+        job.search_cfg = dataclasses.replace(job.search_cfg, val_images=max(len(data.val) // 2, 1))
+        log.info("placement search: scoring on the first %d of the %d validation images (the rest are kept for %s)",
+                 job.search_cfg.val_images, len(data.val),
+                 "the calibration teacher's choice" if cal is not None else "the compensation check")
     if cal is not None and cal.teacher == "auto" and len(data.val) == 0:
         raise ConfigError("calibration.teacher=auto scores the candidate teachers on the validation split, which is "
                           "empty; set dataset.val_fraction > 0 or choose calibration.teacher=ensemble|self|reference")
@@ -361,6 +367,8 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
     resolved["evaluation"]["batch_size"] = job.eval_batch  # "auto" recorded as the size used: replays use it
     if cal is not None:
         resolved["calibration"]["n_images"] = cal.n_images  # the number used (capped at the training split)
+    if job.search_cfg is not None:
+        resolved["placement"]["val_images"] = job.search_cfg.val_images  # the number used (see above)
     vers = versions() | {"numpy": np.__version__, "python": platform.python_version()}
     store = open_store(out_dir / "resume", job.resume_mode, _resume_record(resolved, vers, job.threads))
     if job.regularizer is not None:  # conv layers need their input shapes for the spectral form
@@ -408,12 +416,20 @@ def train_base(ws: Workspace, reference: torch.nn.Module | None = None) -> tuple
         assert reference is not None  # validate() requires reference=true
         teacher = _clean_logits(reference)
     stage = j.base_stage
+    on_step = None
     if j.joint:
         assert ws.placement is not None
-        attach_compensation(model, ws.placement, seed=j.cfg.seed, **j.attach_kw)
+        if j.strategy is not None:  # a supernet: the largest option everywhere, random options switched on per step
+            assert j.search_cfg is not None
+            ranks = _search_ranks(j)
+            comps = attach_compensation(model, list(ws.placement), seed=j.cfg.seed,
+                                        **{**j.attach_kw, "rank": max(ranks)})
+            on_step = random_options(list(comps.values()), ranks, j.search_cfg.active_prob, j.search_cfg.seed)
+        else:
+            attach_compensation(model, ws.placement, seed=j.cfg.seed, **j.attach_kw)
     t0 = time.perf_counter()
     history = train(model, ws.data.train, ws.data.val, j.tcfg, regularizer=j.regularizer, progress=j.progress,
-                    stage=stage.value, resume=ws.store, teacher=teacher)
+                    stage=stage.value, resume=ws.store, teacher=teacher, on_step=on_step)
     seconds = time.perf_counter() - t0
     _check_outputs(model, ws.data.test, stage)
     set_variation(model, j.variation)
@@ -438,7 +454,15 @@ def search_placement(ws: Workspace) -> tuple[PlacementEvaluator, Placement, dict
     """The placement search (``placement.strategy``): the evaluator, the chosen placement and its metrics record."""
     j = ws.job
     assert j.strategy is not None and j.search_cfg is not None and j.comp_cfg is not None
-    return _search(ws.model, ws.data, j.strategy, j.search_cfg, j.ppo_cfg, j.attach_kw, j.comp_cfg, j.progress, ws.store)
+    layers = list(ws.placement) if ws.placement is not None else None
+    return _search(ws.model, ws.data, j.strategy, j.search_cfg, j.ppo_cfg, j.attach_kw, j.comp_cfg, j.progress, ws.store,
+                   layers=layers, trained=j.joint)
+
+
+def _search_ranks(j: Job) -> list[int]:
+    """The options of the placement search: ``placement.ranks``, or the compensation rank alone."""
+    assert j.search_cfg is not None
+    return list(j.search_cfg.ranks) if j.search_cfg.ranks is not None else [j.attach_kw["rank"]]
 
 
 def compensate(ws: Workspace, base_training: dict[str, Any], reference: torch.nn.Module | None,
@@ -573,8 +597,15 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     if job.strategy is not None:
         evaluator, chosen, placement_record = search_placement(ws)
         ws.placement = evaluator.to_placement(chosen) or None
+        if job.joint:  # deploy what was chosen: the supernet's compensators cut to the chosen layers and ranks
+            keep_compensation(ws.model, ws.placement or {})
         if ws.placement is None:
             log.info("the search chose no compensation: no compensated stage")
+            if job.joint:  # the jointly trained network alone is the result
+                final = Stage.SUPPRESSED if job.regularizer else Stage.NOISE_AWARE if job.tcfg.noise_aware \
+                    else Stage.BASELINE
+                add(StageResult(final, {**ws.measure(ws.model), "training": base_training,
+                                        **ws.profile(ws.model, final)}))
     cost = None
     if ws.placement is not None:
         result, cost = compensate(ws, base_training, reference, evaluator, chosen)
@@ -649,21 +680,25 @@ def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) 
 
 def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: SearchConfig, ppo_cfg: PPOConfig | None,
             attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool,
-            store: ResumeStore | None = None) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
-    """The placement search stage: (the evaluator, the chosen placement, its metrics record)."""
+            store: ResumeStore | None = None, *, layers: list[str] | None = None,
+            trained: bool = False) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
+    """The placement search stage: (the evaluator, the chosen placement, its metrics record). ``trained``: the
+    model's compensators were trained with the network as a supernet (joint training) and are searched as they are."""
     t0 = time.perf_counter()
-    log.info("placement search (%s): training shared compensators (%d steps), scoring on %d search chips x %d "
-             "validation images", strategy, search_cfg.shared_steps, search_cfg.chips,
-             min(search_cfg.val_images, len(data.val)))
+    shared = "the jointly trained compensators" if trained else f"shared compensators ({search_cfg.shared_steps} steps)"
+    log.info("placement search (%s) over %s, scoring on %d search chips x %d validation images", strategy, shared,
+             search_cfg.chips, min(search_cfg.val_images, len(data.val)))
     evaluator = PlacementEvaluator(model, data.train, data.val.tensors, search_cfg, attach=attach_kw,
-                                   comp_cfg=comp_cfg, progress=progress, resume=store)
+                                   comp_cfg=comp_cfg, progress=progress, resume=store, layers=layers, trained=trained)
     result = search(evaluator, strategy, seed=search_cfg.seed, ppo=ppo_cfg, progress=progress)
     evaluator.save_cache()
     b = result.best
-    msg = (f"placement search ({strategy}): {result.chosen or 'no layer'}, objective {b.objective:.2f} pp "
-           f"(recovers {100 * (b.accuracy - evaluator.base_accuracy):.2f} pp at +{b.cost:.2f}% {search_cfg.cost}, "
-           f"price {search_cfg.price:g}), {result.evaluations} of {result.n_placements} placements evaluated "
-           f"in {result.seconds:.1f} s")
+    limits = ", ".join(f"{v:g}% {k}" for k, v in evaluator.limits.items()) or "none"
+    chosen = ", ".join(f"{n} (rank {r})" for n, r in result.chosen_ranks.items()) or "no layer"
+    msg = (f"placement search ({strategy}, budget {limits}): {chosen}; objective {b.objective:.2f} pp "
+           f"(recovers {100 * (b.accuracy - evaluator.base_accuracy):.2f} pp at +{b.costs.get('params', 0):.2f}% "
+           f"parameters, +{b.costs.get('macs', 0):.2f}% MACs, price {search_cfg.price:g} per % {search_cfg.cost}), "
+           f"{result.evaluations} of {result.n_placements} placements evaluated in {result.seconds:.1f} s")
     log.info("%s", msg)
     print(msg, flush=True)
     record = {**result.to_dict(), "evaluator": evaluator.summary(), "seconds_total": time.perf_counter() - t0}

@@ -155,6 +155,7 @@ def train(
     resume_key: str = "training",
     teacher: Callable[[torch.Tensor], Any] | None = None,
     output: OutputFn | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place on its current device; returns one metrics dict per epoch.
 
@@ -181,6 +182,11 @@ def train(
     ``output(raw output)`` returns for any other form (:func:`correctnet.tensors.logits_of`); validation
     accuracy too. The teacher's output is read the same way (a tensor as it is: a teacher returning logits
     needs no ``output``).
+
+    ``on_step(i)`` runs before the forward of global step ``i`` (``(epoch - 1) * steps_per_epoch + step``); the
+    pipeline's joint supernet training uses it to switch random compensators
+    (:func:`correctnet.placement.evaluator.random_options`). It must depend on ``i`` only (resuming calls it
+    from the step the run stopped at).
     """
     if cfg.distill > 0 and teacher is None:
         raise ConfigError(f"training.distill={cfg.distill} needs a teacher: train(..., teacher=...); in the pipeline "
@@ -256,6 +262,8 @@ def train(
             for step, (x, y) in enumerate(bar, start=skip):
                 if cfg.noise_aware and step == skip:
                     check_reads_once(model, x)  # once per model: does every analog weight reach the output?
+                if on_step is not None:
+                    on_step((epoch - 1) * steps_per_epoch + step)
                 out = logits_of(model(x), output)
                 loss = F.cross_entropy(out, y)
                 if teacher is not None and cfg.distill > 0:

@@ -102,6 +102,15 @@ class _HandMade:
         self.cfg = _Cfg(budget=budget)
         self.asked = []
 
+    def cost(self, p, metric=None):
+        return sum(c for c, on in zip(self.layer_cost, p) if on)
+
+    def feasible(self, p):
+        return self.cfg.budget is None or self.cost(p) <= self.cfg.budget + 1e-9
+
+    def budget_left(self, p):
+        return 1.0 if self.cfg.budget is None else max(self.cfg.budget - self.cost(p), 0) / self.cfg.budget
+
     def evaluate(self, p):
         self.asked.append(p)
         acc = 0.5 + 0.1 * p[0] + 0.05 * p[1] + 0.02 * p[2]

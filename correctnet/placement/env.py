@@ -1,8 +1,9 @@
 """A Gymnasium environment in which an agent decides, layer after layer, where compensation goes.
 
 An episode walks the candidate analog layers in module order; step ``t`` decides for layer ``t``:
-action 0 = no compensator, 1 = compensator. With an overhead ``budget``, an action 1 that would exceed it
-is taken as 0 (``info["masked"]``), so every finished placement is feasible.
+action 0 = no compensator, ``k`` = option ``k`` (a compensator of rank ``evaluator.ranks[k - 1]``; with one
+option, 1 = compensator). With an overhead budget, an action that would exceed it is taken as the largest
+smaller option that fits, or 0 (``info["masked"]``), so every finished placement is feasible.
 
 **Reward**: 0 at every step but the last; at the last, ``reward_scale * objective(placement)``, the
 objective of :mod:`correctnet.placement.evaluator` in pp:
@@ -17,10 +18,10 @@ objective of :mod:`correctnet.placement.evaluator` in pp:
  3  its share of the analog MACs
  4  its sensitivity (accuracy lost when only it has variations) / the largest one, clipped to [-1, 1]
  5  its Lipschitz constant, ``log(1 + L_t) / log(1 + max L)``
- 6  its compensator's overhead / the overhead of compensating every layer
- 7  overhead spent so far / the overhead of compensating every layer
- 8  budget left / budget (1 without a budget)
- 9  1 if its compensator fits in the budget left, else 0
+ 6  its largest compensator's overhead / the overhead of compensating every layer so
+ 7  overhead spent so far / the overhead of compensating every layer at its largest option
+ 8  share of the tightest budget limit left (1 without a budget)
+ 9  1 if its cheapest option fits in the budget left, else 0
 10  its price ``price * cost_t`` relative to ``max(price * cost_t, largest sensitivity)``
 11  the previous action (0 at the first layer)
 ==  ==========================================================================================
@@ -49,11 +50,12 @@ class PlacementEnv(gym.Env):
         self.evaluator = evaluator
         self.reward_scale = float(reward_scale)
         self.n_layers = len(evaluator.names)
-        self.action_space = spaces.Discrete(2)
+        self.n_options = int(getattr(evaluator, "n_options", 1))
+        self.action_space = spaces.Discrete(self.n_options + 1)
         self.observation_space = spaces.Box(-1.0, 1.0, (N_FEATURES,), np.float32)
         self._static = self._layer_features()
         self._t = 0
-        self._chosen: list[bool] = []
+        self._chosen: list[int] = []
 
     def _layer_features(self) -> np.ndarray:
         ev = self.evaluator
@@ -72,17 +74,14 @@ class PlacementEnv(gym.Env):
                          price[t] / max(price[t], s_max, 1e-9)])
         return np.asarray(rows, dtype=np.float64)
 
-    def _spent(self) -> float:
-        return sum(c for c, on in zip(self.evaluator.layer_cost, self._chosen) if on)
-
     def _obs(self) -> np.ndarray:
         t = min(self._t, self.n_layers - 1)
         pos, conv, ps, ms, sens, lip, own, price = self._static[t]
-        spent = self._spent()
-        budget = self.evaluator.cfg.budget
-        left = 1.0 if budget is None else (max(budget - spent, 0.0) / budget if budget > 0 else 0.0)
-        fits = 1.0 if budget is None or spent + self.evaluator.layer_cost[t] <= budget + 1e-9 else 0.0
-        prev = float(self._chosen[-1]) if self._chosen else 0.0
+        ev = self.evaluator
+        spent = ev.cost(self._chosen)
+        left = ev.budget_left(self._chosen)
+        fits = 1.0 if ev.feasible([*self._chosen[:t], 1]) else 0.0
+        prev = self._chosen[-1] / self.n_options if self._chosen else 0.0
         obs = [pos, conv, ps, ms, sens, lip, own, spent / self._total_cost, left, fits, price, prev]
         return np.clip(np.asarray(obs, dtype=np.float32), -1.0, 1.0)
 
@@ -95,11 +94,13 @@ class PlacementEnv(gym.Env):
         if self._t >= self.n_layers:
             raise RuntimeError("the episode is over; call reset()")
         a = int(action)
-        if a not in (0, 1):
-            raise ValueError(f"action must be 0 or 1, got {action!r}")
-        budget = self.evaluator.cfg.budget
-        masked = a == 1 and budget is not None and self._spent() + self.evaluator.layer_cost[self._t] > budget + 1e-9
-        self._chosen.append(bool(a) and not masked)
+        if not 0 <= a <= self.n_options:
+            raise ValueError(f"action must be in 0..{self.n_options}, got {action!r}")
+        taken = a
+        while taken > 0 and not self.evaluator.feasible([*self._chosen, taken]):
+            taken -= 1
+        masked = taken != a
+        self._chosen.append(taken if self.n_options > 1 else bool(taken))
         self._t += 1
         info: dict[str, Any] = {"masked": masked}
         reward = 0.0

@@ -1,21 +1,29 @@
 """Cheap, honest evaluation of compensation placements: shared compensators, search chips, a cache.
 
-A *placement* is a tuple of booleans, one per candidate analog layer in module order (``True``: the layer
-gets a compensator). Its **objective**, in percentage points (pp), is
+A *placement* is a tuple of option indices, one per candidate analog layer in module order: 0 = no
+compensator, ``k >= 1`` = a compensator of rank ``ranks[k - 1]`` (``SearchConfig.ranks``; rank 0 = the
+per-channel scale and shift only, about one operation per output). With one option (the default,
+``ranks=None``: the compensation rank) a placement is a tuple of booleans. Its **objective**, in
+percentage points (pp), is
 
     objective(p) = 100 * (acc(p) - acc(none)) - price * cost(p)
 
 * ``acc(p)``: mean accuracy over ``chips`` search chips (``Stream.SEARCH``, never evaluation chips) on
   ``val_images`` images of the *validation* split, with the compensators of ``p`` switched on;
 * ``cost(p)``: the compensators' overhead in % of the network's parameters (``cost="params"``) or MACs
-  (``cost="macs"``), the sum of the per-layer overheads of :func:`correctnet.compensation.overhead`;
-* ``price``: pp of accuracy one % of overhead is worth. With ``budget`` (in % as well), placements
-  costing more are infeasible: their objective is ``-inf`` and they are never evaluated.
+  (``cost="macs"``), the sum of the per-layer overheads of :func:`correctnet.compensation.overhead`
+  (both are recorded for every placement);
+* ``price``: pp of accuracy one % of overhead is worth. With ``budget`` (in %: a number, for ``cost``, or
+  ``{"macs": m, "params": p}``, each a limit), placements costing more are infeasible: their objective is
+  ``-inf`` and they are never evaluated.
 
-``objective(none) = 0`` by construction. **Weight sharing**: every candidate layer gets a compensator once,
-and they are trained together on sampled chips (``Stream.COMPENSATION``) while a random subset is
-switched on at each step (each layer with probability ``active_prob``), so that any subset works without
-retraining (the "one-shot" supernet idea of neural architecture search, Bender et al. 2018). Evaluating
+``objective(none) = 0`` by construction. **Weight sharing**: every candidate layer gets a compensator once
+(of the largest rank; option ``k`` uses its first ``ranks[k - 1]`` components), and they are trained
+together on sampled chips (``Stream.COMPENSATION``) while a random subset is switched on at each step
+(each layer with probability ``active_prob``, at an option drawn uniformly), so that any placement works
+without retraining (the "one-shot" supernet idea of neural architecture search, Bender et al. 2018).
+Compensators already trained that way with the network (``trained=True``: the pipeline's joint
+training, :func:`random_options`) are used as they are. Evaluating
 a placement is then forwards only: ``chips`` forwards over the validation images. Results are cached by
 placement: a placement is never evaluated twice, and :attr:`PlacementEvaluator.evaluations` counts the
 distinct ones.
@@ -27,10 +35,11 @@ placement); ``experiments/placement.py --check-estimates`` measures it against t
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +47,8 @@ from torch import nn
 
 from ..analog import AnalogLayer, analog_layers, chip
 from ..calibration import CompensationConfig, data_tensors, teacher_logits, train_compensation
-from ..compensation import layer_macs, attach_compensation, compensators, overhead
+from ..compensation import (Compensator, attach_compensation, compensation_spec, compensators, detach_compensation,
+                            layer_macs, overhead)
 from ..errors import ConfigError, is_int, is_number, require
 from ..evaluate import accuracy, clean_accuracy
 from ..tensors import OutputFn, eval_mode, model_device
@@ -46,7 +56,7 @@ from ..lipschitz import lipschitz_constants
 from ..resume import ResumeStore
 from ..seeding import Stream, chip_seed
 
-Placement = tuple[bool, ...]
+Placement = tuple[int, ...]  # one option index per layer (0: none); booleans for one option
 COSTS = ("params", "macs")
 
 
@@ -56,7 +66,8 @@ class SearchConfig:
 
     price: float = 1.0          # pp of accuracy per 1% of overhead
     cost: str = "params"        # params | macs: the overhead the price applies to
-    budget: float | None = None  # hard overhead limit in %, or None
+    budget: float | dict[str, float] | None = None  # hard limit in % of `cost`, or {macs: %, params: %}, or None
+    ranks: list[int] | None = None  # options per layer (ranks; 0: scale and shift only); None: the compensation rank
     chips: int = 10             # search chips (Stream.SEARCH)
     val_images: int = 1000      # validation images per chip
     shared_steps: int = 500     # training steps of the shared compensators
@@ -68,8 +79,19 @@ class SearchConfig:
         o = "placement"
         require(is_number(self.price) and self.price >= 0, f"{o}.price", "a number >= 0", self.price)
         require(self.cost in COSTS, f"{o}.cost", f"one of {list(COSTS)}", self.cost)
-        require(self.budget is None or (is_number(self.budget) and self.budget >= 0), f"{o}.budget",
-                "null or a number >= 0 (% of the network)", self.budget)
+        b = self.budget
+        ok_budget = b is None or (is_number(b) and not isinstance(b, Mapping) and b >= 0) or (
+            isinstance(self.budget, Mapping) and bool(self.budget) and set(self.budget) <= set(COSTS)
+            and all(is_number(v) and v >= 0 for v in self.budget.values()))
+        require(ok_budget, f"{o}.budget", "null, a number >= 0 (% of the network's `cost`) or a mapping "
+                "{macs: %, params: %} of numbers >= 0", self.budget)
+        if isinstance(self.budget, Mapping):
+            self.budget = {k: float(v) for k, v in self.budget.items()}
+        if self.ranks is not None:
+            r = list(self.ranks)
+            require(bool(r) and all(is_int(k) and k >= 0 for k in r) and len(set(r)) == len(r), f"{o}.ranks",
+                    "null or a list of distinct integers >= 0 (0: scale and shift only)", self.ranks)
+            self.ranks = sorted(r)
         for key in ("chips", "val_images", "shared_steps", "batch_size"):
             v = getattr(self, key)
             require(is_int(v) and v >= 1, f"{o}.{key}", "an integer >= 1", v)
@@ -86,10 +108,14 @@ class Evaluation:
     accuracy: float
     cost: float
     objective: float
+    costs: dict[str, float] = field(default_factory=dict)  # {"params": %, "macs": %}
 
-    def to_dict(self, names: Sequence[str]) -> dict[str, Any]:
-        return {"layers": [n for n, on in zip(names, self.placement) if on], "accuracy": self.accuracy,
-                "cost": self.cost, "objective": self.objective}
+    def to_dict(self, names: Sequence[str], ranks: Sequence[int] | None = None) -> dict[str, Any]:
+        d = {"layers": [n for n, on in zip(names, self.placement) if on], "accuracy": self.accuracy,
+             "cost": self.cost, "objective": self.objective, **{f"{k}_pct": v for k, v in self.costs.items()}}
+        if ranks is not None:
+            d["ranks"] = {n: ranks[k - 1] for n, k in zip(names, self.placement) if k}
+        return d
 
 
 class PlacementEvaluator:
@@ -98,83 +124,97 @@ class PlacementEvaluator:
     Works on a deep copy of ``model`` (which is left untouched). ``train_data``: the training split (x, y)
     the shared compensators learn on (distillation from the clean network); ``val``: ``(x [N, ...], y [N])``
     validation images, of which the first ``cfg.val_images`` are used. ``attach``: ``kind``, ``rank``,
-    ``affine`` of the compensators; ``comp_cfg``: their training (``steps`` is replaced by
-    ``cfg.shared_steps``). ``layers``: candidate layer names (default: every analog layer).
-    ``resume``: the shared training and the evaluated accuracies are saved there (``placement_shared``,
-    ``placement_cache``) and continued from, so an interrupted search repeats no evaluation; the search
-    itself is deterministic, so it ends as an uninterrupted one would. ``output``: how the model's outputs
-    hold the logits ``[N, C]`` (:func:`correctnet.tensors.logits_of`; None: a tensor, tuple, dict or
-    transformers ``ModelOutput``).
+    ``affine`` of the compensators (the rank is replaced by the largest of ``cfg.ranks``); ``comp_cfg``: their
+    training (``steps`` is replaced by ``cfg.shared_steps``). ``layers``: candidate layer names (default:
+    every analog layer). ``trained``: ``model`` carries compensators at exactly ``layers``, already trained
+    as a supernet (e.g. jointly with the network, switched by :func:`random_options`): they are the shared
+    ones, no shared training runs. ``resume``: the shared training and the evaluated accuracies are saved
+    there (``placement_shared``, ``placement_cache``) and continued from, so an interrupted search repeats no
+    evaluation; the search itself is deterministic, so it ends as an uninterrupted one would. ``output``: how
+    the model's outputs hold the logits ``[N, C]`` (:func:`correctnet.tensors.logits_of`; None: a tensor,
+    tuple, dict or transformers ``ModelOutput``).
     """
 
     def __init__(self, model: nn.Module, train_data: Any, val: tuple[torch.Tensor, torch.Tensor],
                  cfg: SearchConfig, *, attach: dict[str, Any] | None = None,
                  comp_cfg: CompensationConfig | None = None, layers: Sequence[str] | None = None,
-                 progress: bool = False, resume: ResumeStore | None = None, output: OutputFn | None = None) -> None:
+                 progress: bool = False, resume: ResumeStore | None = None, output: OutputFn | None = None,
+                 trained: bool = False) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.output = output
         self.model = copy.deepcopy(model)
-        if compensators(self.model):
-            raise ConfigError("the placement search needs a model without compensation modules; detach them first")
+        given = compensators(self.model)
+        if given and not trained:
+            raise ConfigError("the placement search needs a model without compensation modules; detach them first "
+                              "(or pass trained=True when they were trained as a supernet)")
         analog = analog_layers(self.model)
         compensable = [n for n, l in analog.items() if l.can_compensate]
-        self.names: list[str] = list(layers) if layers is not None else compensable
+        if layers is None:
+            layers = list(given) if trained else compensable
+        self.names: list[str] = list(layers)
         unknown = [n for n in self.names if n not in compensable]
         if unknown or not self.names:
             raise ConfigError(f"placement layers {unknown or '[]'} are not analog layers that can carry a "
                               f"compensator; those are: {compensable}")
+        self.attach = {"kind": "output", "rank": 4, "affine": True, **(attach or {})}
+        self.ranks: list[int] = list(cfg.ranks) if cfg.ranks is not None else [self.attach["rank"]]
+        if 0 in self.ranks and not self.attach["affine"]:
+            raise ConfigError("placement.ranks has 0 (scale and shift only), which needs compensation.affine=true")
+        self.attach["rank"] = max(self.ranks)
+        if trained:
+            bad = {n: c.spec() for n, c in given.items() if n not in self.names or c.rank < self.attach["rank"]
+                   or (c.kind, c.affine) != (self.attach["kind"], self.attach["affine"])}
+            if bad or set(given) != set(self.names):
+                raise ConfigError(f"trained=True needs compensators of kind {self.attach['kind']}, rank >= "
+                                  f"{self.attach['rank']}, affine={self.attach['affine']} at exactly {self.names}; "
+                                  f"the model has {compensation_spec(self.model)}")
         dev = model_device(self.model)
         self.val_x = val[0][:cfg.val_images].to(dev)
         self.val_y = val[1][:cfg.val_images].to(dev)
         self.chip_seeds = [chip_seed(Stream.SEARCH, cfg.seed, i) for i in range(cfg.chips)]
-        self.attach = {"kind": "output", "rank": 4, "affine": True, **(attach or {})}
         example = self.val_x[:1]
 
-        self.lipschitz = {n: c for n, c in lipschitz_constants(self.model, example).items() if n in self.names}
-        self.layer_info = layer_info(self.model, self.names, example)
-        self.clean_accuracy = clean_accuracy(self.model, (self.val_x, self.val_y), batch_size=cfg.batch_size,
-                                             output=output)
-        self.base_accuracy = self._accuracy()  # no compensator exists yet: the uncompensated network
-        self.sensitivity = self._sensitivities()
+        self.option_costs = option_costs(self.model, self.names, self.ranks, example, self.attach)
+        self.limits = budget_limits(cfg)
+        # the largest option's cost per layer, in cfg.cost (the observation's scale)
+        self.layer_cost = [self.option_costs[cfg.cost][i][-1] for i in range(len(self.names))]
+        with _all_off(self.model):
+            self.lipschitz = {n: c for n, c in lipschitz_constants(self.model, example).items() if n in self.names}
+            self.layer_info = layer_info(self.model, self.names, example)
+            self.clean_accuracy = clean_accuracy(self.model, (self.val_x, self.val_y), batch_size=cfg.batch_size,
+                                                 output=output)
+            self.base_accuracy = self._accuracy()  # the uncompensated network
+            self.sensitivity = self._sensitivities()
 
-        self.comps = attach_compensation(self.model, self.names, seed=cfg.seed, **self.attach)
-        cost = overhead(self.model, example)
-        self.layer_cost = [cost["layers"][n][f"{cfg.cost}_pct"] for n in self.names]
-        self.overhead = cost
-        gen = torch.Generator().manual_seed(cfg.seed)
+        if trained:
+            self.comps = {n: given[n] for n in self.names}
+        else:
+            self.comps = attach_compensation(self.model, self.names, seed=cfg.seed, **self.attach)
+        self.overhead = overhead(self.model, example)
         comps = list(self.comps.values())
-        drawn = [0]  # steps drawn so far: a resumed training fast-forwards the generator to its step
-
-        def draw() -> torch.Tensor:
-            on = torch.rand(len(comps), generator=gen) < cfg.active_prob
-            if not on.any():  # a step with nothing to train: switch one on
-                on[torch.randint(len(comps), (1,), generator=gen)] = True
-            drawn[0] += 1
-            return on
-
-        def random_subset(step: int) -> None:
-            while drawn[0] < step:
-                draw()
-            for c, a in zip(comps, draw().tolist()):
-                c.active = a
 
         tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
         tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
         # the clean network's logits on the training images: also the teacher of the final fine-tuning
-        self.teacher = (teacher_logits(self.model, data_tensors(train_data)[0], output=output) if tcfg.distill > 0
-                        else None)
-        self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
-                                           stage="shared compensators", on_step=random_subset, resume=resume,
-                                           resume_key="placement_shared", teacher=self.teacher,
-                                           output=output).to_dict()
+        with _all_off(self.model):
+            self.teacher = (teacher_logits(self.model, data_tensors(train_data)[0], output=output)
+                            if tcfg.distill > 0 else None)
+        if trained:
+            self.training: dict[str, Any] = {"trained": "with the network"}
+        else:
+            self.training = train_compensation(self.model, train_data, tcfg, progress=progress,
+                                               stage="shared compensators",
+                                               on_step=random_options(comps, self.ranks, cfg.active_prob, cfg.seed),
+                                               resume=resume, resume_key="placement_shared", teacher=self.teacher,
+                                               output=output).to_dict()
         self.cache: dict[Placement, Evaluation] = {}  # in evaluation order
         self.resume = resume
         self._saved: dict[Placement, float] = {}
         if resume is not None:
             state = resume.load("placement_cache") or {}
-            self._saved = {tuple(bool(b) for b in p): a for p, a in zip(state.get("placements", []),
-                                                                       state.get("accuracies", []))}
+            self._saved = {tuple(int(b) for b in p): a for p, a in zip(state.get("placements", []),
+                                                                      state.get("accuracies", []))}
         self.setup_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ layer facts
@@ -186,6 +226,11 @@ class PlacementEvaluator:
             others = [l for m, l in layers.items() if m != n]
             out.append(100 * (self.clean_accuracy - self._accuracy(nominal_layers=others)))
         return out
+
+    @property
+    def n_options(self) -> int:
+        """Options per layer besides "none"."""
+        return len(self.ranks)
 
     # ------------------------------------------------------------------ scoring
     def _accuracy(self, nominal_layers: Sequence[AnalogLayer] = ()) -> float:
@@ -199,37 +244,55 @@ class PlacementEvaluator:
                                      output=self.output))
         return float(np.mean(accs))
 
-    def cost(self, placement: Placement) -> float:
-        """Overhead of ``placement`` in % (``cfg.cost``)."""
-        return float(sum(c for c, on in zip(self.layer_cost, placement) if on))
+    def cost(self, placement: Sequence[int], metric: str | None = None) -> float:
+        """Overhead of ``placement`` in % (``metric``: params | macs; default ``cfg.cost``). A shorter tuple
+        (an episode so far) costs what its layers cost."""
+        table = self.option_costs[metric or self.cfg.cost]
+        return float(sum(table[i][k - 1] for i, k in enumerate(placement) if k))
 
-    def feasible(self, placement: Placement) -> bool:
-        return self.cfg.budget is None or self.cost(placement) <= self.cfg.budget + 1e-9
+    def costs(self, placement: Sequence[int]) -> dict[str, float]:
+        return {m: self.cost(placement, m) for m in COSTS}
 
-    def check(self, placement: Sequence[bool]) -> Placement:
-        p = tuple(bool(v) for v in placement)
+    def feasible(self, placement: Sequence[int]) -> bool:
+        """Within every budget limit (a shorter tuple: its layers so far)."""
+        return all(self.cost(placement, m) <= lim + 1e-9 for m, lim in self.limits.items())
+
+    def budget_left(self, placement: Sequence[int]) -> float:
+        """Share of the tightest budget limit not yet spent by ``placement``, in [0, 1] (1 without a budget)."""
+        left = [max(lim - self.cost(placement, m), 0.0) / lim if lim > 0 else 0.0 for m, lim in self.limits.items()]
+        return min(left, default=1.0)
+
+    def check(self, placement: Sequence[int]) -> Placement:
+        p = tuple(int(v) for v in placement)
         if len(p) != len(self.names):
             raise ConfigError(f"a placement has one entry per layer {self.names}, got {len(p)} entries")
+        if any(not 0 <= k <= self.n_options for k in p):
+            raise ConfigError(f"a placement's entries are options 0..{self.n_options} (0: none, k: rank "
+                              f"{self.ranks}[k-1]), got {list(p)}")
         return p
 
-    def evaluate(self, placement: Sequence[bool]) -> Evaluation:
+    def set_placement(self, placement: Sequence[int]) -> None:
+        """Switch the shared compensators to ``placement``."""
+        for c, k in zip(self.comps.values(), self.check(placement)):
+            c.set_option(self.ranks[k - 1] if k else None)
+
+    def evaluate(self, placement: Sequence[int]) -> Evaluation:
         """Score ``placement`` (cached); an infeasible one scores ``-inf`` without being evaluated."""
         p = self.check(placement)
         if p in self.cache:
             return self.cache[p]
-        cost = self.cost(p)
+        cost, costs = self.cost(p), self.costs(p)
         if not self.feasible(p):
-            return Evaluation(p, float("nan"), cost, -math.inf)
+            return Evaluation(p, float("nan"), cost, -math.inf, costs)
         if p in self._saved:  # evaluated before an interruption
             acc = self._saved[p]
         else:
-            for c, on in zip(self.comps.values(), p):
-                c.active = on
+            self.set_placement(p)
             acc = self._accuracy()
             self._saved[p] = acc
             if self.resume is not None and self.resume.due("placement_cache"):
                 self.save_cache()
-        ev = Evaluation(p, acc, cost, 100 * (acc - self.base_accuracy) - self.cfg.price * cost)
+        ev = Evaluation(p, acc, cost, 100 * (acc - self.base_accuracy) - self.cfg.price * cost, costs)
         self.cache[p] = ev
         return ev
 
@@ -256,27 +319,89 @@ class PlacementEvaluator:
 
     @property
     def n_placements(self) -> int:
-        return 2 ** len(self.names)
+        return (self.n_options + 1) ** len(self.names)
 
-    def to_placement(self, placement: Sequence[bool]) -> dict[str, int]:
+    def to_placement(self, placement: Sequence[int]) -> dict[str, int]:
         """``{layer: rank}`` for :func:`correctnet.compensation.attach_compensation`."""
-        return {n: self.attach["rank"] for n, on in zip(self.names, self.check(placement)) if on}
+        return {n: self.ranks[k - 1] for n, k in zip(self.names, self.check(placement)) if k}
 
-    def load_shared(self, model: nn.Module, placement: Sequence[bool]) -> None:
+    def load_shared(self, model: nn.Module, placement: Sequence[int]) -> None:
         """Copy the shared compensators' weights of ``placement``'s layers into ``model``'s compensators
         (attached with :meth:`to_placement` and ``self.attach``), to fine-tune from them."""
         comps = compensators(model)
-        for n, on in zip(self.names, self.check(placement)):
-            if on:
-                comps[n].load_state_dict(self.comps[n].state_dict())
+        for n, k in zip(self.names, self.check(placement)):
+            if k:
+                comps[n].load_state_dict(self.comps[n].shrunk(self.ranks[k - 1]).state_dict())
 
     def summary(self) -> dict[str, Any]:
-        return {"layers": self.names, "config": asdict(self.cfg), "attach": self.attach,
+        return {"layers": self.names, "config": asdict(self.cfg), "attach": self.attach, "ranks": self.ranks,
                 "base_accuracy": self.base_accuracy, "clean_accuracy": self.clean_accuracy,
-                "layer_cost": dict(zip(self.names, self.layer_cost)), "layer_info": self.layer_info,
+                "layer_cost": dict(zip(self.names, self.layer_cost)),
+                "option_costs": {m: dict(zip(self.names, t)) for m, t in self.option_costs.items()},
+                "budget": self.limits, "layer_info": self.layer_info,
                 "sensitivity": dict(zip(self.names, self.sensitivity)), "lipschitz": self.lipschitz,
                 "chip_seeds": self.chip_seeds, "setup_seconds": self.setup_seconds,
                 "shared_training": {k: v for k, v in self.training.items() if k != "history"}}
+
+
+class _all_off:
+    """``with _all_off(model):`` every compensator of ``model`` off (restored after)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.comps = list(compensators(model).values())
+
+    def __enter__(self) -> None:
+        self.saved = [(c.active, c.use_rank) for c in self.comps]
+        for c in self.comps:
+            c.active = False
+
+    def __exit__(self, *exc: Any) -> None:
+        for c, (a, u) in zip(self.comps, self.saved):
+            c.active, c.use_rank = a, u
+
+
+def random_options(comps: Sequence[Compensator], ranks: Sequence[int], active_prob: float,
+                   seed: int) -> Callable[[int], None]:
+    """``on_step(step)`` for supernet training: before step ``step`` each compensator is switched on with
+    probability ``active_prob`` (at least one is on), at an option of ``ranks`` drawn uniformly (with one
+    option, just on). Deterministic in ``(seed, step)``, so a resumed training switches as an uninterrupted one."""
+    def on_step(step: int) -> None:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        on = torch.rand(len(comps), generator=gen) < active_prob
+        if not on.any():  # a step with nothing to train: switch one on
+            on[torch.randint(len(comps), (1,), generator=gen)] = True
+        pick = (torch.randint(len(ranks), (len(comps),), generator=gen) if len(ranks) > 1
+                else torch.zeros(len(comps), dtype=torch.long))
+        for c, a, k in zip(comps, on.tolist(), pick.tolist()):
+            c.set_option(ranks[k] if a else None)
+    return on_step
+
+
+def budget_limits(cfg: SearchConfig) -> dict[str, float]:
+    """``{metric: limit in %}`` of ``cfg.budget`` (a number limits ``cfg.cost``; None: no limit)."""
+    if cfg.budget is None:
+        return {}
+    if isinstance(cfg.budget, Mapping):
+        return {m: float(v) for m, v in cfg.budget.items()}
+    return {cfg.cost: float(cfg.budget)}
+
+
+def option_costs(model: nn.Module, names: Sequence[str], ranks: Sequence[int], example: torch.Tensor,
+                 attach: Mapping[str, Any]) -> dict[str, list[list[float]]]:
+    """``{metric: [[% per option] per layer]}``: the overhead (:func:`correctnet.compensation.overhead`, in % of
+    the network's parameters / MACs) of a compensator of each rank of ``ranks`` at each layer of ``names``."""
+    table: dict[str, list[list[float]]] = {m: [[0.0] * len(ranks) for _ in names] for m in COSTS}
+    bare = copy.deepcopy(model)
+    if compensators(bare):
+        detach_compensation(bare)
+    for k, r in enumerate(ranks):
+        m = copy.deepcopy(bare)
+        attach_compensation(m, {n: r for n in names}, kind=attach["kind"], affine=attach["affine"])
+        layers = overhead(m, example)["layers"]
+        for i, n in enumerate(names):
+            for metric in COSTS:
+                table[metric][i][k] = layers[n][f"{metric}_pct"]
+    return table
 
 
 def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) -> list[dict[str, Any]]:
@@ -303,9 +428,12 @@ def layer_info(model: nn.Module, names: Sequence[str], example: torch.Tensor) ->
              "params_share": params[n] / tp, "macs_share": macs[n] / tm} for i, n in enumerate(names)]
 
 
-def enumerate_placements(n: int) -> list[Placement]:
-    """All ``2**n`` placements over ``n`` layers, ``none`` first, in binary counting order."""
-    return [tuple(bool(i >> (n - 1 - j) & 1) for j in range(n)) for i in range(2 ** n)]
+def enumerate_placements(n: int, options: int = 1) -> list[Placement]:
+    """All ``(options + 1)**n`` placements over ``n`` layers, ``none`` first, in counting order (booleans for
+    one option)."""
+    if options == 1:
+        return [tuple(bool(i >> (n - 1 - j) & 1) for j in range(n)) for i in range(2 ** n)]
+    return [tuple(p) for p in itertools.product(range(options + 1), repeat=n)]
 
-__all__ = ["COSTS", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "enumerate_placements",
-           "layer_info"]
+__all__ = ["COSTS", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "budget_limits",
+           "enumerate_placements", "layer_info", "option_costs", "random_options"]

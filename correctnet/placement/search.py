@@ -3,10 +3,12 @@
 * ``ppo`` (default): a PPO agent (stable-baselines3) learns in :class:`PlacementEnv`; training stops after
   ``max_evaluations`` distinct placements or ``episodes`` episodes, then the deterministic policy's
   placement is evaluated too. The result is the best placement evaluated (the cache makes revisits free).
-* ``exhaustive``: every feasible placement (``2**L``); the reference optimum for small ``L``.
-* ``greedy``: layers by decreasing sensitivity; a layer is added when it raises the objective (``<= L + 1``
-  evaluations).
-* ``all`` / ``none``: every layer / no layer (infeasible ``all`` under a budget scores ``-inf``).
+* ``exhaustive``: every feasible placement (``(K + 1)**L`` for ``K`` options per layer); the reference
+  optimum for small ``L``.
+* ``greedy``: layers by decreasing sensitivity; a layer gets the option that raises the objective most, if
+  any does (``<= K L + 1`` evaluations).
+* ``all`` / ``none``: every layer at its largest option / no layer (infeasible ``all`` under a budget scores
+  ``-inf``).
 
 All are seeded and reproducible: the same evaluator settings and seed give the same search.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import is_int, is_number, require
+from ..errors import ConfigError, is_int, is_number, require
 from .env import PlacementEnv
 from .evaluator import Evaluation, Placement, PlacementEvaluator, enumerate_placements
 
@@ -33,7 +35,7 @@ STRATEGIES = ("ppo", "exhaustive", "greedy", "all", "none")
 class PPOConfig:
     """PPO settings for the placement agent (stable-baselines3 names)."""
 
-    max_evaluations: int | None = None  # distinct placements; None: max(16, 25% of 2**L), capped at 2**L
+    max_evaluations: int | None = None  # distinct placements; None: max(16, min(25% of N, 50 L)), at most N
     episodes: int = 4000                # upper bound on training episodes
     episodes_per_update: int = 16       # rollout length n_steps = episodes_per_update * L
     learning_rate: float = 3e-3
@@ -76,14 +78,23 @@ class SearchResult:
     def placement(self) -> Placement:
         return self.best.placement
 
+    ranks: list[int] = field(default_factory=lambda: [4])  # rank of option k at index k - 1
+
     @property
     def chosen(self) -> list[str]:
         return [n for n, on in zip(self.layers, self.best.placement) if on]
 
+    @property
+    def chosen_ranks(self) -> dict[str, int]:
+        """``{layer: rank}`` of the chosen placement (rank 0: scale and shift only)."""
+        return {n: self.ranks[k - 1] for n, k in zip(self.layers, self.best.placement) if k}
+
     def to_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy, "chosen": self.chosen, "objective": self.best.objective,
-                "accuracy": self.best.accuracy, "cost": self.best.cost, "evaluations": self.evaluations,
-                "n_placements": self.n_placements, "seconds": self.seconds, "history": self.history, **self.extra}
+        return {"strategy": self.strategy, "chosen": self.chosen, "chosen_ranks": self.chosen_ranks,
+                "objective": self.best.objective, "accuracy": self.best.accuracy, "cost": self.best.cost,
+                **{f"{k}_pct": v for k, v in self.best.costs.items()}, "options": self.ranks,
+                "evaluations": self.evaluations, "n_placements": self.n_placements, "seconds": self.seconds,
+                "history": self.history, **self.extra}
 
 
 class _Session:
@@ -113,8 +124,12 @@ class _Session:
         return max(self.seen.values(), key=lambda e: e[0].objective)[0]
 
 
-def _default_max_evaluations(n_layers: int) -> int:
-    return min(2 ** n_layers, max(16, math.ceil(0.25 * 2 ** n_layers)))
+def _default_max_evaluations(n_layers: int, options: int = 1) -> int:
+    total = (options + 1) ** n_layers
+    return min(total, max(16, min(math.ceil(0.25 * total), 50 * n_layers)))
+
+
+_ENUMERABLE = 2 ** 20  # the most placements exhaustive search (and the feasibility count) enumerates
 
 
 def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 0, ppo: PPOConfig | None = None,
@@ -128,13 +143,17 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
     require(is_int(seed) and seed >= 0, "placement.seed", "an integer >= 0", seed)
     session = _Session(evaluator)
     n = len(evaluator.names)
+    k_opts = getattr(evaluator, "n_options", 1)
     extra: dict[str, Any] = {}
     none = (False,) * n
     best = session.evaluate(none)  # the reference point (objective 0)
     if strategy == "all":
-        best = session.evaluate((True,) * n)
+        best = session.evaluate((k_opts if k_opts > 1 else True,) * n)
     elif strategy == "exhaustive":
-        todo = [p for p in enumerate_placements(n) if evaluator.feasible(p)]
+        if (k_opts + 1) ** n > _ENUMERABLE:
+            raise ConfigError(f"placement.strategy=exhaustive would evaluate {(k_opts + 1) ** n} placements "
+                              f"({k_opts + 1} choices for each of {n} layers); use ppo or greedy")
+        todo = [p for p in enumerate_placements(n, k_opts) if evaluator.feasible(p)]
         for p in tqdm(todo, desc="exhaustive search", disable=not progress, leave=False, dynamic_ncols=True):
             session.evaluate(p)
         best = session.best()
@@ -142,34 +161,42 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
     elif strategy == "greedy":
         order = sorted(range(n), key=lambda i: -evaluator.sensitivity[i])
         for i in order:
-            cand = tuple(on or j == i for j, on in enumerate(best.placement))
-            if evaluator.feasible(cand):
-                ev = session.evaluate(cand)
-                if ev.objective > best.objective:
-                    best = ev
+            step_best = best
+            for k in range(1, k_opts + 1):
+                cand = tuple((k if k_opts > 1 else True) if j == i else v for j, v in enumerate(best.placement))
+                if evaluator.feasible(cand):
+                    ev = session.evaluate(cand)
+                    if ev.objective > step_best.objective:
+                        step_best = ev
+            best = step_best
         extra["order"] = [evaluator.names[i] for i in order]
     elif strategy == "ppo":
         extra["ppo"] = _ppo(session, ppo or PPOConfig(), seed, progress)
         best = session.best()
     names = list(evaluator.names)
-    history = [{**ev.to_dict(names), "seconds": t} for ev, t in session.seen.values()]
+    ranks = list(getattr(evaluator, "ranks", [4]))
+    history = [{**ev.to_dict(names, ranks), "seconds": t} for ev, t in session.seen.values()]
     return SearchResult(strategy, names, best, session.evaluations, evaluator.n_placements,
-                        time.perf_counter() - session.t0, history, extra)
+                        time.perf_counter() - session.t0, history, extra, ranks)
 
 
 class _Surrogate:
-    """Ridge regression of the objective on a placement's bits and their pairwise products (a learned
-    reward model): ``objective ~ b + sum_i w_i x_i + sum_{i<j} v_ij x_i x_j``, the pairwise terms
-    penalised more, so that few evaluations give a nearly additive model."""
+    """Ridge regression of the objective on a placement's one-hot options and the pairwise products of its
+    on/off bits (a learned reward model): ``objective ~ b + sum_{i,k} w_ik [p_i = k] + sum_{i<j} v_ij
+    [p_i > 0][p_j > 0]``, the pairwise terms penalised more, so that few evaluations give a nearly additive
+    model. With one option per layer the one-hot terms are the bits themselves."""
 
-    def __init__(self, n: int, l2_linear: float = 1e-2, l2_pair: float = 1.0) -> None:
+    def __init__(self, n: int, l2_linear: float = 1e-2, l2_pair: float = 1.0, options: int = 1) -> None:
+        self.options = options
         self.pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-        self.penalty = np.diag([0.0] + [l2_linear] * n + [l2_pair] * len(self.pairs))
-        self.w = np.zeros(1 + n + len(self.pairs))
+        self.penalty = np.diag([0.0] + [l2_linear] * (n * options) + [l2_pair] * len(self.pairs))
+        self.w = np.zeros(1 + n * options + len(self.pairs))
 
     def _features(self, p: Placement) -> np.ndarray:
-        x = np.asarray(p, dtype=np.float64)
-        return np.concatenate([[1.0], x, [x[i] * x[j] for i, j in self.pairs]])
+        v = np.asarray(p, dtype=np.int64)
+        onehot = (v[:, None] == np.arange(1, self.options + 1)[None, :]).astype(np.float64).ravel()
+        x = (v > 0).astype(np.float64)
+        return np.concatenate([[1.0], onehot, [x[i] * x[j] for i, j in self.pairs]])
 
     def fit(self, evaluations: list[Evaluation]) -> None:
         X = np.stack([self._features(e.placement) for e in evaluations])
@@ -186,7 +213,7 @@ class _ModelBased:
 
     def __init__(self, session: _Session) -> None:
         self.session = session
-        self.surrogate = _Surrogate(len(session.names))
+        self.surrogate = _Surrogate(len(session.names), options=getattr(session, "n_options", 1))
         self.active = False
         self.queued: Counter[Placement] = Counter()
 
@@ -194,7 +221,7 @@ class _ModelBased:
         return getattr(self.session, name)
 
     def evaluate(self, placement: Placement) -> Evaluation:
-        p = tuple(bool(v) for v in placement)
+        p = tuple(int(v) for v in placement)
         if not self.active or p in self.session.seen or not self.session.feasible(p):
             return self.session.evaluate(p)
         self.queued[p] += 1
@@ -222,9 +249,10 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
     from stable_baselines3.common.callbacks import BaseCallback
 
     n = len(evaluator.names)
-    cap = cfg.max_evaluations or _default_max_evaluations(n)
-    if n <= 16:  # under a budget fewer placements may exist than the cap: stop when all were seen
-        cap = min(cap, sum(evaluator.feasible(p) for p in enumerate_placements(n)))
+    k_opts = getattr(evaluator, "n_options", 1)
+    cap = cfg.max_evaluations or _default_max_evaluations(n, k_opts)
+    if (k_opts + 1) ** n <= 2 ** 16:  # under a budget fewer placements may exist than the cap: stop when all were seen
+        cap = min(cap, sum(evaluator.feasible(p) for p in enumerate_placements(n, k_opts)))
     explore = max(n + 2, math.ceil(cfg.explore * cap)) if cfg.surrogate else cap
     model = _ModelBased(evaluator)
     env = PlacementEnv(model, reward_scale=cfg.reward_scale)  # type: ignore[arg-type]
