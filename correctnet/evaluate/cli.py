@@ -164,6 +164,7 @@ def recorded_threads(checkpoint: str) -> int | str:
 
 def run(opts: dict[str, str]) -> dict[str, Any]:
     """Evaluate as ``opts`` (from :func:`parse_args`) says, print the summary, write ``out``; the results dict."""
+    trust = parse_trust(opts["trust"]) if "trust" in opts else None
     out = Path(opts["out"]) if opts.get("out") else None
     overwrite = _bool("overwrite", opts.get("overwrite", "false"))
     if out is not None and out.exists() and not overwrite:
@@ -197,7 +198,6 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     threads = set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
     workers = resolve_workers(opts.get("evaluation.workers", "auto"), threads)
     cpp = opts.get("evaluation.chips_per_pass", "auto")
-    trust = parse_trust(opts["trust"]) if "trust" in opts else None
     common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress, trust=trust,
                   workers=workers, chips_per_pass=cpp if cpp == "auto" else _number("evaluation.chips_per_pass", cpp, int),
                   **ints)
