@@ -658,10 +658,11 @@ def teacher_network(cfg: CalibrationConfig, model: nn.Module, reference: nn.Modu
     return model if joint and cfg.teacher == "self" else None
 
 
-def load_reference(path: str | os.PathLike, meta: dict[str, Any], *, device: str | torch.device = "cpu") -> nn.Module:
+def load_reference(path: str | os.PathLike, meta: dict[str, Any], *, device: str | torch.device = "cpu",
+                   trust: Any = None) -> nn.Module:
     """The vanilla reference network exported beside the checkpoint at ``path`` (``meta["reference"]``: its file
-    name in the same directory and the digest of its tensors), as :func:`~correctnet.checkpoint.load_checkpoint`
-    builds it. Raises :class:`CheckpointError` when the run kept none, or the file is missing or is another one."""
+    name in the same directory and the digest recorded in it), as :func:`~correctnet.checkpoint.load_checkpoint`
+    builds it (``trust``: the modules it may import). Raises :class:`CheckpointError` when the run kept none, or the file is missing or is another one."""
     from .checkpoint import checkpoint_digest, load_checkpoint
 
     ref = meta.get("reference") if isinstance(meta, dict) else None
@@ -674,7 +675,7 @@ def load_reference(path: str | os.PathLike, meta: dict[str, Any], *, device: str
                               f"checkpoint)")
     if checkpoint_digest(file) != ref.get("sha256"):
         raise CheckpointError(f"{file} is not the vanilla reference exported with {path} (its digest differs)")
-    return load_checkpoint(file, device=device)[0]
+    return load_checkpoint(file, device=device, trust=trust)[0]
 
 
 def checkpoint_calibration(meta: dict[str, Any], overrides: dict[str, Any] | None = None) -> CalibrationConfig:
@@ -721,7 +722,7 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
         cfg = checkpoint_calibration(meta, calibration)
         joint = bool(((meta.get("config") or {}).get("compensation") or {}).get("joint"))
         if cfg.teacher == "reference" and "net" not in references:
-            references["net"] = load_reference(path, meta, device=model_device(model))
+            references["net"] = load_reference(path, meta, device=model_device(model), trust=kwargs.get("trust"))
         teacher = teacher_network(cfg, model, references.get("net"), joint)
         images = calibration_images(data.train, cfg.n_images, cfg.seed).to(model_device(model))
         built.append((model, ChipCalibrator(model, images, cfg, teacher=teacher), meta))

@@ -1,8 +1,13 @@
 """Checkpoints: nominal weights in safetensors, everything needed to rebuild the model as JSON metadata.
 
-Format 1 is one ``.safetensors`` file. Its tensors are the model's ``state_dict()`` (a tensor shared by
+Format 2 is one ``.safetensors`` file. Its tensors are the model's ``state_dict()`` (a tensor shared by
 several names, e.g. tied weights, is stored once); its string metadata holds ``correctnet_format``
-(``"1"``), ``correctnet_sha256`` (digest of the tensors, catches bit rot) and ``correctnet_meta``, a JSON
+(``"2"``), ``correctnet_meta``, a JSON string (below), and ``correctnet_sha256``, the SHA-256 over the format
+string, the exact ``correctnet_meta`` string and the tensors (:func:`checkpoint_sha256`): an edit of the
+metadata (a variation sigma, a stored metric, the config) or of a weight, and bit rot, are detected on load and
+refused (one :class:`CheckpointError`: the file was modified or damaged), as is a format 2 file without the
+digest. Format 1 (written by correctnet before this format; its digest, :func:`tensor_digest`, covers the
+tensors only) still loads, with a warning that its metadata is not covered. ``correctnet_meta`` is a JSON
 object with
 
 * ``model``: how to rebuild the network, one of
@@ -40,8 +45,16 @@ object with
 Safety: loading never unpickles. The header is checked before safetensors sees the file (pickles and
 zip archives from ``torch.save`` are named and refused, the header size is bounded by the file size),
 the model is built on the meta device and compared with the file before any weight is allocated, and
-every failure is one :class:`CheckpointError`. Rebuilding a user model imports the module its ``target``
-names (code on your Python path) and calls only what builds models (:func:`correctnet.models.factory_refusal`):
+weights holding NaN or infinite values are refused (naming the first such tensor), and every failure is one
+:class:`CheckpointError`. Nothing named in the metadata is imported unless trusted (importing a module runs its
+top-level code): built-in correctnet models, ``transformers`` and ``timm`` (the zoos; only their model and config
+classes and ``create_model`` are called) and modules already imported in the process (``sys.modules``) are
+trusted; any other module that ``target`` (or a nested ``_target_``, or the transformers classes) names is
+imported only when the caller allows it, ``load_checkpoint(path, trust=["mypkg", "mypkg.models"])`` (module names
+or prefixes; ``trust=True``: any) or ``python -m correctnet.evaluate ... trust=mypkg`` (the command printed by
+``python -m correctnet.train`` passes it for the run's own model); otherwise one :class:`CheckpointError` names the
+module and the argument that allows it, and nothing is imported. Rebuilding a user model then calls only what
+builds models (:func:`correctnet.models.factory_refusal`):
 ``nn.Module`` subclasses, functions whose return annotation is an ``nn.Module`` class, timm's ``create_model``,
 and for transformers models the ``PreTrainedModel`` and config classes; arguments that load weights
 (``pretrained``, ``checkpoint_path``) are turned off, the weights come from the file. Files are written
@@ -71,25 +84,41 @@ from .compensation import attach_from_spec, compensation_spec
 from .data import normalize
 from .errors import CheckpointError, ConfigError, CorrectNetError
 from .io import atomic_write
-from .models import MODELS, build_model, build_target, hf_from_spec, hf_spec, importable, locate, target_name
+from .models import (MODELS, TRUSTED_MODULES, Trust, UntrustedModuleError, build_model, build_target, hf_from_spec,
+                     hf_spec, importable, locate, target_module, target_name, trust_list)
 from .registry import make_variation
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_metadata", "normalize", "atomic_write", "tensor_digest",
-           "versions"]
+           "checkpoint_sha256", "trust_needed", "versions"]
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # written; format "1" (the digest covers the tensors only) is still read, with a warning
+READ_FORMATS = ("1", "2")
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit; a larger length field is not a safetensors file
 
 
 # ----------------------------------------------------------------------------- writing
 
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 (hex) over the names, dtypes, shapes and raw bytes of ``tensors`` (CPU, contiguous)."""
-    h = hashlib.sha256()
+def _hash_tensors(h: Any, tensors: dict[str, torch.Tensor]) -> None:
     for name in sorted(tensors):
         t = tensors[name]
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(t.detach().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (hex) over the names, dtypes, shapes and raw bytes of ``tensors`` (CPU, contiguous): the digest
+    of format 1 checkpoints (and of calibrated chip files)."""
+    h = hashlib.sha256()
+    _hash_tensors(h, tensors)
+    return h.hexdigest()
+
+
+def checkpoint_sha256(tensors: dict[str, torch.Tensor], meta_json: str, fmt: str = FORMAT_VERSION) -> str:
+    """The digest of a format 2 checkpoint: SHA-256 (hex) over the format string, the exact metadata string
+    ``meta_json`` and then the tensors as :func:`tensor_digest` hashes them."""
+    h = hashlib.sha256()
+    h.update(json.dumps(["correctnet", fmt, meta_json]).encode())
+    _hash_tensors(h, tensors)
     return h.hexdigest()
 
 
@@ -126,7 +155,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint metadata is not JSON-serializable: {e}") from None
     tensors = _unshared({k: v.detach() for k, v in state.items() if k not in aliases})
-    metadata = {"correctnet_format": FORMAT_VERSION, "correctnet_sha256": tensor_digest(tensors),
+    metadata = {"correctnet_format": FORMAT_VERSION, "correctnet_sha256": checkpoint_sha256(tensors, meta_json),
                 "correctnet_meta": meta_json}
     try:
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
@@ -265,12 +294,14 @@ def _check_state(path: Path, expected: dict[str, torch.Tensor], tensors: dict[st
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of the checkpoint at ``path`` (what :func:`load_checkpoint` returns second), read from the
-    header alone: no tensor is loaded and no model built. Raises :class:`CheckpointError` like it."""
+    header alone: no tensor is loaded and no model built, so the digest is not verified (:func:`load_checkpoint`
+    verifies it). Raises :class:`CheckpointError` like it for a file that is not a readable checkpoint."""
     return _stored_meta(Path(path))[1]
 
 
 def checkpoint_digest(path: str | os.PathLike) -> str:
-    """The SHA-256 of the tensors of the checkpoint at ``path``, as recorded at export (from the header alone)."""
+    """The SHA-256 recorded at export in the checkpoint at ``path`` (from the header alone): of its metadata and
+    tensors (format 2; of the tensors only in format 1)."""
     return str(_stored_meta(Path(path))[0].get("correctnet_sha256"))
 
 
@@ -285,9 +316,9 @@ def _stored_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if fmt is None:
         raise CheckpointError(f"{path} is a safetensors file but not a correctnet checkpoint (no correctnet_format "
                               f"in its metadata)")
-    if fmt != FORMAT_VERSION:
+    if fmt not in READ_FORMATS:
         raise CheckpointError(f"{path}: checkpoint format {fmt!r} is not supported; correctnet {__version__} reads "
-                              f"format {FORMAT_VERSION!r} (a newer correctnet may read it)")
+                              f"formats {', '.join(repr(f) for f in READ_FORMATS)} (a newer correctnet may read it)")
     try:
         meta = json.loads(stored["correctnet_meta"])
         if not isinstance(meta, dict):
@@ -297,8 +328,77 @@ def _stored_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return stored, meta
 
 
+def trust_hint(module: str) -> str:
+    """How to allow a checkpoint to import ``module``: the library argument and the command-line key."""
+    return (f"if you trust it, allow it: load_checkpoint(path, trust=[{module!r}]) "
+            f"(python -m correctnet.evaluate: trust={module})")
+
+
+def _untrusted(path: Path, e: UntrustedModuleError) -> CheckpointError:
+    return CheckpointError(f"{path}: {e}; nothing from a checkpoint is imported unless trusted (built-in models, "
+                           f"{', '.join(TRUSTED_MODULES[1:])} and modules already imported are); {trust_hint(e.module)}")
+
+
+def trust_needed(meta: dict[str, Any]) -> list[str]:
+    """The modules a fresh process must be told to trust (``trust=``) to rebuild the model ``meta`` describes:
+    those its import paths name (``model.target``, nested ``_target_`` arguments, the transformers classes)
+    outside :data:`~correctnet.models.TRUSTED_MODULES`."""
+    spec = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(spec, dict):
+        return []
+    paths: list[str] = []
+
+    def nested(value: Any) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("_target_"), str):
+                paths.append(value["_target_"])
+            for v in value.values():
+                nested(v)
+        elif isinstance(value, list):
+            for v in value:
+                nested(v)
+
+    if isinstance(spec.get("target"), str):
+        paths.append(spec["target"])
+    nested(spec.get("kwargs"))
+    hf = spec.get("transformers")
+    if isinstance(hf, dict):
+        paths += [hf[k] for k in ("class", "config_class") if isinstance(hf.get(k), str)]
+    out: list[str] = []
+    for p in paths:
+        if not p.strip():
+            continue
+        m = target_module(p)
+        if not any(m == t or m.startswith(t + ".") for t in TRUSTED_MODULES) and m not in out:
+            out.append(m)
+    return out
+
+
+def _verify(path: Path, stored: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The digest check of the format (2: metadata and tensors; 1: tensors only, with a warning), then the
+    refusal of non-finite weights."""
+    digest = stored.get("correctnet_sha256")
+    if stored.get("correctnet_format") == "1":
+        warnings.warn(f"{path} is a checkpoint of the older format 1: its metadata (variation, config, metrics, "
+                      f"model spec) is not covered by the digest, so edits to it cannot be detected; re-export it "
+                      f"with save_checkpoint (format {FORMAT_VERSION}) to protect it", UserWarning, stacklevel=3)
+        if digest is not None and digest != tensor_digest(tensors):
+            raise CheckpointError(f"{path} is corrupt: its weights do not match the digest recorded at export "
+                                  f"(the file was modified or damaged)")
+    elif not isinstance(digest, str):
+        raise CheckpointError(f"{path}: the file was modified or damaged: it has no correctnet_sha256 digest (format "
+                              f"{stored.get('correctnet_format')} checkpoints always record one)")
+    elif digest != checkpoint_sha256(tensors, stored["correctnet_meta"], stored["correctnet_format"]):
+        raise CheckpointError(f"{path}: the file was modified or damaged after export: its metadata or weights do "
+                              f"not match the digest recorded at export")
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values; the checkpoint was written "
+                                  f"from a diverged or broken model and cannot be evaluated")
+
+
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
-                    device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+                    device: str | torch.device = "cpu", trust: Trust = None) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the analog model saved at ``path``; returns ``(model in eval mode on device, metadata)``.
 
     Needs neither Hydra nor training code. The model computes nominally (analog mode off) until a chip
@@ -309,7 +409,17 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     it is analogized in place with the stored variation and analog layer names, the stored compensators
     are attached, and names and shapes are checked first (a mismatch changes nothing and lists the
     missing, unexpected and shape-mismatched keys). Tied weights come back tied.
+
+    Integrity: the digest (format 2: over the metadata and the tensors) must match, else the file was modified or
+    damaged; format 1 files load with a warning (their metadata is not covered). Weights with NaN or infinite
+    values are refused. Trust: the modules the metadata names are imported only if trusted (see the module
+    docstring): built-in models, transformers, timm, modules already imported, and those in ``trust`` (module
+    names or prefixes, ``trust=["mypkg"]``; ``trust=True``: any).
     """
+    try:
+        trust_list(trust)
+    except ConfigError as e:
+        raise CheckpointError(f"load_checkpoint: {e}") from None
     if model is not None:
         if not isinstance(model, nn.Module):
             raise CheckpointError(f"model= must be an nn.Module instance, got {type(model).__name__}")
@@ -323,9 +433,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is corrupt ({e})") from None
-    digest = stored.get("correctnet_sha256")
-    if digest is not None and digest != tensor_digest(tensors):
-        raise CheckpointError(f"{path} is corrupt: its weights do not match the digest recorded at export")
+    _verify(path, stored, tensors)
 
     try:
         spec, var, analog = meta["model"], meta["variation"], meta.get("analog") or {}
@@ -367,7 +475,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
                 del twin
                 model = prepare(model)
         else:
-            build = _builder(path, spec, prepare)
+            build = _builder(path, spec, prepare, trust)
             with torch.random.fork_rng(devices=[]):  # the throwaway initialisation must not move the caller's RNG
                 try:
                     with torch.device("meta"):  # shapes only: nothing allocated before the file is known to fit
@@ -407,8 +515,10 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
     return model.eval(), meta
 
 
-def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn.Module]) -> Callable[[], nn.Module]:
-    """A function building the (analog, compensated, tied) model ``spec`` describes."""
+def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn.Module],
+             trust: Trust = None) -> Callable[[], nn.Module]:
+    """A function building the (analog, compensated, tied) model ``spec`` describes, importing only trusted
+    modules."""
     if "target" not in spec:
         return lambda: prepare(build_model(spec["name"], spec["input_shape"], spec["num_classes"],
                                            **(spec.get("kwargs") or {})))
@@ -417,7 +527,9 @@ def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn
         if not isinstance(hf, dict):
             raise CheckpointError(f"{path}: model.transformers must be a mapping, got {type(hf).__name__}")
         try:
-            make = hf_from_spec(hf)
+            make = hf_from_spec(hf, trust=trust)
+        except UntrustedModuleError as e:
+            raise _untrusted(path, e) from None
         except ConfigError as e:
             raise CheckpointError(f"{path}: cannot rebuild the transformers model: {e}") from None
         return lambda: prepare(make())
@@ -433,7 +545,9 @@ def _builder(path: Path, spec: dict[str, Any], prepare: Callable[[nn.Module], nn
 
     def build() -> nn.Module:
         try:
-            m, _ = build_target(target, kwargs or {}, from_file=True)
+            m, _ = build_target(target, kwargs or {}, from_file=True, trust=trust)
+        except UntrustedModuleError as e:
+            raise _untrusted(path, e) from None
         except ConfigError as e:
             note = (" (the checkpoint does not record its constructor arguments, so it was called without "
                     "any)" if kwargs is None else "")

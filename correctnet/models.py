@@ -21,13 +21,20 @@ model before training: a model whose input channels or class count do not fit th
 
 The zoos are optional extras, imported only when a target names them: ``pip install 'correctnet[timm]'``,
 ``pip install 'correctnet[hf]'`` (transformers).
+
+Trust (targets read from a file, ``from_file=True``): importing a module runs its top-level code, so a target
+from a checkpoint is imported only from a trusted module (:func:`is_trusted`): correctnet's own, the zoos
+(:data:`TRUSTED_MODULES`), modules already imported in this process (``sys.modules``: nothing runs), and those the
+caller names, ``trust=["mypkg"]`` (names or prefixes: ``"mypkg"`` covers ``mypkg.nets``) or ``trust=True`` (any).
+Anything else is an :class:`UntrustedModuleError` naming the module, before it is imported.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
-from typing import Any, Callable, Mapping, Sequence, cast
+import sys
+from typing import Any, Callable, Mapping, Sequence, Union, cast
 
 import torch
 from torch import nn
@@ -305,12 +312,62 @@ def _extra_hint(module: str | None) -> str:
     return f" (an optional extra of correctnet: pip install 'correctnet[{extra}]')" if extra else ""
 
 
-def locate(target: str, key: str = "model._target_") -> Any:
+# modules a target read from a file may be imported from without being named by the caller (see the module docstring)
+TRUSTED_MODULES = ("correctnet", "transformers", "timm")
+
+Trust = Union[bool, str, Sequence[str], None]  # trust=: True (any module), a module name/prefix or a list of them
+
+
+class UntrustedModuleError(ConfigError):
+    """A target read from a file would import a module the caller does not trust (nothing was imported)."""
+
+    def __init__(self, message: str, module: str):
+        super().__init__(message)
+        self.module = module
+
+
+def trust_list(trust: Trust, key: str = "trust") -> bool | tuple[str, ...]:
+    """``trust`` as True (any module) or a tuple of module names/prefixes; a :class:`ConfigError` naming ``key``
+    for anything else (``None``/``False``: none beyond the defaults; a string is one name)."""
+    if trust is True:
+        return True
+    if trust is None or trust is False:
+        return ()
+    out: list[Any] = [trust] if isinstance(trust, str) else list(trust) if isinstance(trust, (list, tuple)) else [trust]
+    if any(not isinstance(n, str) or not n.strip() or n.strip().startswith(".") or ":" in n for n in out):
+        raise ConfigError(f"{key} must be True or a list of module names (e.g. ['mypkg', 'mypkg.models']), "
+                          f"got {trust!r}")
+    return tuple(n.strip() for n in out)
+
+
+def is_trusted(module: str, trust: Trust = None) -> bool:
+    """Whether a target read from a file may import ``module``: it is already imported (``sys.modules``), it is
+    one of (or inside) :data:`TRUSTED_MODULES` or the names in ``trust``, or ``trust`` is True."""
+    names = trust_list(trust)
+    if isinstance(names, bool) or module in sys.modules:
+        return True
+    return any(module == p or module.startswith(p + ".") for p in (*TRUSTED_MODULES, *names))
+
+
+def target_module(target: str) -> str:
+    """The module :func:`locate` imports ``target`` from: the part before ``:``; for ``"pkg.mod.Name"`` the
+    longest prefix already imported, else ``"pkg.mod"`` (the first one it tries)."""
+    target = target.strip()
+    if ":" in target:
+        return target.partition(":")[0]
+    parts = target.split(".")
+    candidates = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    return next((m for m in candidates if m in sys.modules), candidates[0] if candidates else target)
+
+
+def locate(target: str, key: str = "model._target_", *, trust: Trust = True) -> Any:
     """The object named by ``target`` (``"pkg.mod.Name"`` or ``"pkg.mod:Qual.Name"``), imported from sys.path.
 
     A :class:`ConfigError` naming ``key`` says what could not be imported and why (module not found, an
     error inside the module, no such attribute); a missing optional extra (timm, transformers) names the
-    ``pip install 'correctnet[...]'`` that installs it.
+    ``pip install 'correctnet[...]'`` that installs it. ``trust`` (default True: a target the user configured)
+    limits the modules it may import (:func:`is_trusted`): any other is an :class:`UntrustedModuleError`,
+    raised before the module is imported.
     """
     if not isinstance(target, str) or not target.strip() or target.startswith((".", ":")):
         raise ConfigError(f"{key} must be an import path 'package.module.Name', got {target!r}")
@@ -327,6 +384,9 @@ def locate(target: str, key: str = "model._target_") -> Any:
     first_error: str | None = None
     missing: str | None = None
     for module_name, attrs in candidates:
+        if trust is not True and not is_trusted(module_name, trust):
+            raise UntrustedModuleError(f"{key}={target!r} would import module {module_name!r} (running its code), "
+                                       f"which is not trusted", module_name)
         try:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -411,8 +471,8 @@ def factory_refusal(obj: Any) -> str | None:
 
 
 def build_target(target: str, kwargs: Mapping[str, Any] | None = None, *, input_shape: Sequence[int] | None = None,
-                 num_classes: int | None = None, key: str = "model", from_file: bool = False, name: str | None = None
-                 ) -> tuple[nn.Module, dict[str, Any]]:
+                 num_classes: int | None = None, key: str = "model", from_file: bool = False, name: str | None = None,
+                 trust: Trust = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build the user's model ``target`` with ``kwargs``; returns ``(module, the keyword arguments used)``.
 
     The dataset's ``input_shape``/``num_classes`` are added for the parameters the constructor names and for the
@@ -420,9 +480,10 @@ def build_target(target: str, kwargs: Mapping[str, Any] | None = None, *, input_
     with ``build_target(target, args)``. ``name`` (the configured ``model.name``) is passed too when the target's
     signature names a ``name`` parameter (:func:`hf_model`'s model type). ``from_file`` (the target comes from a
     checkpoint) calls only what :func:`factory_refusal` allows, and with the :data:`WEIGHT_LOADING` arguments
-    turned off (no download, no second file: the weights are in the checkpoint).
+    turned off (no download, no second file: the weights are in the checkpoint), and imports only from the modules
+    :func:`is_trusted` allows with ``trust`` (else an :class:`UntrustedModuleError`).
     """
-    obj = locate(target, f"{key}._target_")
+    obj = locate(target, f"{key}._target_", trust=trust if from_file else True)
     if from_file:
         why = factory_refusal(obj)
         if why is not None:
@@ -442,7 +503,7 @@ def build_target(target: str, kwargs: Mapping[str, Any] | None = None, *, input_
     used = dict(args)
     if from_file:
         args.update({k: v for k, v in WEIGHT_LOADING.items() if k in args})
-    built = {k: _build_nested(v, f"{key}.{k}", from_file) for k, v in args.items()}
+    built = {k: _build_nested(v, f"{key}.{k}", from_file, trust) for k, v in args.items()}
     try:
         inspect.signature(obj).bind(**built)
     except TypeError as e:
@@ -505,10 +566,10 @@ def _implied_args(obj: Callable, input_shape: Sequence[int] | None, num_classes:
     return {k: v for k, v in implied.items() if k in named and k not in set_keys}
 
 
-def _build_nested(value: Any, key: str, from_file: bool) -> Any:
+def _build_nested(value: Any, key: str, from_file: bool, trust: Trust = None) -> Any:
     if isinstance(value, Mapping) and "_target_" in value:
         sub = {k: v for k, v in value.items() if k != "_target_"}
-        return build_target(value["_target_"], sub, key=key, from_file=from_file)[0]
+        return build_target(value["_target_"], sub, key=key, from_file=from_file, trust=trust)[0]
     return value
 
 
@@ -593,9 +654,11 @@ def hf_spec(model: nn.Module) -> dict[str, Any] | None:
             "config": json.loads(config.to_json_string(use_diff=False))}
 
 
-def hf_from_spec(spec: Mapping[str, Any], key: str = "model.transformers") -> Callable[[], nn.Module]:
+def hf_from_spec(spec: Mapping[str, Any], key: str = "model.transformers", *, trust: Trust = None
+                 ) -> Callable[[], nn.Module]:
     """A function building the transformers model :func:`hf_spec` describes, with fresh weights
-    (``cls._from_config(config_class.from_dict(config))``: no download, no file read)."""
+    (``cls._from_config(config_class.from_dict(config))``: no download, no file read). The classes are imported
+    only from trusted modules (:func:`is_trusted` with ``trust``: transformers itself always is)."""
     transformers = import_extra("transformers")
     cls, config_cls, config = spec.get("class"), spec.get("config_class"), spec.get("config")
     if not isinstance(config, dict):
@@ -603,7 +666,7 @@ def hf_from_spec(spec: Mapping[str, Any], key: str = "model.transformers") -> Ca
     if not (isinstance(cls, str) and isinstance(config_cls, str)):
         raise ConfigError(f"{key}.class and {key}.config_class must be import paths (strings), got "
                           f"{type(cls).__name__} and {type(config_cls).__name__}")
-    cls, config_cls = locate(cls, f"{key}.class"), locate(config_cls, f"{key}.config_class")
+    cls, config_cls = locate(cls, f"{key}.class", trust=trust), locate(config_cls, f"{key}.config_class", trust=trust)
     if not (inspect.isclass(cls) and issubclass(cls, transformers.PreTrainedModel)):
         raise ConfigError(f"{key}.class={spec['class']!r} is not a transformers PreTrainedModel class")
     if not (inspect.isclass(config_cls) and issubclass(config_cls, transformers.PretrainedConfig)):

@@ -35,7 +35,7 @@ from .compensation import KINDS, attach_compensation, compensation_spec, keep_co
 from .data import DataSplits, dataset_from_config
 from .conf.schema import keyword_defaults  # importing correctnet.conf registers the groups' schemas
 from .errors import ConfigError, CorrectNetError, is_int, is_number
-from .evaluate import clean_accuracy, evaluate_command, format_summary, monte_carlo
+from .evaluate import MAX_CHIPS, clean_accuracy, evaluate_command, format_summary, monte_carlo, python_command
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import check_fits, model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
@@ -158,10 +158,10 @@ def _calibration_config(cfg: DictConfig) -> CalibrationConfig | None:
     return CalibrationConfig(seed=cfg.seed, **params) if enabled else None
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
+def _positive_int(cfg: DictConfig, key: str, high: int | None = None) -> int:
     v = OmegaConf.select(cfg, key)
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ConfigError(f"{key} must be an integer >= 1, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1 or (high is not None and v > high):
+        raise ConfigError(f"{key} must be an integer >= 1{'' if high is None else f' and <= {high}'}, got {v!r}")
     return v
 
 
@@ -269,7 +269,7 @@ def validate(cfg: DictConfig) -> Job:
                variation=variation, train_variation=train_variation, tcfg=tcfg, lip_params=lip_params,
                regularizer=regularizer, placement=placement, attach_kw=attach_kw, comp_cfg=comp_cfg, cal_cfg=cal_cfg,
                strategy=strategy, search_cfg=search_cfg, ppo_cfg=ppo_cfg, use_reference=use_reference,
-               n_chips=_positive_int(cfg, "evaluation.n_chips"),
+               n_chips=_positive_int(cfg, "evaluation.n_chips", MAX_CHIPS),
                profile_chips=_positive_int(cfg, "evaluation.profile_chips"),
                profile_samples=_positive_int(cfg, "evaluation.profile_samples"),
                eval_batch=eval_batch_size(cfg.evaluation.batch_size, device), eval_seed=eval_seed, device=device,
@@ -726,7 +726,8 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
           + f"\n  re-evaluate: {evaluate_command(metrics['checkpoint'])}", flush=True)
 
 
-PROG = "python -m correctnet.train"  # how the recorded and suggested commands start (``correctnet train`` there)
+PROG = "python -m correctnet.train"  # how the recorded command starts (``correctnet train`` there); printed ones
+# start with this interpreter (python_command), so that they work in a shell without the virtual environment
 
 
 def _log_to_file(level: int, msg: str) -> None:
@@ -797,7 +798,8 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    command = " ".join([PROG, *map(shlex.quote, hc.overrides.task)])
+    command = " ".join([PROG, *map(shlex.quote, hc.overrides.task)])  # recorded in metrics.json
+    printed = " ".join([python_command("correctnet.train"), *map(shlex.quote, hc.overrides.task)])  # suggested
     out_dir = Path(hc.runtime.output_dir)
     explicit_dir = any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in hc.overrides.hydra)
     if not multirun and not explicit_dir:
@@ -805,7 +807,7 @@ def main(cfg: DictConfig) -> None:
         if earlier:
             print(f"correctnet: an interrupted run of this command is in {earlier[0]} (snapshots: "
                   f"{', '.join(_snapshots(earlier[0]))}); this is a new run in {out_dir}. To continue that one "
-                  f"instead: {_resume_command(command, earlier[0])}", file=sys.stderr, flush=True)
+                  f"instead: {_resume_command(printed, earlier[0])}", file=sys.stderr, flush=True)
     try:
         run(cfg, out_dir, command=command)
     except CorrectNetError as e:
@@ -821,10 +823,10 @@ def main(cfg: DictConfig) -> None:
             sweep = shlex.quote(str(Path(hc.sweep.dir).resolve()))
             again = f"rerun the same sweep with hydra.sweep.dir={sweep}: each job continues from its snapshots"
         elif saved:
-            again = f"continue with: {_resume_command(command, out_dir)}"
+            again = f"continue with: {_resume_command(printed, out_dir)}"
         else:
             _remove_if_unused(out_dir)
-            again = f"rerun: {_resume_command(command, out_dir) if explicit_dir else command}"
+            again = f"rerun: {_resume_command(printed, out_dir) if explicit_dir else printed}"
         what = (f"resume snapshots of {', '.join(saved)} saved in {out_dir / 'resume'}" if saved
                 else "nothing was saved yet")
         _log_to_file(logging.WARNING, f"interrupted: {what}")

@@ -13,7 +13,7 @@ import torch
 
 import correctnet as cn
 from correctnet import checkpoint as ckpt
-from correctnet.checkpoint import CheckpointError, tensor_digest
+from correctnet.checkpoint import CheckpointError, checkpoint_sha256, tensor_digest
 from correctnet.evaluate import evaluate_command
 from correctnet.evaluate.cli import main as evaluate_main
 
@@ -35,11 +35,13 @@ def saved(tmp_path):
     return ckpt.save_checkpoint(tmp_path / "m.safetensors", _model(), _meta())
 
 
-def _write_raw(path, tensors, meta, fmt="1", digest=True):
-    """A hand-made file in the checkpoint layout (for files save_checkpoint would never write)."""
+def _write_raw(path, tensors, meta, fmt="2", digest=True):
+    """A hand-made file in the checkpoint layout (for files save_checkpoint would never write), with a valid
+    digest of its format (2: over the metadata and tensors; 1: the tensors only)."""
     md = {"correctnet_format": fmt, "correctnet_meta": meta if isinstance(meta, str) else json.dumps(meta)}
     if digest:
-        md["correctnet_sha256"] = tensor_digest(tensors)
+        md["correctnet_sha256"] = (tensor_digest(tensors) if fmt == "1" else
+                                   checkpoint_sha256(tensors, md["correctnet_meta"], fmt))
     safetensors.torch.save_file(tensors, str(path), metadata=md)
     return path
 
@@ -55,7 +57,7 @@ def test_export_load_gives_bit_identical_outputs_per_chip(tmp_path, dtype):
     loaded, got = ckpt.load_checkpoint(path)
     assert torch.equal(torch.get_rng_state(), rng)  # loading does not move the caller's random stream
     assert "versions" not in meta  # the caller's dict is not modified
-    assert got["versions"]["format"] == "1" and got["versions"]["correctnet"] == cn.__version__
+    assert got["versions"]["format"] == "2" and got["versions"]["correctnet"] == cn.__version__
     assert got["versions"]["torch"] == torch.__version__
     assert got["analog"]["layers"] == list(cn.analog_layers(model)) and got["stage"] == "baseline"
     assert not loaded.training
@@ -192,7 +194,7 @@ def test_corrupt_bytes_are_a_clear_error(tmp_path, saved):
 
 def test_wrong_format_version_and_bad_metadata(tmp_path):
     tensors = _model().state_dict()
-    with pytest.raises(CheckpointError, match="format '99' is not supported.*reads format '1'"):
+    with pytest.raises(CheckpointError, match="format '99' is not supported.*reads formats '1', '2'"):
         ckpt.load_checkpoint(_write_raw(tmp_path / "v.safetensors", tensors, _meta(), fmt="99"))
     with pytest.raises(CheckpointError, match="metadata is missing or corrupt"):
         ckpt.load_checkpoint(_write_raw(tmp_path / "j.safetensors", tensors, '{"model": {"name": '))

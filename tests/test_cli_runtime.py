@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -106,8 +107,9 @@ def test_ctrl_c_says_what_was_saved_and_the_command_that_resumes(tmp_path):
     assert len(line) == 1, err
     assert "training" in line[0] and str(out / "resume") in line[0]
     resume = line[0].split("continue with: ", 1)[1]
-    assert resume == "python -m correctnet.train " + " ".join(TINY) + f" hydra.run.dir={out}"
-    r = train_cli(*resume.split()[3:])  # the printed command continues the run
+    # this interpreter: the command works where the virtual environment is not activated
+    assert shlex.split(resume) == [sys.executable, "-m", "correctnet.train", *TINY, f"hydra.run.dir={out}"]
+    r = train_cli(*shlex.split(resume)[3:])  # the printed command continues the run
     assert r.returncode == 0, r.stderr
     assert "resuming from" in (out / "train.log").read_text() and (out / "metrics.json").exists()
 
@@ -137,3 +139,5 @@ def test_rerunning_an_interrupted_command_points_at_its_run_directory(tmp_path):
     assert len(hint) == 1, r.stderr
     assert f"hydra.run.dir={interrupted.resolve()}" in hint[0] or f"hydra.run.dir={interrupted}" in hint[0]
     assert "training" in hint[0]
+    command = shlex.split(hint[0].split("To continue that one instead: ", 1)[1])
+    assert command[:3] == [sys.executable, "-m", "correctnet.train"]  # this interpreter, as it is

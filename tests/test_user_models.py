@@ -2,6 +2,7 @@
 fresh process or loaded into an instance), tied weights, input normalization, reference ResNet-20 / ViT."""
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 import correctnet as cn
-from correctnet.checkpoint import CheckpointError, load_checkpoint, normalize, save_checkpoint
+from correctnet.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, normalize, save_checkpoint
 from correctnet.compensation import attach_compensation, compensators
 from correctnet.data import dataset_from_config, load_dataset, load_file_dataset
 from correctnet.errors import ConfigError, DataFormatError, DataNotFoundError
@@ -309,7 +310,7 @@ def _net_and_meta(mod, hidden=16, seed=0):
 LOAD_SCRIPT = textwrap.dedent('''
     import sys, torch, safetensors.torch, correctnet as cn
     torch.set_num_threads(int(sys.argv[4]))  # the caller's: results may differ in the last bit across thread counts
-    model, meta = cn.load_checkpoint(sys.argv[1])
+    model, meta = cn.load_checkpoint(sys.argv[1], trust=[sys.argv[5]])  # the user's module, on PYTHONPATH
     x = safetensors.torch.load_file(sys.argv[2])["x"]
     with torch.no_grad(), cn.chip(model, 7):
         out = model(x)
@@ -332,7 +333,8 @@ def test_user_model_round_trips_in_a_fresh_process(usermod, tmp_path):
     script.write_text(LOAD_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(moddir), str(ROOT)])}
     r = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.safetensors"),
-                        str(tmp_path / "out.safetensors"), str(torch.get_num_threads())], capture_output=True, text=True, env=env, timeout=120)
+                        str(tmp_path / "out.safetensors"), str(torch.get_num_threads()), mod.__name__], capture_output=True,
+                       text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [mod.__name__, "Net"]
     got = safetensors.torch.load_file(str(tmp_path / "out.safetensors"))
@@ -341,7 +343,8 @@ def test_user_model_round_trips_in_a_fresh_process(usermod, tmp_path):
     # without the module on PYTHONPATH: one clear error that says what to do
     env["PYTHONPATH"] = str(ROOT)
     r = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.safetensors"),
-                        str(tmp_path / "o2.safetensors"), "1"], capture_output=True, text=True, env=env, timeout=120)
+                        str(tmp_path / "o2.safetensors"), "1", mod.__name__], capture_output=True, text=True, env=env,
+                       timeout=120)
     assert r.returncode != 0 and "CheckpointError" in r.stderr and "PYTHONPATH" in r.stderr and "model=" in r.stderr
 
 
@@ -493,6 +496,7 @@ def test_bad_alias_metadata_is_refused(usermod, tmp_path):
     meta = json.loads(md["correctnet_meta"])
     meta["aliases"] = {"fc2.weight": "nothing.weight"}
     md["correctnet_meta"] = json.dumps(meta)
+    md["correctnet_sha256"] = checkpoint_sha256(tensors, md["correctnet_meta"])  # a file written that way
     safetensors.torch.save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=md)
     with pytest.raises(CheckpointError, match="aliases.*fc2.weight -> nothing.weight"):
         load_checkpoint(tmp_path / "bad.safetensors")
@@ -539,7 +543,7 @@ class Net(nn.Module):
 CHECK = textwrap.dedent('''
     import json, sys, correctnet as cn
     from correctnet.data import dataset_from_config
-    model, meta = cn.load_checkpoint(sys.argv[1])
+    model, meta = cn.load_checkpoint(sys.argv[1], trust=["e2e_usernet"])  # a fresh process: the module is named
     ds = {**meta["config"]["dataset"], **(meta.get("dataset_source") or {})}
     data = dataset_from_config(ds, seed=meta["config"]["seed"])
     base = meta["metrics"]["stages"][meta["stage"]]
@@ -575,7 +579,12 @@ def test_cli_trains_a_user_model_and_evaluate_reproduces_it(netdir, tmp_path):
                        env=env, timeout=120)
     assert c.returncode == 0, c.stderr
     assert json.loads(c.stdout.strip().splitlines()[-1]) == {"type": "Net", "same": True}
-    e = _run(f"checkpoint={ck}", "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+    bare = _run(f"checkpoint={ck}", "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+    assert bare.returncode == 2 and "trust=e2e_usernet" in bare.stderr  # the user's module is not imported unasked
+    line = next(ln for ln in r.stdout.splitlines() if "re-evaluate:" in ln)
+    cmd = shlex.split(line.split("re-evaluate:", 1)[1])  # the printed command names the trust it needs
+    assert cmd[:3] == [sys.executable, "-m", "correctnet.evaluate"] and cmd[-1] == "trust=e2e_usernet"
+    e = subprocess.run([*cmd, "progress=false"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert e.returncode == 0, e.stderr
     assert "reproduces the exported metrics exactly" in e.stdout and "Net on digits" in e.stdout
     with safetensors.safe_open(str(ck), "pt") as f:
@@ -597,16 +606,18 @@ def test_cli_trains_on_a_data_file_and_evaluate_reproduces_it_after_a_move(netdi
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"] == "file" and len(m["stages"]["baseline"]["mc"]["accuracies"]) == 5
     ck = out / "model.safetensors"
-    e = _run(f"checkpoint={ck}", "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+    e = _run(f"checkpoint={ck}", "progress=false", "trust=e2e_usernet", env=env, module="correctnet.evaluate",
+             cwd=tmp_path)
     assert e.returncode == 0, e.stderr
     assert "reproduces the exported metrics exactly" in e.stdout
     moved = tmp_path / "elsewhere" / "d.npz"
     moved.parent.mkdir()
     shutil.move(tmp_path / "digits.npz", moved)
-    e = _run(f"checkpoint={ck}", "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
-    assert e.returncode == 2 and "digits.npz: no such file" in e.stderr and "Traceback" not in e.stderr
-    e = _run(f"checkpoint={ck}", f"dataset.root={moved}", "progress=false", env=env, module="correctnet.evaluate",
+    e = _run(f"checkpoint={ck}", "progress=false", "trust=e2e_usernet", env=env, module="correctnet.evaluate",
              cwd=tmp_path)
+    assert e.returncode == 2 and "digits.npz: no such file" in e.stderr and "Traceback" not in e.stderr
+    e = _run(f"checkpoint={ck}", f"dataset.root={moved}", "progress=false", "trust=e2e_usernet", env=env,
+             module="correctnet.evaluate", cwd=tmp_path)
     assert e.returncode == 0, e.stderr
     assert "reproduces the exported metrics exactly" in e.stdout
 

@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import correctnet as cn
-from correctnet.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from correctnet.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, read_metadata, save_checkpoint
 from correctnet.conf import DIR as CONFIG_DIR
 from correctnet.errors import ConfigError
 from correctnet.models import check_fits, hf_model, locate, model_from_config
@@ -298,13 +298,16 @@ def test_transformers_model_rebuilt_in_a_fresh_process(tmp_path):
 
 
 def _with_model_entry(path, **changes):
-    """Rewrite the ``model`` entry of the checkpoint at ``path`` (tensors and digest unchanged)."""
+    """Rewrite the ``model`` entry of the checkpoint at ``path`` (tensors unchanged, the digest recomputed: a file
+    written that way)."""
     with safetensors.safe_open(str(path), "pt") as f:
         stored = f.metadata()
     tensors = safetensors.torch.load_file(str(path))
     meta = json.loads(stored["correctnet_meta"])
     meta["model"].update(changes)
-    safetensors.torch.save_file(tensors, str(path), metadata={**stored, "correctnet_meta": json.dumps(meta)})
+    text = json.dumps(meta)
+    safetensors.torch.save_file(tensors, str(path), metadata={**stored, "correctnet_meta": text,
+                                                              "correctnet_sha256": checkpoint_sha256(tensors, text)})
 
 
 def test_corrupt_transformers_records_are_checkpoint_errors(tmp_path):

@@ -15,7 +15,6 @@ import dataclasses
 import math
 import os
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..analog import require_analog, chip, chips, digitize, nominal, set_variation
-from ..checkpoint import load_checkpoint, versions
+from ..checkpoint import load_checkpoint, read_metadata, trust_needed, versions
 from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
-from ..errors import ConfigError
+from ..errors import ConfigError, CorrectNetError
+from ..models import Trust
 from ..seeding import Stream, chip_seed
 from ..reads import check_reads_once
 from ..registry import make_variation
@@ -67,6 +67,9 @@ def to_channels_last(x: torch.Tensor) -> torch.Tensor:
         return x
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
+
+MAX_CHIPS = 100_000  # evaluation.n_chips above this is refused: days of computing, surely a typo (or an edited file)
+MAX_SEED = 2**63 - 1  # evaluation.seed and the split seed: non-negative 64-bit integers
 
 AUTO_BATCH = {"cpu": 250, "cuda": 1000}  # images per evaluation batch for batch_size="auto", by device type
 
@@ -448,14 +451,23 @@ def format_summary(model: str, dataset: str, variation: Mapping[str, Any] | None
     return "\n".join(lines)
 
 
-def evaluate_command(checkpoint_path: str | os.PathLike) -> str:
-    """The shell command that re-runs the Monte-Carlo evaluation of ``checkpoint_path`` (absolute path)."""
-    python = sys.executable or "python"
-    found = shutil.which("python")
-    # plain "python" only when it is this interpreter, so the command works when pasted as it is
-    if found and os.path.abspath(os.path.dirname(found)) == os.path.abspath(os.path.dirname(python)):
-        python = "python"
-    return f"{shlex.quote(python)} -m correctnet.evaluate {shlex.quote(f'checkpoint={os.path.abspath(checkpoint_path)}')}"
+def python_command(module: str) -> str:
+    """``<this interpreter> -m <module>``, shell-quoted: a printed command that works when pasted as it is, in a
+    shell where the virtual environment is not activated too."""
+    return f"{shlex.quote(sys.executable or 'python')} -m {module}"
+
+
+def evaluate_command(checkpoint_path: str | os.PathLike, trust: Sequence[str] | None = None) -> str:
+    """The shell command that re-runs the Monte-Carlo evaluation of ``checkpoint_path`` (absolute path) with this
+    interpreter. ``trust``: the modules the checkpoint's model needs trusted (``trust=a,b``); by default those
+    :func:`~correctnet.checkpoint.trust_needed` finds in the file (none when it cannot be read)."""
+    if trust is None:
+        try:
+            trust = trust_needed(read_metadata(checkpoint_path))
+        except CorrectNetError:
+            trust = []
+    cmd = f"{python_command('correctnet.evaluate')} {shlex.quote(f'checkpoint={os.path.abspath(checkpoint_path)}')}"
+    return cmd + (f" {shlex.quote('trust=' + ','.join(trust))}" if trust else "")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -492,7 +504,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         dataset: Mapping[str, Any] | None = None, device: str | torch.device = "auto",
                         progress: bool = False,
                         calibrate: Callable[[nn.Module, Any, dict[str, Any]], Callable[[nn.Module, int], None]]
-                        | None = None, workers: int = 1, chips_per_pass: int | str | None = "auto") -> dict[str, Any]:
+                        | None = None, workers: int = 1, chips_per_pass: int | str | None = "auto",
+                        trust: Trust = None) -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
     Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
@@ -508,23 +521,45 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     :func:`correctnet.calibration.evaluate_calibrated`); the results are then compared with the exported
     ``calibrated`` stage. ``workers``: processes the chips are spread over; ``chips_per_pass``: chips per
     pass, ``"auto"`` or an integer (:func:`monte_carlo`; the per-chip accuracies do not depend on it, up to
-    float round-off of calibrated chips).
+    float round-off of calibrated chips). ``trust``: the modules the checkpoint may import
+    (:func:`~correctnet.checkpoint.load_checkpoint`).
+
+    The settings read back from the checkpoint are checked like the arguments (``n_chips`` in [1,
+    :data:`MAX_CHIPS`], seeds non-negative 64-bit integers, ``batch_size`` auto or >= 1): a bad recorded value
+    is one :class:`ConfigError` naming it, the file and the argument that overrides it.
     """
     cpp = resolve_chips_per_pass(chips_per_pass)
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    model, meta = load_checkpoint(path, device=dev)
+    model, meta = load_checkpoint(path, device=dev, trust=trust)
     cfg = _section(meta, "config")
     ev: dict[str, Any] = {"n_chips": 100, "seed": 0, "batch_size": 1000, "test_samples": None}
-    ev.update({k: v for k, v in _section(cfg, "evaluation").items() if k in ev})
-    ev.update({k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size),
-                                 ("test_samples", test_samples)) if v is not None})
-    for key, low in (("n_chips", 1), ("seed", 0)):
+    recorded = {k: v for k, v in _section(cfg, "evaluation").items() if k in ev}
+    given = {k: v for k, v in (("n_chips", n_chips), ("seed", seed), ("batch_size", batch_size),
+                               ("test_samples", test_samples)) if v is not None}
+    ev.update(recorded)
+    ev.update(given)
+
+    def origin(key: str, cli: str) -> str:
+        """Where a bad value came from, when it is the checkpoint's."""
+        return (f" (recorded in {path}, config.{key}; pass {cli}=... to override it)"
+                if key.rpartition(".")[2] not in given and key.rpartition(".")[2] in recorded else "")
+
+    for key, low, high in (("n_chips", 1, MAX_CHIPS), ("seed", 0, MAX_SEED)):
         v = ev[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ConfigError(f"evaluation.{key} must be an integer >= {low}, got {v!r}")
-    ev["batch_size"] = eval_batch_size(ev["batch_size"], dev)
-    ds: dict[str, Any] = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": cfg.get("seed")}
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ConfigError(f"evaluation.{key} must be an integer in [{low}, {high}], got {v!r}"
+                              f"{origin('evaluation.' + key, 'evaluation.' + key)}")
+    try:
+        ev["batch_size"] = eval_batch_size(ev["batch_size"], dev)
+    except ConfigError as e:
+        raise ConfigError(f"{e}{origin('evaluation.batch_size', 'evaluation.batch_size')}") from None
+    split_seed = cfg.get("seed")
+    if split_seed is not None and (dataset or {}).get("seed") is None and (
+            isinstance(split_seed, bool) or not isinstance(split_seed, int) or not 0 <= split_seed <= MAX_SEED):
+        raise ConfigError(f"seed (the split seed) must be an integer in [0, {MAX_SEED}], got {split_seed!r} "
+                          f"(recorded in {path}, config.seed; pass seed=... to override it)")
+    ds: dict[str, Any] = {"name": meta.get("dataset"), "root": None, "val_fraction": None, "seed": split_seed}
     ds.update({k: v for k, v in _section(cfg, "dataset").items() if k in DATASET_KEYS})
     source = meta.get("dataset_source")
     if isinstance(source, dict) and source.get("path"):
@@ -555,7 +590,10 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         raise ConfigError(f"dataset {data.name!r} has inputs {list(data.input_shape)} and {data.num_classes} classes; "
                           f"the checkpoint's model expects {spec['input_shape']} and {spec['num_classes']}")
 
-    data = dataclasses.replace(data, test=first_samples(data.test, ev["test_samples"]))
+    try:
+        data = dataclasses.replace(data, test=first_samples(data.test, ev["test_samples"]))
+    except ConfigError as e:
+        raise ConfigError(f"{e}{origin('evaluation.test_samples', 'evaluation.test_samples')}") from None
     stage = meta.get("stage", "model")
     calibrator = None
     if calibrate is not None:

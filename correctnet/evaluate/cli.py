@@ -43,6 +43,9 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   calibration.KEY=V         override one calibration setting (steps, n_images, lr, batch_size, start, ...)
   export_chip=I out_chip=FILE   with calibration=per_chip: also write evaluation chip I's calibrated state
                             (compensators, BatchNorm statistics) to FILE (correctnet.calibration.load_calibrated_chip)
+  trust=MOD[,MOD...]        modules the checkpoint's model may be imported from (names or prefixes, e.g.
+                            trust=mypkg): nothing else is imported but correctnet, transformers, timm;
+                            trust=true allows any module (importing a module runs its code: only for files you trust)
   device=auto|cpu|cuda|cuda:N   (default auto)
   progress=auto|true|false  progress bar on stderr (default auto: only when stderr is a terminal)
   threads=auto|N            torch CPU threads (default: the count the run recorded, environment.torch_threads, so
@@ -53,7 +56,8 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "variation.t_eval", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
-        "evaluation.workers", "evaluation.chips_per_pass")
+        "evaluation.workers", "evaluation.chips_per_pass", "trust")
+MAX_RECORDED_THREADS = 1024  # a larger recorded torch thread count is refused (an edited or broken file)
 CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
                     "select_chips", "seed")
 
@@ -131,6 +135,18 @@ def sweep_variations(opts: dict[str, str]) -> list[dict[str, Any]] | None:
             for n in names for s in sigmas for t in times]
 
 
+def parse_trust(value: str) -> bool | list[str]:
+    """``trust=``: ``true`` (any module) or comma-separated module names or prefixes (``[a,b]`` too)."""
+    if value.strip().lower() == "true":
+        return True
+    names = [n for n in _list(value) if n]
+    bad = [n for n in names if not all(part.isidentifier() for part in n.split("."))]
+    if not names or bad:
+        raise ConfigError(f"trust must be true or comma-separated module names (e.g. trust=mypkg,mypkg.models), "
+                          f"got {value!r}")
+    return names
+
+
 def _label(variation: dict[str, Any]) -> str:
     t = variation.get("t_eval", 1.0)
     return f"{variation['name']} {variation['sigma']:g}" + (f" t={t:g}s" if t != 1.0 else "")
@@ -140,11 +156,15 @@ def recorded_threads(checkpoint: str) -> int | str:
     """The torch thread count the run that exported ``checkpoint`` recorded, else ``"auto"``."""
     env = ((read_metadata(checkpoint).get("metrics") or {}).get("environment") or {})
     n = env.get("torch_threads")
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_RECORDED_THREADS:
+        raise ConfigError(f"threads must be an integer in [1, {MAX_RECORDED_THREADS}], got {n!r} (recorded in "
+                          f"{checkpoint}, metrics.environment.torch_threads; pass threads=N to override it)")
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else "auto"
 
 
 def run(opts: dict[str, str]) -> dict[str, Any]:
     """Evaluate as ``opts`` (from :func:`parse_args`) says, print the summary, write ``out``; the results dict."""
+    trust = parse_trust(opts["trust"]) if "trust" in opts else None
     out = Path(opts["out"]) if opts.get("out") else None
     overwrite = _bool("overwrite", opts.get("overwrite", "false"))
     if out is not None and out.exists() and not overwrite:
@@ -178,7 +198,7 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     threads = set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
     workers = resolve_workers(opts.get("evaluation.workers", "auto"), threads)
     cpp = opts.get("evaluation.chips_per_pass", "auto")
-    common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress,
+    common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress, trust=trust,
                   workers=workers, chips_per_pass=cpp if cpp == "auto" else _number("evaluation.chips_per_pass", cpp, int),
                   **ints)
     if mode == "per_chip":
