@@ -250,6 +250,9 @@ def validate(cfg: DictConfig) -> Job:
     if strategy is not None and comp_cfg is None:
         raise ConfigError(f"placement.strategy={strategy} searches where compensation goes, but no compensation is "
                           f"configured: add compensation=all (its kind, rank and training settings are used)")
+    if search_cfg is not None and search_cfg.score == "calibrated" and cal_cfg is None:
+        raise ConfigError("placement.score=calibrated scores calibrated search chips, but calibration is off: add "
+                          "calibration=per_chip, or placement.score=chip_agnostic")
     use_reference = cfg.get("reference", False)
     if not isinstance(use_reference, bool):
         raise ConfigError(f"reference must be true or false, got {use_reference!r}")
@@ -450,13 +453,23 @@ def _clean_logits(net: torch.nn.Module):
     return logits
 
 
-def search_placement(ws: Workspace) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
-    """The placement search (``placement.strategy``): the evaluator, the chosen placement and its metrics record."""
+def search_placement(ws: Workspace, reference: torch.nn.Module | None = None
+                     ) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
+    """The placement search (``placement.strategy``): the evaluator, the chosen placement and its metrics record.
+    With ``placement.score=calibrated`` every search chip is calibrated (``calibration`` settings, its steps
+    ``placement.calibration_steps``) before it is scored, towards the vanilla ``reference`` (or the clean network)."""
     j = ws.job
     assert j.strategy is not None and j.search_cfg is not None and j.comp_cfg is not None
     layers = list(ws.placement) if ws.placement is not None else None
+    calibration, teacher = None, None
+    if j.search_cfg.score == "calibrated":
+        assert j.cal_cfg is not None  # validate() requires it
+        teacher = reference if j.cal_cfg.teacher in ("reference", "auto", "ensemble") and reference is not None else None
+        calibration = dataclasses.replace(j.cal_cfg, steps=j.search_cfg.calibration_steps,
+                                          teacher="reference" if teacher is not None else "self",
+                                          n_images=min(j.cal_cfg.n_images, 1000))
     return _search(ws.model, ws.data, j.strategy, j.search_cfg, j.ppo_cfg, j.attach_kw, j.comp_cfg, j.progress, ws.store,
-                   layers=layers, trained=j.joint)
+                   layers=layers, trained=j.joint, calibration=calibration, calibration_teacher=teacher)
 
 
 def _search_ranks(j: Job) -> list[int]:
@@ -595,7 +608,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     final = job.base_stage
     evaluator, chosen, placement_record = None, None, None
     if job.strategy is not None:
-        evaluator, chosen, placement_record = search_placement(ws)
+        evaluator, chosen, placement_record = search_placement(ws, reference)
         ws.placement = evaluator.to_placement(chosen) or None
         if job.joint:  # deploy what was chosen: the supernet's compensators cut to the chosen layers and ranks
             keep_compensation(ws.model, ws.placement or {})
@@ -680,16 +693,18 @@ def _check_outputs(model: torch.nn.Module, test: Any, stage: str, n: int = 256) 
 
 def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: SearchConfig, ppo_cfg: PPOConfig | None,
             attach_kw: dict[str, Any], comp_cfg: CompensationConfig, progress: bool,
-            store: ResumeStore | None = None, *, layers: list[str] | None = None,
-            trained: bool = False) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
+            store: ResumeStore | None = None, *, layers: list[str] | None = None, trained: bool = False,
+            calibration: CalibrationConfig | None = None, calibration_teacher: torch.nn.Module | None = None
+            ) -> tuple[PlacementEvaluator, Placement, dict[str, Any]]:
     """The placement search stage: (the evaluator, the chosen placement, its metrics record). ``trained``: the
     model's compensators were trained with the network as a supernet (joint training) and are searched as they are."""
     t0 = time.perf_counter()
     shared = "the jointly trained compensators" if trained else f"shared compensators ({search_cfg.shared_steps} steps)"
-    log.info("placement search (%s) over %s, scoring on %d search chips x %d validation images", strategy, shared,
-             search_cfg.chips, min(search_cfg.val_images, len(data.val)))
+    log.info("placement search (%s) over %s, scoring on %d %ssearch chips x %d validation images", strategy, shared,
+             search_cfg.chips, "calibrated " if calibration is not None else "", min(search_cfg.val_images, len(data.val)))
     evaluator = PlacementEvaluator(model, data.train, data.val.tensors, search_cfg, attach=attach_kw,
-                                   comp_cfg=comp_cfg, progress=progress, resume=store, layers=layers, trained=trained)
+                                   comp_cfg=comp_cfg, progress=progress, resume=store, layers=layers, trained=trained,
+                                   calibration=calibration, calibration_teacher=calibration_teacher)
     result = search(evaluator, strategy, seed=search_cfg.seed, ppo=ppo_cfg, progress=progress)
     evaluator.save_cache()
     b = result.best

@@ -46,7 +46,8 @@ import torch
 from torch import nn
 
 from ..analog import AnalogLayer, analog_layers, chip
-from ..calibration import CompensationConfig, data_tensors, teacher_logits, train_compensation
+from ..calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, data_tensors,
+                           reestimate_batchnorm, teacher_logits, train_compensation)
 from ..compensation import (Compensator, attach_compensation, compensation_spec, compensators, detach_compensation,
                             layer_macs, overhead)
 from ..errors import ConfigError, is_int, is_number, require
@@ -73,6 +74,8 @@ class SearchConfig:
     shared_steps: int = 500     # training steps of the shared compensators
     active_prob: float = 0.5    # probability that a compensator is on at a shared training step
     batch_size: int = 1000      # evaluation batch
+    score: str = "chip_agnostic"  # chip_agnostic | calibrated: each search chip calibrated before it is scored
+    calibration_steps: int = 30   # score=calibrated: per-chip calibration steps on each search chip
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -98,6 +101,12 @@ class SearchConfig:
         require(is_number(self.active_prob) and 0 < self.active_prob <= 1, f"{o}.active_prob",
                 "a number in (0, 1]", self.active_prob)
         require(is_int(self.seed) and self.seed >= 0, f"{o}.seed", "an integer >= 0", self.seed)
+        require(self.score in SCORES, f"{o}.score", f"one of {list(SCORES)}", self.score)
+        require(is_int(self.calibration_steps) and self.calibration_steps >= 1, f"{o}.calibration_steps",
+                "an integer >= 1", self.calibration_steps)
+
+
+SCORES = ("chip_agnostic", "calibrated")
 
 
 @dataclass
@@ -133,16 +142,24 @@ class PlacementEvaluator:
     evaluation; the search itself is deterministic, so it ends as an uninterrupted one would. ``output``: how
     the model's outputs hold the logits ``[N, C]`` (:func:`correctnet.tensors.logits_of`; None: a tensor,
     tuple, dict or transformers ``ModelOutput``).
+
+    ``calibration`` (with ``cfg.score="calibrated"``): before a placement is scored on a search chip, the chip is
+    calibrated as a deployment would (:class:`~correctnet.calibration.ChipCalibrator` with these settings, on
+    unlabeled training images; ``calibration_teacher``: its reference network), so the search scores the
+    calibrated accuracy; the uncompensated baseline is calibrated too (BatchNorm statistics only). It costs
+    ``chips x calibration.steps`` optimizer steps per placement.
     """
 
     def __init__(self, model: nn.Module, train_data: Any, val: tuple[torch.Tensor, torch.Tensor],
                  cfg: SearchConfig, *, attach: dict[str, Any] | None = None,
                  comp_cfg: CompensationConfig | None = None, layers: Sequence[str] | None = None,
                  progress: bool = False, resume: ResumeStore | None = None, output: OutputFn | None = None,
-                 trained: bool = False) -> None:
+                 trained: bool = False, calibration: CalibrationConfig | None = None,
+                 calibration_teacher: nn.Module | None = None) -> None:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.output = output
+        self.calibrator: ChipCalibrator | None = None  # set below with cfg.score="calibrated"
         self.model = copy.deepcopy(model)
         given = compensators(self.model)
         if given and not trained:
@@ -176,7 +193,6 @@ class PlacementEvaluator:
         example = self.val_x[:1]
 
         self.option_costs = option_costs(self.model, self.names, self.ranks, example, self.attach)
-        self.limits = budget_limits(cfg)
         # the largest option's cost per layer, in cfg.cost (the observation's scale)
         self.layer_cost = [self.option_costs[cfg.cost][i][-1] for i in range(len(self.names))]
         with _all_off(self.model):
@@ -200,6 +216,15 @@ class PlacementEvaluator:
         with _all_off(self.model):
             self.teacher = (teacher_logits(self.model, data_tensors(train_data)[0], output=output)
                             if tcfg.distill > 0 else None)
+        if cfg.score == "calibrated":
+            if calibration is None:
+                raise ConfigError("placement.score=calibrated scores calibrated search chips: give the calibration "
+                                  "settings (calibration=per_chip in the pipeline)")
+            images = calibration_images(train_data, calibration.n_images, calibration.seed).to(dev)
+            with _all_off(self.model):
+                self.calibrator = ChipCalibrator(self.model, images, calibration, teacher=calibration_teacher,
+                                                 output=output)
+                self.base_accuracy = self._accuracy()  # the uncompensated network, calibrated (BatchNorm only)
         if trained:
             self.training: dict[str, Any] = {"trained": "with the network"}
         else:
@@ -228,20 +253,35 @@ class PlacementEvaluator:
         return out
 
     @property
+    def limits(self) -> dict[str, float]:
+        """``{metric: limit in %}`` of ``cfg.budget`` (read at each call: a caller may change the budget; cached
+        accuracies stay valid, as they do not depend on it)."""
+        return budget_limits(self.cfg)
+
+    @property
     def n_options(self) -> int:
         """Options per layer besides "none"."""
         return len(self.ranks)
 
     # ------------------------------------------------------------------ scoring
     def _accuracy(self, nominal_layers: Sequence[AnalogLayer] = ()) -> float:
-        """Mean accuracy over the search chips as the model is now; ``nominal_layers`` get no variation."""
+        """Mean accuracy over the search chips as the model is now; ``nominal_layers`` get no variation. With a
+        calibrator (and no ``nominal_layers``) each chip is calibrated first and the model restored after."""
+        calibrate = self.calibrator if not nominal_layers else None
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()} if calibrate is not None else None
         accs = []
         for s in self.chip_seeds:
             with chip(self.model, s):
                 for layer in nominal_layers:
                     layer.set_off()
+                if calibrate is not None and any(c.active for c in compensators(self.model).values()):
+                    calibrate(self.model, s)
+                elif calibrate is not None and calibrate.cfg.batchnorm:  # nothing to fit: BatchNorm statistics only
+                    reestimate_batchnorm(self.model, calibrate.images, calibrate.cfg.batch_size)
                 accs.append(accuracy(self.model, (self.val_x, self.val_y), batch_size=self.cfg.batch_size,
                                      output=self.output))
+            if saved is not None:
+                self.model.load_state_dict(saved)
         return float(np.mean(accs))
 
     def cost(self, placement: Sequence[int], metric: str | None = None) -> float:
@@ -435,5 +475,5 @@ def enumerate_placements(n: int, options: int = 1) -> list[Placement]:
         return [tuple(bool(i >> (n - 1 - j) & 1) for j in range(n)) for i in range(2 ** n)]
     return [tuple(p) for p in itertools.product(range(options + 1), repeat=n)]
 
-__all__ = ["COSTS", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "budget_limits",
+__all__ = ["COSTS", "SCORES", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "budget_limits",
            "enumerate_placements", "layer_info", "option_costs", "random_options"]

@@ -1,0 +1,201 @@
+"""Benchmark: chip-agnostic accuracy against digital overhead (the budget front of the default recipe).
+
+Trains two networks from the same initialisation with noise-aware training (``--chips-per-step`` chips per
+step): **noise-aware alone**, and the **supernet** of the correctnet presets (a compensator of rank
+max(``--ranks``) beside every analog layer, random options switched on at each step:
+``correctnet.placement.evaluator.random_options``). On the supernet's trained compensators one
+:class:`~correctnet.placement.PlacementEvaluator` (``trained=True``; ``--price`` 0.01 pp per % MACs: the
+objective is the accuracy recovered, pp, ties going to the cheaper placement) scores placements; for each MAC budget in ``--budgets`` (descending, so that the first
+exhaustive search fills the cache) it runs ``exhaustive`` (the optimum), ``ppo`` (``--ppo-seeds``) and
+``greedy``. Each distinct chosen placement is then deployed as the pipeline does (``keep_compensation``,
+``--finetune-steps`` chip-agnostic steps distilling the clean network) and measured on the test split over
+``--chips`` evaluation chips (``Stream.EVAL``, never searched), with both overheads.
+
+    python experiments/budget_front.py --model lenet5 --epochs 3 --threads 1
+
+Results: ``experiments/results/budget_front_<dataset>_<model>_s<sigma>.{json,md,png}``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import correctnet as cn
+from correctnet.calibration import CompensationConfig, train_compensation
+from correctnet.compensation import attach_compensation, keep_compensation, overhead
+from correctnet.data import load_dataset
+from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, search
+from correctnet.placement.evaluator import random_options
+from correctnet.training import TrainConfig, train
+
+from common import add_run_args, apply_threads, machine_line, portable, record
+
+
+def _network(args: argparse.Namespace, data: Any) -> torch.nn.Module:
+    torch.manual_seed(args.seed)
+    kw = {"width": args.width} if args.model.startswith("vgg") else {}
+    model = cn.build_model(args.model, data.input_shape, data.num_classes, **kw)
+    return cn.analogize(model, cn.LogNormal(args.sigma), inplace=True)
+
+
+def _measure(m: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace,
+             desc: str) -> dict[str, Any]:
+    r = cn.monte_carlo(m, test, n_chips=args.chips, seed=args.eval_seed, progress=args.progress, desc=desc)
+    return {"mean": r.mean, "std": r.std, "p5": r.p5, "min": r.min, "n_chips": r.n_chips,
+            "clean": cn.clean_accuracy(m, test)}
+
+
+def table(res: dict[str, Any]) -> str:
+    s = res["setup"]
+    lines = [f"Budget front, {s['model']} on {s['dataset']}, lognormal sigma={s['sigma']}, seed {s['seed']}, "
+             f"{s['epochs']} epochs, {s['chips_per_step']} chips per training step; options per layer: none or rank "
+             f"{s['ranks']} (rank 0: scale and shift only); {s['search_chips']} search chips x {s['val_images']} "
+             f"validation images; test: {s['chips']} chips x {s['test_samples']} images. Machine: {machine_line(s)}",
+             "", f"Command: `{s['command']}`", "",
+             "| arm | budget (% MACs) | chosen (layer: rank) | + params | + MACs | search objective (pp) | "
+             "% of exhaustive | evaluations | test clean | test chip mean | test p5 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    na = res["noise_aware"]
+    lines.append(f"| noise-aware alone | - | - | - | - | - | - | - | {100 * na['clean']:.2f}% | {100 * na['mean']:.2f}% "
+                 f"| {100 * na['p5']:.2f}% |")
+    for row in res["front"]:
+        t = res["test"][row["key"]]
+        opt = res["front_optimum"][str(row["budget"])]
+        share = f"{100 * row['objective'] / opt:.1f}%" if opt > 0 else "-"
+        chosen = ", ".join(f"{n}: {r}" for n, r in row["chosen_ranks"].items()) or "none"
+        lines.append(f"| {row['strategy']} | {row['budget']:g} | {chosen} | {t['params_pct']:.2f}% | "
+                     f"{t['macs_pct']:.2f}% | {row['objective']:.2f} | {share} | {row['evaluations']} of "
+                     f"{row['n_placements']} | {100 * t['clean']:.2f}% | {100 * t['mean']:.2f}% | {100 * t['p5']:.2f}% |")
+    lines += ["", f"Supernet without compensators on the search chips: {100 * res['evaluator']['base_accuracy']:.2f}%; "
+              f"training: noise-aware {res['seconds']['noise_aware']:.0f} s, supernet {res['seconds']['supernet']:.0f} s; "
+              f"total {res['seconds']['total']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    na = res["noise_aware"]
+    ax.axhline(100 * na["mean"], color="gray", ls="--", label="noise-aware alone")
+    for strategy, marker in (("exhaustive", "o"), ("greedy", "s")):
+        pts = sorted({(res["test"][r["key"]]["macs_pct"], 100 * res["test"][r["key"]]["mean"])
+                      for r in res["front"] if r["strategy"] == strategy})
+        if pts:
+            ax.plot([max(x, 1e-3) for x, _ in pts], [y for _, y in pts], marker=marker, label=strategy)
+    pts = sorted({(res["test"][r["key"]]["macs_pct"], 100 * res["test"][r["key"]]["mean"])
+                  for r in res["front"] if r["strategy"].startswith("ppo")})
+    if pts:
+        ax.scatter([max(x, 1e-3) for x, _ in pts], [y for _, y in pts], marker="x", color="k", zorder=3, label="PPO")
+    ax.set_xscale("log")
+    ax.set_xlabel("extra digital MACs (% of the network's; 0 shown at 0.001)")
+    ax.set_ylabel("chip-agnostic test accuracy, chip mean (%)")
+    s = res["setup"]
+    ax.set_title(f"{s['model']}, {s['dataset']}, lognormal sigma={s['sigma']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--width", type=float, default=0.25, help="VGG width")
+    p.add_argument("--sigma", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chips-per-step", type=int, default=8)
+    p.add_argument("--ranks", type=int, nargs="+", default=[0, 1, 4])
+    p.add_argument("--active-prob", type=float, default=0.5)
+    p.add_argument("--budgets", type=float, nargs="+", default=[100.0, 10.0, 3.0, 1.0, 0.3, 0.1],
+                   help="MAC budgets in %% (parameters unconstrained)")
+    p.add_argument("--price", type=float, default=0.01,
+                   help="pp per %% MACs in the search objective (small: accuracy first, ties go to the cheaper)")
+    p.add_argument("--search-chips", type=int, default=10)
+    p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--ppo-seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--chips", type=int, default=100)
+    p.add_argument("--test-samples", type=int, default=2000)
+    p.add_argument("--eval-seed", type=int, default=0)
+    add_run_args(p, threads=1)
+    args = p.parse_args()
+    apply_threads(args)
+    out = args.out or Path(__file__).parent / "results" / f"budget_front_{args.dataset}_{args.model}_s{args.sigma:g}.json"
+    res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "front": [], "test": {}, "seconds": {}}
+    t_all = time.perf_counter()
+    data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)
+    test = (data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples])
+    tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, noise_aware=True,
+                       chips_per_step=args.chips_per_step, seed=args.seed)
+
+    t0 = time.perf_counter()
+    plain = _network(args, data)
+    train(plain, data.train, data.val, tcfg, progress=args.progress, stage="noise-aware")
+    res["seconds"]["noise_aware"] = time.perf_counter() - t0
+    res["noise_aware"] = _measure(plain, test, args, "noise-aware")
+    print(f"noise-aware alone: {100 * res['noise_aware']['mean']:.2f}%", flush=True)
+
+    t0 = time.perf_counter()
+    supernet = _network(args, data)
+    comps = attach_compensation(supernet, "all", rank=max(args.ranks), seed=args.seed)
+    train(supernet, data.train, data.val, tcfg, progress=args.progress, stage="supernet",
+          on_step=random_options(list(comps.values()), sorted(args.ranks), args.active_prob, args.seed))
+    res["seconds"]["supernet"] = time.perf_counter() - t0
+    cfg = SearchConfig(price=args.price, cost="macs", ranks=args.ranks, chips=args.search_chips, val_images=args.val_images,
+                       seed=args.seed)
+    ev = PlacementEvaluator(supernet, data.train, data.val.tensors, cfg, trained=True, progress=args.progress,
+                            comp_cfg=CompensationConfig(seed=args.seed))
+    res["evaluator"] = ev.summary()
+    res["front_optimum"] = {}
+    plan = [("exhaustive", "exhaustive", 0)] + [(f"ppo (seed {s})", "ppo", s) for s in args.ppo_seeds] + [
+        ("greedy", "greedy", 0)]
+    for budget in sorted(args.budgets, reverse=True):
+        ev.cfg.budget = {"macs": budget}
+        for name, strategy, seed in plan:
+            r = search(ev, strategy, seed=seed, ppo=PPOConfig(), progress=args.progress)
+            key = json.dumps(r.chosen_ranks, sort_keys=True)
+            res["front"].append({"strategy": name, "budget": budget, "key": key, "chosen_ranks": r.chosen_ranks,
+                                 "objective": r.best.objective, "accuracy": r.best.accuracy,
+                                 "costs": r.best.costs, "evaluations": r.evaluations, "n_placements": r.n_placements})
+            if strategy == "exhaustive":
+                res["front_optimum"][str(budget)] = r.best.objective
+            print(f"budget {budget:g}% MACs, {name}: {r.chosen_ranks} objective {r.best.objective:.2f} pp, "
+                  f"{r.evaluations} evaluations", flush=True)
+        out.write_text(json.dumps(res, indent=1))
+    for row in res["front"]:
+        if row["key"] in res["test"]:
+            continue
+        m = copy.deepcopy(supernet)
+        keep_compensation(m, row["chosen_ranks"])
+        info: dict[str, Any] = {"chosen_ranks": row["chosen_ranks"]}
+        if row["chosen_ranks"]:
+            r = train_compensation(m, data.train, CompensationConfig(steps=args.finetune_steps, seed=args.seed),
+                                   progress=args.progress, teacher=ev.teacher)
+            info["finetune_seconds"] = r.seconds
+        o = overhead(m, test[0][:1])["total"]
+        info |= {"params_pct": o["params_pct"], "macs_pct": o["macs_pct"]}
+        res["test"][row["key"]] = info | _measure(m, test, args, row["key"])
+        print(f"test {row['chosen_ranks']}: {100 * res['test'][row['key']]['mean']:.2f}% at +{o['params_pct']:.2f}% "
+              f"params, +{o['macs_pct']:.2f}% MACs", flush=True)
+        out.write_text(json.dumps(res, indent=1))
+    res["seconds"]["total"] = time.perf_counter() - t_all
+    out.write_text(json.dumps(res, indent=1))
+    out.with_suffix(".md").write_text(table(res))
+    plot(res, out.with_suffix(".png"))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
