@@ -141,3 +141,32 @@ def test_rerunning_an_interrupted_command_points_at_its_run_directory(tmp_path):
     assert "training" in hint[0]
     command = shlex.split(hint[0].split("To continue that one instead: ", 1)[1])
     assert command[:3] == [sys.executable, "-m", "correctnet.train"]  # this interpreter, as it is
+
+
+# each case is a process start that fails while Hydra composes the config (about 2 s)
+@pytest.mark.parametrize("args, needles", [
+    (["foo=1"], ["foo", "no key 'foo'", "accepted: dataset"]),
+    (["training.epoch=3"], ["training.epoch", "did you mean epochs?"]),
+    (["model=resnet999"], ["model=resnet999", "available: custom", "lenet5"]),
+    (["+foo=1"], ["unknown top-level key(s) ['foo']"]),
+    (["+evaluation.foo=1"], ["unknown evaluation key(s) ['foo']"]),
+])
+def test_hydra_composition_errors_are_one_line_exit_2_and_leave_no_directory(tmp_path, args, needles):
+    r = train_cli(*args, "progress=false", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("correctnet: error: "), r.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>, no outputs/<date>, no outputs/
+
+
+def test_hydra_error_message_for_open_and_nested_keys():
+    from hydra.errors import ConfigCompositionException
+
+    from correctnet.train import hydra_error_message
+
+    e = ConfigCompositionException("Could not override 'model.widht'.\nTo append to your config use +model.widht=2")
+    assert hydra_error_message(e) == "model.widht: in model there is no key 'widht'; add a constructor argument " \
+                                     "with +model.widht=VALUE"
+    e = ConfigCompositionException("Could not override 'placement.ppo.stepz'.\nTo append ...")
+    assert "did you mean steps?" in hydra_error_message(e) or "accepted:" in hydra_error_message(e)
