@@ -53,6 +53,7 @@ from .seeding import Stream
 from .stages import Stage, stage_label
 from .training import TrainConfig, TrainingDivergedError, train
 from .registry import make_variation
+from . import runlock
 from .variation import VariationModel
 
 log = logging.getLogger("correctnet")
@@ -613,7 +614,15 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     """
     t_start = time.perf_counter()
     job = validate(cfg)
-    ws = prepare(job, Path(out_dir))
+    runlock.acquire(out_dir)  # another live run in this directory is refused (it would interleave with this one)
+    try:
+        return _run(job, Path(out_dir), t_start, command)
+    finally:
+        runlock.release(out_dir)
+
+
+def _run(job: Job, out_dir: Path, t_start: float, command: str | None) -> dict[str, Any]:
+    ws = prepare(job, out_dir)
     stages: dict[str, Any] = {}
 
     def add(result: StageResult | None) -> None:
@@ -828,8 +837,8 @@ def _interrupted_runs(out_dir: Path, overrides: list[str], limit: int = 500) -> 
     candidates = sorted(root.glob("*/*/.hydra/overrides.yaml"), reverse=True)[:limit]
     for f in candidates:
         run_dir = f.parent.parent
-        if run_dir.resolve() == out_dir.resolve() or not _snapshots(run_dir):
-            continue
+        if run_dir.resolve() == out_dir.resolve() or not _snapshots(run_dir) or runlock.holder(run_dir) is not None:
+            continue  # a live run holding its lock is running, not interrupted
         try:
             if yaml.safe_load(f.read_text()) == list(overrides):
                 found.append(run_dir)
