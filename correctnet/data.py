@@ -8,8 +8,10 @@ A data file (:func:`load_file_dataset`) holds arrays ``x_train, y_train, x_test,
 ``x_val, y_val`` (else val_fraction of the train split is split off, seeded). ``x``: images ``[N, C, H, W]``,
 ``[N, H, W]`` (one channel is added) or any ``[N, *features]`` (the model must accept that shape), of a
 numeric dtype: uint8 is divided by 255, other dtypes are used as they are. ``y``: integer class indices
-``[N]``. Normalization (``normalize``), with statistics of the train split: ``channel`` (default) per index
-of dimension 1 (per channel for images, per feature for ``[N, F]``), ``global`` one mean/std, ``none``.
+``[N]``, every split's within the training classes (0 .. the largest ``y_train`` label, or ``num_classes - 1``
+when declared; at most MAX_CLASSES classes, and without num_classes no more than the training samples).
+Normalization (``normalize``), with statistics of the train split: ``channel`` (default) per index of
+dimension 1 (per channel for images, per feature for ``[N, F]``), ``global`` one mean/std, ``none``.
 ``.npz`` files are read with ``allow_pickle=False``, ``.pt`` files with ``torch.load(weights_only=True)``.
 Files are parsed defensively: anything malformed raises DataFormatError naming the file; CIFAR pickles go
 through a restricted unpickler that cannot run code; no header can make us allocate more than the file holds.
@@ -145,6 +147,7 @@ FILE_KEYS = ("x_train", "y_train", "x_test", "y_test")
 NORMALIZE = ("channel", "global", "none")
 FILE_SUFFIXES = (".npz", ".pt", ".pth")
 CONFIG_KEYS = ("name", "root", "path", "val_fraction", "normalize", "num_classes")
+MAX_CLASSES = 100_000  # more is a label that is not a class index (one label 10**7 made an 850M-parameter model)
 
 
 def dataset_from_config(params: dict, *, seed: int) -> DataSplits:
@@ -200,14 +203,16 @@ def load_file_dataset(path: str | os.PathLike, *, val_fraction: float = 0.1, see
                       normalize: str = "channel", num_classes: int | None = None) -> DataSplits:
     """The user's arrays in ``path`` (.npz or .pt) as DataSplits named ``"file"`` (format: module docstring).
 
-    ``num_classes`` defaults to the largest label + 1 (set it when some classes are absent from the file).
+    ``num_classes`` defaults to the largest training label + 1 (set it when some classes are absent from the
+    file). Labels outside [0, num_classes) in any split are refused, naming the split and the label.
     """
     _check_split_args(val_fraction, seed)
     if normalize not in NORMALIZE:
         raise ConfigError(f"dataset.normalize={normalize!r} is invalid: expected one of {', '.join(NORMALIZE)}")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-        raise ConfigError(f"dataset.num_classes={num_classes!r} is invalid: expected an integer >= 1 or null")
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise ConfigError(f"dataset.num_classes={num_classes!r} is invalid: expected an integer in "
+                          f"[1, {MAX_CLASSES}] or null")
     path = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
     arrays = _read_data_file(path)
     missing = [k for k in FILE_KEYS if k not in arrays]
@@ -225,12 +230,7 @@ def load_file_dataset(path: str | os.PathLike, *, val_fraction: float = 0.1, see
                               + ", ".join(f"x_{s} {list(v)}" for s, v in shapes.items()))
     if len(xs["train"]) == 0 or len(xs["test"]) == 0:
         raise DataFormatError(f"{path}: x_train and x_test must hold at least one sample each")
-    top = max(int(y.max()) for y in ys.values() if y.size)
-    n_classes = top + 1 if num_classes is None else num_classes
-    if top >= n_classes:
-        raise DataFormatError(f"{path}: labels go up to {top}, but dataset.num_classes={num_classes}")
-    if n_classes < 2:
-        raise DataFormatError(f"{path}: the labels hold a single class ({top}); classification needs >= 2")
+    n_classes = _class_count(ys, num_classes, path)
     dtypes = {str(x.dtype) for x in xs.values()}
     if len(dtypes) > 1:
         raise DataFormatError(f"{path}: the splits have different dtypes {sorted(dtypes)}; use one for all")
@@ -430,7 +430,37 @@ def _check_y(y: np.ndarray, key: str, n: int, path: Path) -> np.ndarray:
                               f"of x_{key[2:]})")
     if y.size and y.min() < 0:
         raise DataFormatError(f"{path}: {key} has negative labels ({int(y.min())}); expected 0 .. num_classes-1")
+    if y.size and int(y.max()) > np.iinfo(np.int64).max:  # uint64: the int64 cast below would wrap it negative
+        raise DataFormatError(f"{path}: {key} holds label {int(y.max())}; expected 0 .. num_classes-1")
     return y.astype(np.int64)
+
+
+def _class_count(ys: dict[str, np.ndarray], num_classes: int | None, path: Path) -> int:
+    """The number of classes C: ``num_classes`` when declared, else the largest training label + 1. Every label
+    must lie in [0, C): a test or validation label the training labels never reach is an error, not a bigger
+    model; so is a C larger than the training samples (inferred) or than MAX_CLASSES."""
+    train = ys["train"]
+    top = int(train.max())
+    if num_classes is not None:  # in [1, MAX_CLASSES], checked by the caller
+        n_classes = num_classes
+    elif top + 1 > min(len(train), MAX_CLASSES):
+        raise DataFormatError(f"{path}: the largest label in y_train is {top}, which would make {top + 1:,} classes "
+                              f"for {len(train):,} training samples; labels must be class indices 0 .. C-1 "
+                              f"(remap them, e.g. np.unique(y, return_inverse=True)) or set dataset.num_classes")
+    else:
+        n_classes = top + 1
+    for split, y in ys.items():
+        if y.size and int(y.max()) >= n_classes:
+            bad = int(y.max())
+            if num_classes is not None:
+                raise DataFormatError(f"{path}: y_{split} holds label {bad}, but dataset.num_classes={num_classes} "
+                                      f"(labels 0 .. {num_classes - 1})")
+            raise DataFormatError(f"{path}: y_{split} holds label {bad}, which no training label reaches (y_train: "
+                                  f"0 .. {top}); every {split} label must be a training class: fix the labels, or "
+                                  f"set dataset.num_classes if the training split lacks that class")
+    if n_classes < 2:
+        raise DataFormatError(f"{path}: the labels hold a single class ({top}); classification needs >= 2")
+    return n_classes
 
 
 def _canonical_name(name: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -33,7 +34,8 @@ from .checkpoint import checkpoint_digest, save_checkpoint, versions
 from .io import atomic_write
 from .compensation import KINDS, attach_compensation, compensation_spec, keep_compensation, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
-from .conf.schema import keyword_defaults  # importing correctnet.conf registers the groups' schemas
+from .conf import schema
+from .conf.schema import keyword_defaults, schemas  # importing correctnet.conf registers the groups' schemas
 from .errors import ConfigError, CorrectNetError, is_int, is_number
 from .evaluate import MAX_CHIPS, clean_accuracy, evaluate_command, format_summary, monte_carlo, python_command
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
@@ -51,6 +53,7 @@ from .seeding import Stream
 from .stages import Stage, stage_label
 from .training import TrainConfig, TrainingDivergedError, train
 from .registry import make_variation
+from . import runlock
 from .variation import VariationModel
 
 log = logging.getLogger("correctnet")
@@ -225,8 +228,41 @@ class Job:
                                        or self.tcfg.distill > 0)
 
 
+@functools.lru_cache(maxsize=1)
+def config_keys() -> dict[str, list[str] | None]:
+    """The keys of the main config (``conf/config.yaml``): top-level key -> its accepted sub-keys for the plain
+    sections (``analog``, ``evaluation``, ``checkpoint``), None for config groups and scalars (groups are
+    checked by their schemas or by the library: ``model`` is open, its keys go to the user's constructor)."""
+    primary = OmegaConf.load(Path(__file__).with_name("conf") / "config.yaml")
+    assert isinstance(primary, DictConfig)
+    keys: dict[str, list[str] | None] = {}
+    for entry in primary.get("defaults", []):
+        if isinstance(entry, DictConfig):
+            keys.update({str(group).split("@")[0].lstrip("/"): None for group in entry})
+    for k, v in primary.items():
+        if k not in ("defaults", "hydra"):
+            keys[str(k)] = [str(sub) for sub in v] if isinstance(v, DictConfig) else None
+    return keys
+
+
+def _check_keys(cfg: DictConfig) -> None:
+    """Refuse keys the config does not have (``+foo=1`` adds them without complaint; they would do nothing)."""
+    known = config_keys()
+    unknown = sorted(str(k) for k in cfg if k not in known and k != "hydra")
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; accepted: {', '.join(known)} (+KEY=VALUE adds a key "
+                          f"only where the config is open, e.g. +model.ARG=VALUE for a model's constructor)")
+    for section, subkeys in known.items():
+        node = cfg.get(section)
+        if subkeys is not None and isinstance(node, DictConfig):
+            extra = sorted(str(k) for k in node if k not in subkeys)
+            if extra:
+                raise ConfigError(f"unknown {section} key(s) {extra}; accepted: {', '.join(subkeys)}")
+
+
 def validate(cfg: DictConfig) -> Job:
     """Every check that needs no data: a :class:`ConfigError` naming the key, its value and what is accepted."""
+    _check_keys(cfg)
     seed = cfg.get("seed")
     if not is_int(seed) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -591,7 +627,15 @@ def run(cfg: DictConfig, out_dir: str | Path, *, command: str | None = None) -> 
     """
     t_start = time.perf_counter()
     job = validate(cfg)
-    ws = prepare(job, Path(out_dir))
+    runlock.acquire(out_dir)  # another live run in this directory is refused (it would interleave with this one)
+    try:
+        return _run(job, Path(out_dir), t_start, command)
+    finally:
+        runlock.release(out_dir)
+
+
+def _run(job: Job, out_dir: Path, t_start: float, command: str | None) -> dict[str, Any]:
+    ws = prepare(job, out_dir)
     stages: dict[str, Any] = {}
 
     def add(result: StageResult | None) -> None:
@@ -771,8 +815,20 @@ def _remove_if_unused(out_dir: Path) -> None:
                 d.rmdir()
         if out_dir.resolve() != Path.cwd().resolve():
             out_dir.rmdir()
+        # the date directory and outputs/ of Hydra's default layout, when this command created them and they are empty
+        for parent in (out_dir.parent, out_dir.parent.parent):
+            if _EXISTING is None or parent.resolve() in _EXISTING or parent.resolve() == Path.cwd().resolve() \
+                    or any(parent.iterdir()):
+                break
+            parent.rmdir()
     except OSError:
         pass
+
+
+def _default_dirs() -> set[Path]:
+    """``outputs/`` and its date directories as they are now (Hydra's default ``outputs/<date>/<time>``)."""
+    root = Path.cwd().resolve() / "outputs"
+    return {root, *(p for p in root.iterdir() if p.is_dir())} if root.is_dir() else set()
 
 
 def _snapshots(out_dir: Path) -> list[str]:
@@ -796,8 +852,8 @@ def _interrupted_runs(out_dir: Path, overrides: list[str], limit: int = 500) -> 
     candidates = sorted(root.glob("*/*/.hydra/overrides.yaml"), reverse=True)[:limit]
     for f in candidates:
         run_dir = f.parent.parent
-        if run_dir.resolve() == out_dir.resolve() or not _snapshots(run_dir):
-            continue
+        if run_dir.resolve() == out_dir.resolve() or not _snapshots(run_dir) or runlock.holder(run_dir) is not None:
+            continue  # a live run holding its lock is running, not interrupted
         try:
             if yaml.safe_load(f.read_text()) == list(overrides):
                 found.append(run_dir)
@@ -806,8 +862,21 @@ def _interrupted_runs(out_dir: Path, overrides: list[str], limit: int = 500) -> 
     return found
 
 
+_TASK_ERROR: list[BaseException] = []  # what escaped main()'s body: a bug of ours, not a Hydra composition error
+_EXISTING: set[Path] | None = None  # Hydra's default output directories before this command (see _run_app)
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    """The Hydra task: one job (or one job of a sweep) in its run directory."""
+    try:
+        _job(cfg)
+    except Exception as e:
+        _TASK_ERROR.append(e)
+        raise
+
+
+def _job(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -848,17 +917,89 @@ def main(cfg: DictConfig) -> None:
         print(f"\ncorrectnet: interrupted: {what}; {again}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
 
+def _accepted_keys(parent: str) -> list[str] | None:
+    """The keys the config accepts under ``parent`` ("" for the top level), where a schema fixes them."""
+    if not parent:
+        return list(config_keys())
+    group, *rest = parent.split(".")
+    if config_keys().get(group) is not None:
+        return None if rest else config_keys()[group]
+    node: Any = schemas().get(group)
+    for name in rest:
+        field = {f.name: f for f in dataclasses.fields(node)}.get(name) if dataclasses.is_dataclass(node) else None
+        node = field.default_factory if field is not None and callable(field.default_factory) else None
+    return [f.name for f in dataclasses.fields(node)] if isinstance(node, type) and dataclasses.is_dataclass(node) \
+        else None
+
+
+def hydra_error_message(error: BaseException) -> str:
+    """Hydra's multi-line composition error (an unknown key, option or override syntax) as one line that names
+    the key or option and what is accepted."""
+    import difflib
+    import re
+
+    text = str(error)
+    missing = re.match(r"In '[^']*': Could not find '(.+)/([^'/]+)'", text)
+    if missing:
+        group, option = missing.groups()
+        listed = text.partition("Available options in")[2].partition("Config search path")[0].splitlines()[1:]
+        options = [o.strip() for o in listed if o.startswith("\t") and not o.strip().endswith(schema.NAME)]
+        return (f"{group}={option}: {group} has no option {option!r}"
+                + (f"; available: {', '.join(options)}" if options else ""))
+    override = re.match(r"Could not override '([^']+)'", text)
+    if override:
+        key = override.group(1)
+        parent, _, leaf = key.rpartition(".")
+        where = f"in {parent}" if parent else "at the top level"
+        accepted = _accepted_keys(parent)
+        if accepted is None:
+            hint = "; add a constructor argument with +model." if key.startswith("model.") else ""
+            return f"{key}: {where} there is no key {leaf!r}" + (f"{hint}{key[6:]}=VALUE" if hint else "")
+        close = difflib.get_close_matches(leaf, accepted, n=1)
+        return (f"{key}: {where} there is no key {leaf!r}" + (f" (did you mean {close[0]}?)" if close else "")
+                + f"; accepted: {', '.join(accepted)}")
+    lines = []
+    for line in [*text.splitlines(), *str(error.__cause__ or "").splitlines()[:1]]:
+        if line.startswith(("Config search path", "Set the environment variable")):
+            break
+        if line.strip() and not line.startswith("\t"):
+            lines.append(line.strip())
+    return " ".join(lines) or type(error).__name__
+
+
+def _run_app() -> int:
+    """Run the Hydra app; its own errors (composing the config from the command line: an unknown key or option,
+    bad override syntax) become one ``correctnet: error:`` line and exit status 2. HYDRA_FULL_ERROR=1 in the
+    environment keeps Hydra's full report."""
+    global _EXISTING
+    _EXISTING = _default_dirs()
+    user_full = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing a multi-line report
+    _TASK_ERROR.clear()
+    try:
+        main()
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:
+        if e in _TASK_ERROR or user_full == "1":
+            raise
+        print(f"correctnet: error: {hydra_error_message(e)}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if user_full is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full
+    return 0
+
+
 def cli_main(argv: list[str] | None = None, prog: str = PROG) -> int:
     """``main`` with ``argv`` (default ``sys.argv[1:]``) as its command line; returns the exit status."""
     global PROG
     PROG = prog
     sys.argv = [prog.split()[-1] if " " in prog else prog, *(sys.argv[1:] if argv is None else argv)]
-    try:
-        main()
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return 0
+    return _run_app()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(_run_app())

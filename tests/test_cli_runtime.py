@@ -141,3 +141,89 @@ def test_rerunning_an_interrupted_command_points_at_its_run_directory(tmp_path):
     assert "training" in hint[0]
     command = shlex.split(hint[0].split("To continue that one instead: ", 1)[1])
     assert command[:3] == [sys.executable, "-m", "correctnet.train"]  # this interpreter, as it is
+
+
+# each case is a process start that fails while Hydra composes the config (about 2 s)
+@pytest.mark.parametrize("args, needles", [
+    (["foo=1"], ["foo", "no key 'foo'", "accepted: dataset"]),
+    (["training.epoch=3"], ["training.epoch", "did you mean epochs?"]),
+    (["model=resnet999"], ["model=resnet999", "available: custom", "lenet5"]),
+    (["+foo=1"], ["unknown top-level key(s) ['foo']"]),
+    (["+evaluation.foo=1"], ["unknown evaluation key(s) ['foo']"]),
+])
+def test_hydra_composition_errors_are_one_line_exit_2_and_leave_no_directory(tmp_path, args, needles):
+    r = train_cli(*args, "progress=false", cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("correctnet: error: "), r.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>, no outputs/<date>, no outputs/
+
+
+def test_hydra_error_message_for_open_and_nested_keys():
+    from hydra.errors import ConfigCompositionException
+
+    from correctnet.train import hydra_error_message
+
+    e = ConfigCompositionException("Could not override 'model.widht'.\nTo append to your config use +model.widht=2")
+    assert hydra_error_message(e) == "model.widht: in model there is no key 'widht'; add a constructor argument " \
+                                     "with +model.widht=VALUE"
+    e = ConfigCompositionException("Could not override 'placement.ppo.stepz'.\nTo append ...")
+    assert "did you mean steps?" in hydra_error_message(e) or "accepted:" in hydra_error_message(e)
+
+
+# ----------------------------------------------------------------------------- the run directory's lock
+
+def _lock(run_dir: Path, pid: int) -> Path:
+    import socket
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ".lock").write_text(f"{pid} {socket.gethostname()}\n")
+    return run_dir / ".lock"
+
+
+def test_a_second_run_in_a_locked_directory_is_refused_naming_the_first(tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(["sleep", "60"])  # stands in for the first run: a live process holding the lock
+    try:
+        lock = _lock(out, first.pid)
+        r = train_cli(*TINY, f"hydra.run.dir={out}")
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"PID {first.pid}" in lines[0] and lines[0].startswith("correctnet: error:"), lines
+        assert lock.read_text().split()[0] == str(first.pid) and not (out / "metrics.json").exists()
+        # while it holds the lock, its snapshots are a running run's, not an interrupted one's
+        (out / "resume").mkdir()
+        (out / "resume" / "training.pt").write_bytes(b"x")
+        (out / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["a=1"]))
+        runs = tmp_path / "outputs" / "2026-01-01"
+        runs.mkdir(parents=True)
+        out.rename(runs / "10-00-00")
+        assert _interrupted_runs(runs / "10-00-01", ["a=1"]) == []
+    finally:
+        first.kill()
+        first.wait()
+    assert _interrupted_runs(runs / "10-00-01", ["a=1"]) == [runs / "10-00-00"]  # its process is gone: interrupted
+
+
+def test_lock_is_exclusive_reentrant_and_a_stale_one_is_taken_over(tmp_path, capsys):
+    from correctnet import runlock
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = _lock(tmp_path, gone.pid)  # a killed run's lock
+    runlock.acquire(tmp_path)
+    assert "taking over" in capsys.readouterr().err and lock.read_text().split()[0] == str(os.getpid())
+    runlock.acquire(tmp_path)  # the same process again (the CLI, then run()): re-entrant
+    runlock.release(tmp_path)
+    assert lock.exists() and runlock.holder(tmp_path) == os.getpid()
+    runlock.release(tmp_path)
+    assert not lock.exists()
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        _lock(tmp_path, live.pid)
+        with pytest.raises(runlock.RunLockedError, match=f"PID {live.pid}"):
+            runlock.acquire(tmp_path)
+    finally:
+        live.kill()
+        live.wait()

@@ -406,3 +406,72 @@ def test_real_fashion_mnist() -> None:
     s = load_dataset("fashion_mnist")
     assert (len(s.train), len(s.val), len(s.test)) == (54000, 6000, 10000)
     assert math.isclose(s.mean[0], 0.2860, abs_tol=2e-3) and math.isclose(s.std[0], 0.3530, abs_tol=2e-3)
+
+
+# ----------------------------------------------------------------------------- labels of data files
+
+
+def label_file(tmp_path: Path, y_train: np.ndarray, y_test: np.ndarray, y_val: np.ndarray | None = None,
+               suffix: str = ".npz") -> Path:
+    """A data file of 8-feature samples with the given labels."""
+    arrays = {"x_train": np.zeros((len(y_train), 8), np.float32), "y_train": y_train,
+              "x_test": np.zeros((len(y_test), 8), np.float32), "y_test": y_test}
+    if y_val is not None:
+        arrays |= {"x_val": np.zeros((len(y_val), 8), np.float32), "y_val": y_val}
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".npz":
+        np.savez(path, **arrays)
+    else:
+        torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".pt"])
+def test_one_huge_label_is_refused_before_any_model_is_built(tmp_path: Path, suffix: str) -> None:
+    y = np.arange(100) % 10
+    y[7] = 10**7  # the issue's file: one label of 10**7 built an 850M-parameter model
+    path = label_file(tmp_path, y, np.arange(20) % 10, suffix=suffix)
+    with pytest.raises(DataFormatError) as e:
+        load_dataset("file", path=path)
+    msg = str(e.value)
+    assert str(path) in msg and "10000000" in msg and "y_train" in msg and "\n" not in msg, msg
+    # declaring the class count does not make such a label a class either
+    with pytest.raises(DataFormatError, match=r"y_train holds label 10000000, but dataset.num_classes=10"):
+        load_dataset("file", path=path, num_classes=10)
+
+
+def test_more_classes_than_training_samples_is_refused(tmp_path: Path) -> None:
+    path = label_file(tmp_path, np.array([0, 1, 2, 50]), np.array([0, 1]))
+    with pytest.raises(DataFormatError, match=r"largest label in y_train is 50, which would make 51 classes for 4"):
+        load_dataset("file", path=path)
+    assert load_dataset("file", path=path, num_classes=51, val_fraction=0.0).num_classes == 51  # declared: taken
+
+
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_a_label_never_seen_in_training_is_an_error_naming_split_and_label(tmp_path: Path, split: str) -> None:
+    y_train, other = np.arange(60) % 10, np.array([0, 3, 12, 9])  # the issue: a silent 13-class model
+    path = label_file(tmp_path, y_train, other if split == "test" else np.arange(10),
+                      y_val=other if split == "val" else None)
+    with pytest.raises(DataFormatError) as e:
+        load_dataset("file", path=path)
+    msg = str(e.value)
+    assert f"y_{split} holds label 12" in msg and "0 .. 9" in msg and str(path) in msg, msg
+    # with the class count declared, the split may hold a class the training split lacks
+    assert load_dataset("file", path=path, num_classes=13).num_classes == 13
+    with pytest.raises(DataFormatError, match=rf"y_{split} holds label 12, but dataset.num_classes=12"):
+        load_dataset("file", path=path, num_classes=12)
+
+
+def test_label_checks_reach_the_config_path_and_bound_num_classes(tmp_path: Path) -> None:
+    from correctnet.data import MAX_CLASSES, dataset_from_config
+
+    path = label_file(tmp_path, np.arange(60) % 10, np.array([0, 10]))
+    with pytest.raises(DataFormatError, match="y_test holds label 10"):
+        dataset_from_config({"name": "file", "path": str(path)}, seed=0)
+    with pytest.raises(ConfigError, match=rf"dataset.num_classes={MAX_CLASSES + 1} is invalid"):
+        dataset_from_config({"name": "file", "path": str(path), "num_classes": MAX_CLASSES + 1}, seed=0)
+    big = label_file(tmp_path, np.array([0, 1, 2**63 + 5], dtype=np.uint64), np.array([0, 1], dtype=np.uint64))
+    with pytest.raises(DataFormatError, match="y_train holds label"):
+        load_dataset("file", path=big)
+    ok = load_dataset("file", path=label_file(tmp_path, np.arange(60) % 10, np.arange(10)))
+    assert ok.num_classes == 10
