@@ -641,7 +641,8 @@ def test_cli_reference_models_resnet20_and_vit(tmp_path):
     for model, extra in (("resnet20", ["model.width=0.25"]), ("vit", ["model.patch_size=2", "model.dim=16"])):
         out = tmp_path / model
         r = _run(f"model={model}", *extra, "training.epochs=1", "evaluation.n_chips=2", "evaluation.profile_chips=2",
-                 "evaluation.profile_samples=16", "progress=false", f"hydra.run.dir={out}")
+                 "evaluation.profile_samples=16", "progress=false", "placement.chips=2", "placement.val_images=64",
+                 "placement.ppo.max_evaluations=8", "placement.calibration_steps=2", f"hydra.run.dir={out}")
         assert r.returncode == 0, r.stderr
         assert json.loads((out / "metrics.json").read_text())["model"] == model
         loaded, meta = load_checkpoint(out / "model.safetensors")
