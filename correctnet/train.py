@@ -394,7 +394,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
         raise ConfigError("calibration.teacher=auto scores the candidate teachers on the validation split, which is "
                           "empty; set dataset.val_fraction > 0 or choose calibration.teacher=ensemble|self|reference")
     if cal is not None and cal.n_images > len(data.train):  # e.g. the preset's 4,000 on the digits default
-        log.warning("calibration.n_images=%d is more than the %d training images: each chip calibrates on all of them",
+        log.info("calibration.n_images=%d is more than the %d training images: each chip calibrates on all of them",
                     cal.n_images, len(data.train))
         job.cal_cfg = cal = dataclasses.replace(cal, n_images=len(data.train))
     if cal is not None and placement is None and not _has_batchnorm(model):
@@ -1002,4 +1002,8 @@ def cli_main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_run_app())
+    # run the importable module's app, not this __main__ copy: joblib/submitit workers unpickle the task function
+    # by its module name, which a function of __main__ does not have
+    from correctnet.train import _run_app as _app
+
+    sys.exit(_app())
