@@ -35,7 +35,7 @@ STRATEGIES = ("ppo", "exhaustive", "greedy", "all", "none")
 class PPOConfig:
     """PPO settings for the placement agent (stable-baselines3 names)."""
 
-    max_evaluations: int | None = None  # distinct placements; None: max(16, min(25% of N, 10 L)), at most N
+    max_evaluations: int | None = None  # distinct placements; None: max(16, min(25% of N, 50 L)), at most N
     episodes: int = 4000                # upper bound on training episodes
     episodes_per_update: int = 16       # rollout length n_steps = episodes_per_update * L
     learning_rate: float = 3e-3
@@ -126,7 +126,7 @@ class _Session:
 
 def _default_max_evaluations(n_layers: int, options: int = 1) -> int:
     total = (options + 1) ** n_layers
-    return min(total, max(16, min(math.ceil(0.25 * total), 10 * n_layers)))
+    return min(total, max(16, min(math.ceil(0.25 * total), 50 * n_layers)))
 
 
 _ENUMERABLE = 2 ** 20  # the most placements exhaustive search (and the feasibility count) enumerates
