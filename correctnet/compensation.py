@@ -123,10 +123,13 @@ class Compensator(nn.Module):
         if rank is None:
             self.active = False
             return
+        self._check_option(rank)
+        self.active, self.use_rank = True, rank
+
+    def _check_option(self, rank: int) -> None:
         if not 0 <= rank <= self.rank or (rank == 0 and not self.affine):
             raise ConfigError(f"compensator option rank {rank} is not within this compensator (rank {self.rank}, "
                               f"affine={self.affine})")
-        self.active, self.use_rank = True, rank
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """An ``output`` compensator as one map: weight ``[out, out, 1, ...]`` (``[out, out]`` for Linear)
@@ -162,7 +165,7 @@ class Compensator(nn.Module):
     def shrunk(self, rank: int) -> "Compensator":
         """A standalone compensator of rank ``rank`` holding this one's affine part and first ``rank``
         low-rank components: what deploying option ``rank`` of a placement search puts on the chip."""
-        self.set_option(rank)
+        self._check_option(rank)
         new = copy.deepcopy(self)
         new.rank, new.use_rank, new.active = rank, None, True
         with torch.no_grad():
@@ -175,7 +178,6 @@ class Compensator(nn.Module):
                     new.down.out_features = new.up.in_features = rank
                 elif not isinstance(new.down, nn.Linear) and not isinstance(new.up, nn.Linear):
                     new.down.out_channels = new.up.in_channels = rank
-        self.use_rank = None
         return new
 
     def spec(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from .evaluate import MAX_CHIPS, clean_accuracy, evaluate_command, format_summar
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import check_fits, model_from_config
 from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, search
-from .placement.evaluator import random_options
+from .placement.evaluator import random_options, search_ranks
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .evaluate import eval_batch_size, resolve_chips_per_pass, resolve_device
@@ -460,7 +460,7 @@ def train_base(ws: Workspace, reference: torch.nn.Module | None = None) -> tuple
         assert ws.placement is not None
         if j.strategy is not None:  # a supernet: the largest option everywhere, random options switched on per step
             assert j.search_cfg is not None
-            ranks = _search_ranks(j)
+            ranks = search_ranks(j.search_cfg, j.attach_kw["rank"])
             comps = attach_compensation(model, list(ws.placement), seed=j.cfg.seed,
                                         **{**j.attach_kw, "rank": max(ranks)})
             on_step = random_options(list(comps.values()), ranks, j.search_cfg.active_prob, j.search_cfg.seed)
@@ -507,11 +507,6 @@ def search_placement(ws: Workspace, reference: torch.nn.Module | None = None
     return _search(ws.model, ws.data, j.strategy, j.search_cfg, j.ppo_cfg, j.attach_kw, j.comp_cfg, j.progress, ws.store,
                    layers=layers, trained=j.joint, calibration=calibration, calibration_teacher=teacher)
 
-
-def _search_ranks(j: Job) -> list[int]:
-    """The options of the placement search: ``placement.ranks``, or the compensation rank alone."""
-    assert j.search_cfg is not None
-    return list(j.search_cfg.ranks) if j.search_cfg.ranks is not None else [j.attach_kw["rank"]]
 
 
 def compensate(ws: Workspace, base_training: dict[str, Any], reference: torch.nn.Module | None,

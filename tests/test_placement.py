@@ -11,25 +11,13 @@ from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
 import correctnet as cn
 from correctnet.calibration import CompensationConfig
-from correctnet.data import load_dataset
 from correctnet.errors import ConfigError
 from correctnet.placement import (PlacementEnv, PlacementEvaluator, PPOConfig, SearchConfig, enumerate_placements,
                                   search)
-from correctnet.training import TrainConfig, train
 
 from test_train_cli import FAST, run_cli
 
 SMALL = dict(chips=2, val_images=150, shared_steps=30)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    data = load_dataset("digits", val_fraction=0.2, seed=0)
-    model = cn.build_model("lenet5", data.input_shape, data.num_classes)
-    model = cn.analogize(model, cn.make_variation("lognormal", sigma=0.5), inplace=True)
-    train(model, data.train, data.val, TrainConfig(epochs=3, seed=0), progress=False)
-    return model, data
 
 
 def _evaluator(setup, resume=None, **kw) -> PlacementEvaluator:

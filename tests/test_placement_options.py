@@ -9,11 +9,9 @@ from torch import nn
 
 import correctnet as cn
 from correctnet.compensation import Compensator, attach_compensation, compensators, keep_compensation, overhead
-from correctnet.data import load_dataset
 from correctnet.errors import ConfigError
 from correctnet.placement import PlacementEnv, PlacementEvaluator, SearchConfig, enumerate_placements, search
 from correctnet.placement.evaluator import random_options
-from correctnet.training import TrainConfig, train
 
 from test_train_cli import run_cli
 
@@ -80,16 +78,6 @@ def test_conv_options_match_a_plain_copy_and_off_is_the_identity():
         c.set_option(5)
     with pytest.raises(ConfigError, match="affine"):
         Compensator(layer, rank=4, affine=False).set_option(0)
-
-
-@pytest.fixture(scope="module")
-def setup():
-    torch.manual_seed(0)
-    data = load_dataset("digits", val_fraction=0.2, seed=0)
-    model = cn.build_model("lenet5", data.input_shape, data.num_classes)
-    model = cn.analogize(model, cn.make_variation("lognormal", sigma=0.5), inplace=True)
-    train(model, data.train, data.val, TrainConfig(epochs=3, seed=0), progress=False)
-    return model, data
 
 
 def _evaluator(setup, **kw) -> PlacementEvaluator:

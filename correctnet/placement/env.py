@@ -100,7 +100,7 @@ class PlacementEnv(gym.Env):
         while taken > 0 and not self.evaluator.feasible([*self._chosen, taken]):
             taken -= 1
         masked = taken != a
-        self._chosen.append(taken if self.n_options > 1 else bool(taken))
+        self._chosen.append(taken)
         self._t += 1
         info: dict[str, Any] = {"masked": masked}
         reward = 0.0

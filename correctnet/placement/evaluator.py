@@ -48,8 +48,8 @@ from torch import nn
 from ..analog import AnalogLayer, analog_layers, chip
 from ..calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, data_tensors,
                            reestimate_batchnorm, teacher_logits, train_compensation)
-from ..compensation import (Compensator, attach_compensation, compensation_spec, compensators, detach_compensation,
-                            layer_macs, overhead)
+from ..compensation import (Compensator, attach_compensation, bypass, compensation_spec, compensators,
+                            detach_compensation, layer_macs, overhead)
 from ..errors import ConfigError, is_int, is_number, require
 from ..evaluate import accuracy, clean_accuracy
 from ..tensors import OutputFn, eval_mode, model_device
@@ -175,7 +175,7 @@ class PlacementEvaluator:
             raise ConfigError(f"placement layers {unknown or '[]'} are not analog layers that can carry a "
                               f"compensator; those are: {compensable}")
         self.attach = {"kind": "output", "rank": 4, "affine": True, **(attach or {})}
-        self.ranks: list[int] = list(cfg.ranks) if cfg.ranks is not None else [self.attach["rank"]]
+        self.ranks: list[int] = search_ranks(cfg, self.attach["rank"])
         if 0 in self.ranks and not self.attach["affine"]:
             raise ConfigError("placement.ranks has 0 (scale and shift only), which needs compensation.affine=true")
         self.attach["rank"] = max(self.ranks)
@@ -195,12 +195,13 @@ class PlacementEvaluator:
         self.option_costs = option_costs(self.model, self.names, self.ranks, example, self.attach)
         # the largest option's cost per layer, in cfg.cost (the observation's scale)
         self.layer_cost = [self.option_costs[cfg.cost][i][-1] for i in range(len(self.names))]
-        with _all_off(self.model):
+        with bypass(self.model):
             self.lipschitz = {n: c for n, c in lipschitz_constants(self.model, example).items() if n in self.names}
             self.layer_info = layer_info(self.model, self.names, example)
             self.clean_accuracy = clean_accuracy(self.model, (self.val_x, self.val_y), batch_size=cfg.batch_size,
                                                  output=output)
-            self.base_accuracy = self._accuracy()  # the uncompensated network
+            # the uncompensated network (calibrated further below with cfg.score="calibrated")
+            self.base_accuracy = self._accuracy() if cfg.score == "chip_agnostic" else math.nan
             self.sensitivity = self._sensitivities()
 
         if trained:
@@ -213,7 +214,7 @@ class PlacementEvaluator:
         tcfg = comp_cfg or CompensationConfig(seed=cfg.seed)
         tcfg = CompensationConfig(**{**asdict(tcfg), "steps": cfg.shared_steps})
         # the clean network's logits on the training images: also the teacher of the final fine-tuning
-        with _all_off(self.model):
+        with bypass(self.model):
             self.teacher = (teacher_logits(self.model, data_tensors(train_data)[0], output=output)
                             if tcfg.distill > 0 else None)
         if cfg.score == "calibrated":
@@ -221,7 +222,7 @@ class PlacementEvaluator:
                 raise ConfigError("placement.score=calibrated scores calibrated search chips: give the calibration "
                                   "settings (calibration=per_chip in the pipeline)")
             images = calibration_images(train_data, calibration.n_images, calibration.seed).to(dev)
-            with _all_off(self.model):
+            with bypass(self.model):
                 self.calibrator = ChipCalibrator(self.model, images, calibration, teacher=calibration_teacher,
                                                  output=output)
                 self.base_accuracy = self._accuracy()  # the uncompensated network, calibrated (BatchNorm only)
@@ -384,22 +385,6 @@ class PlacementEvaluator:
                 "shared_training": {k: v for k, v in self.training.items() if k != "history"}}
 
 
-class _all_off:
-    """``with _all_off(model):`` every compensator of ``model`` off (restored after)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.comps = list(compensators(model).values())
-
-    def __enter__(self) -> None:
-        self.saved = [(c.active, c.use_rank) for c in self.comps]
-        for c in self.comps:
-            c.active = False
-
-    def __exit__(self, *exc: Any) -> None:
-        for c, (a, u) in zip(self.comps, self.saved):
-            c.active, c.use_rank = a, u
-
-
 def random_options(comps: Sequence[Compensator], ranks: Sequence[int], active_prob: float,
                    seed: int) -> Callable[[int], None]:
     """``on_step(step)`` for supernet training: before step ``step`` each compensator is switched on with
@@ -415,6 +400,11 @@ def random_options(comps: Sequence[Compensator], ranks: Sequence[int], active_pr
         for c, a, k in zip(comps, on.tolist(), pick.tolist()):
             c.set_option(ranks[k] if a else None)
     return on_step
+
+
+def search_ranks(cfg: SearchConfig, rank: int) -> list[int]:
+    """The options of a search: ``cfg.ranks``, or the compensation ``rank`` alone."""
+    return list(cfg.ranks) if cfg.ranks is not None else [rank]
 
 
 def budget_limits(cfg: SearchConfig) -> dict[str, float]:
@@ -476,4 +466,4 @@ def enumerate_placements(n: int, options: int = 1) -> list[Placement]:
     return [tuple(p) for p in itertools.product(range(options + 1), repeat=n)]
 
 __all__ = ["COSTS", "SCORES", "Evaluation", "Placement", "PlacementEvaluator", "SearchConfig", "budget_limits",
-           "enumerate_placements", "layer_info", "option_costs", "random_options"]
+           "enumerate_placements", "layer_info", "option_costs", "random_options", "search_ranks"]

@@ -148,7 +148,7 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
     none = (False,) * n
     best = session.evaluate(none)  # the reference point (objective 0)
     if strategy == "all":
-        best = session.evaluate((k_opts if k_opts > 1 else True,) * n)
+        best = session.evaluate((k_opts,) * n)
     elif strategy == "exhaustive":
         if (k_opts + 1) ** n > _ENUMERABLE:
             raise ConfigError(f"placement.strategy=exhaustive would evaluate {(k_opts + 1) ** n} placements "
@@ -163,7 +163,7 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
         for i in order:
             step_best = best
             for k in range(1, k_opts + 1):
-                cand = tuple((k if k_opts > 1 else True) if j == i else v for j, v in enumerate(best.placement))
+                cand = tuple(k if j == i else v for j, v in enumerate(best.placement))
                 if evaluator.feasible(cand):
                     ev = session.evaluate(cand)
                     if ev.objective > step_best.objective:
