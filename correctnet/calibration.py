@@ -38,6 +38,7 @@ from .io import atomic_write
 from .compensation import bypass, compensation_parameters, compensators
 from .errors import CheckpointError, ConfigError, is_int, is_number, require
 from .evaluate import repeat_batch, evaluate_checkpoint, monte_carlo
+from .progress import Pace, bar_disabled
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed, layer_generator
 from .tensors import Data, OutputFn, eval_mode, logits_of, model_device
@@ -201,7 +202,7 @@ def data_tensors(data: Data) -> tuple[torch.Tensor, torch.Tensor]:
     raise ConfigError("compensation training needs a TensorDataset or an (x, y) tuple")
 
 
-def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool = True,
+def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConfig, *, progress: bool | None = None,
                        stage: str = "compensation", on_step: Callable[[int], None] | None = None,
                        teacher: torch.Tensor | None = None, resume: ResumeStore | None = None,
                        resume_key: str = "compensation", output: OutputFn | None = None) -> CompensationResult:
@@ -265,8 +266,9 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                     "torch_rng": torch.get_rng_state(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "params": {names[id(p)]: p.detach() for p in params}})
 
-            bar = tqdm(range(start, cfg.steps), total=cfg.steps, initial=start, desc=stage, disable=not progress,
-                       leave=False, dynamic_ncols=True)
+            bar = tqdm(range(start, cfg.steps), total=cfg.steps, initial=start, desc=stage,
+                       disable=bar_disabled(progress), leave=False, dynamic_ncols=True)
+            pace = Pace(stage, cfg.steps, done=start, bar=not bar.disable)
             for step in bar:
                 pos = step % steps_per_pass
                 if pos == 0:
@@ -298,6 +300,7 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                 seen += len(yb)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                pace.update()
                 if pos == steps_per_pass - 1 or step == cfg.steps - 1:  # one record per pass over the data
                     history.append({"step": step + 1, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
                                     "seconds": time.perf_counter() - t0})

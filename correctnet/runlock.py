@@ -2,6 +2,9 @@
 
 ``<run dir>/.lock`` holds ``PID HOST``; it is created with ``O_CREAT | O_EXCL`` (atomic: one of two runs wins) and
 removed when the run ends. A lock whose process is no longer running (the run was killed) is taken over.
+
+The command line takes the lock when Hydra starts the run (:class:`LockCallback`), before Hydra writes the run's
+``.hydra/`` records: a refused second run leaves the first's files untouched.
 """
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from .errors import CorrectNetError
 
@@ -97,3 +104,20 @@ def release(run_dir: str | os.PathLike) -> None:
     if _HELD[path] == 0:
         del _HELD[path]
         path.unlink(missing_ok=True)
+
+
+def release_all() -> None:
+    """Release every lock this process holds (its run ends: an exit that skipped the normal release)."""
+    for path in list(_HELD):
+        _HELD[path] = 1
+        release(path.parent)
+
+
+class LockCallback(Callback):
+    """Hydra callback (``hydra.callbacks``): locks ``hydra.run.dir`` when a single run starts, releases it at its end."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        acquire(str(OmegaConf.select(config, "hydra.run.dir")))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        release(str(OmegaConf.select(config, "hydra.run.dir")))

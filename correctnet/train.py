@@ -8,9 +8,11 @@ the Hydra run directory. This is the only module that reads config.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -36,7 +38,7 @@ from .compensation import KINDS, attach_compensation, compensation_spec, keep_co
 from .data import DataSplits, dataset_from_config
 from .conf import schema
 from .conf.schema import keyword_defaults, schemas  # importing correctnet.conf registers the groups' schemas
-from .errors import ConfigError, CorrectNetError, is_int, is_number
+from .errors import ConfigError, CorrectNetError, is_int
 from .evaluate import MAX_CHIPS, clean_accuracy, evaluate_command, format_summary, monte_carlo, python_command
 from .lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from .models import check_fits, model_from_config
@@ -44,6 +46,7 @@ from .placement import Placement, PlacementEvaluator, PPOConfig, SearchConfig, s
 from .placement.evaluator import random_options, search_ranks
 from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
+from .progress import CONSOLE
 from .evaluate import eval_batch_size, resolve_chips_per_pass, resolve_device
 from .tensors import eval_mode, first_samples, logits_of
 from .resume import MODES as RESUME_MODES
@@ -51,7 +54,7 @@ from .resume import ResumeStore, open_store
 from .runtime import resolve_progress, resolve_threads, resolve_workers
 from .seeding import Stream
 from .stages import Stage, stage_label
-from .training import TrainConfig, TrainingDivergedError, train
+from .training import TrainConfig, TrainingDivergedError, train, training_variation
 from .registry import make_variation
 from . import runlock
 from .variation import VariationModel
@@ -66,32 +69,20 @@ def _section(node: Any) -> dict[str, Any]:
     return cast("dict[str, Any]", params)
 
 
-def _variation(cfg: DictConfig, sigma: Any = None):
+def _variation(cfg: DictConfig):
     params = _section(cfg.variation)
     name = params.pop("name", None)
-    if sigma is not None:
-        params["sigma"] = sigma
     return make_variation(name, **params)
 
 
-def _train_config(cfg: DictConfig) -> tuple[TrainConfig, Any, dict[str, Any]]:
+def _train_config(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
     params = _section(cfg.training)
-    noise_sigma = params.pop("noise_sigma", None)
-    scale = params.pop("noise_scale", 1.0)
     lipschitz = params.pop("lipschitz", None) or {"strength": 0.0}
     known = set(TrainConfig.__dataclass_fields__)
     unknown = set(params) - known
     if unknown:
-        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: "
-                          f"{sorted(known | {'noise_sigma', 'noise_scale', 'lipschitz'})}")
-    if not is_number(scale) or scale <= 0:
-        raise ConfigError(f"training.noise_scale must be a number > 0, got {scale!r}")
-    if scale != 1.0 and noise_sigma is None:  # an explicit noise_sigma wins over a preset's scale
-        base = cfg.variation.get("sigma")
-        if not is_number(base):
-            raise ConfigError(f"training.noise_scale={scale} scales variation.sigma, which is {base!r} here")
-        noise_sigma = scale * base
-    return TrainConfig(seed=cfg.seed, **params), noise_sigma, lipschitz
+        raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: {sorted(known | {'lipschitz'})}")
+    return TrainConfig(seed=cfg.seed, **params), lipschitz
 
 
 def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | None:
@@ -190,7 +181,7 @@ class Job:
     threads: int
     workers: int                        # processes the Monte-Carlo chips are spread over
     variation: VariationModel           # the chips the stages are evaluated on
-    train_variation: VariationModel     # what noise-aware training draws
+    train_variation: VariationModel     # what noise-aware training draws (recorded; train() applies it)
     tcfg: TrainConfig
     lip_params: dict[str, Any]
     regularizer: LipschitzRegularizer | None
@@ -238,7 +229,8 @@ def config_keys() -> dict[str, list[str] | None]:
     keys: dict[str, list[str] | None] = {}
     for entry in primary.get("defaults", []):
         if isinstance(entry, DictConfig):
-            keys.update({str(group).split("@")[0].lstrip("/"): None for group in entry})
+            keys.update({str(group).split("@")[0].lstrip("/"): None for group in entry
+                         if not str(group).startswith(("override ", "hydra/"))})
     for k, v in primary.items():
         if k not in ("defaults", "hydra"):
             keys[str(k)] = [str(sub) for sub in v] if isinstance(v, DictConfig) else None
@@ -277,9 +269,9 @@ def validate(cfg: DictConfig) -> Job:
         raise ConfigError(f"variation.dac_range={cfg.variation.dac_range} needs each layer's input range calibrated "
                           f"on data (correctnet.calibrate_input_ranges), which the command line does not do; use "
                           f"variation.dac_range=auto here, or the library")
-    tcfg, noise_sigma, lip_params = _train_config(cfg)
+    tcfg, lip_params = _train_config(cfg)
     regularizer = _regularizer(lip_params, cfg.seed)
-    train_variation = _variation(cfg, noise_sigma) if noise_sigma is not None else variation
+    train_variation = training_variation(variation, tcfg)
     placement, attach_kw, comp_cfg = _compensation_config(cfg)
     cal_cfg = _calibration_config(cfg)
     strategy, search_cfg, ppo_cfg = _placement_config(cfg)
@@ -366,7 +358,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
         check_fits(model, data.train.tensors[0][:1], data.num_classes, model_spec["kwargs"])
     include = list(cfg.analog.include) if cfg.analog.include is not None else None
     try:
-        model = analogize(model, job.train_variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)
+        model = analogize(model, job.variation, include=include, exclude=list(cfg.analog.exclude), inplace=True)
     except ConfigError as e:
         key = "analog.include" if include and any(repr(p) in str(e) for p in include) else "analog.exclude"
         raise _prefixed(key if "pattern" in str(e) else "analog", e) from None
@@ -401,7 +393,8 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
         raise ConfigError("calibration=per_chip needs compensation modules (compensation=all or "
                           "compensation.placement=[...]) or a model with BatchNorm to re-estimate")
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_spec["name"], data.name,
-             len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device)
+             len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device,
+             extra=CONSOLE)
     resolved = _section(cfg)
     resolved["evaluation"]["batch_size"] = job.eval_batch  # "auto" recorded as the size used: replays use it
     if cal is not None:
@@ -525,7 +518,7 @@ def compensate(ws: Workspace, base_training: dict[str, Any], reference: torch.nn
             evaluator.load_shared(model, chosen)
     cost = overhead(model, ws.example)
     log.info("compensation at %s: +%.2f%% parameters, +%.2f%% MACs", list(ws.placement),
-             cost["total"]["params_pct"], cost["total"]["macs_pct"])
+             cost["total"]["params_pct"], cost["total"]["macs_pct"], extra=CONSOLE if chosen is None else {})
     result = None
     if comp_cfg.steps > 0:
         teacher = evaluator.teacher if evaluator is not None else None
@@ -652,7 +645,7 @@ def _run(job: Job, out_dir: Path, t_start: float, command: str | None) -> dict[s
         if job.joint:  # deploy what was chosen: the supernet's compensators cut to the chosen layers and ranks
             keep_compensation(ws.model, ws.placement or {})
         if ws.placement is None:
-            log.info("the search chose no compensation: no compensated stage")
+            log.info("the search chose no compensation: no compensated stage", extra=CONSOLE)
             if job.joint:  # the jointly trained network alone is the result
                 final = Stage.SUPPRESSED if job.regularizer else Stage.NOISE_AWARE if job.tcfg.noise_aware \
                     else Stage.BASELINE
@@ -664,7 +657,7 @@ def _run(job: Job, out_dir: Path, t_start: float, command: str | None) -> dict[s
         add(result)
         final = Stage.COMPENSATED
     if job.cal_cfg is not None and ws.placement is None and job.strategy is not None and not _has_batchnorm(ws.model):
-        log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage")
+        log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage", extra=CONSOLE)
     elif job.cal_cfg is not None:
         add(calibrate_chips(ws, reference, stages[final]["clean_accuracy"], cost))
     metrics = export(ws, stages, final=final, reference=reference, placement_record=placement_record,
@@ -753,8 +746,7 @@ def _search(model: torch.nn.Module, data: Any, strategy: str, search_cfg: Search
            f"(recovers {100 * (b.accuracy - evaluator.base_accuracy):.2f} pp at +{b.costs.get('params', 0):.2f}% "
            f"parameters, +{b.costs.get('macs', 0):.2f}% MACs, price {search_cfg.price:g} per % {search_cfg.cost}), "
            f"{result.evaluations} of {result.n_placements} placements evaluated in {result.seconds:.1f} s")
-    log.info("%s", msg)
-    print(msg, flush=True)
+    log.info("%s", msg, extra=CONSOLE)
     record = {**result.to_dict(), "evaluator": evaluator.summary(), "seconds_total": time.perf_counter() - t0}
     return evaluator, b.placement, record
 
@@ -769,6 +761,7 @@ def original_accuracy(metrics: dict[str, Any]) -> float | None:
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
     rows = [(stage_label(name), s["clean_accuracy"], s["mc"]) for name, s in metrics["stages"].items()]
     over = metrics.get("overhead")
+    replay = evaluate_command(metrics["checkpoint"], calibrated=Stage.CALIBRATED in metrics["stages"])
     print("\n" + format_summary(metrics["model"], metrics["dataset"], metrics["variation"], rows,
                                 original=original_accuracy(metrics))
           + (f"\n  compensation: +{over['total']['params_pct']:.2f}% parameters, "
@@ -777,7 +770,7 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
              if over else "")
           + f"\n  checkpoint:  {metrics['checkpoint']}"
           + f"\n  metrics:     {out_dir / 'metrics.json'}   ({metrics['seconds']:.1f} s)"
-          + f"\n  re-evaluate: {evaluate_command(metrics['checkpoint'])}", flush=True)
+          + f"\n  re-evaluate: {replay}", flush=True)
 
 
 PROG = "python -m correctnet.train"  # how the recorded command starts (``correctnet train`` there); printed ones
@@ -821,9 +814,35 @@ def _remove_if_unused(out_dir: Path) -> None:
 
 
 def _default_dirs() -> set[Path]:
-    """``outputs/`` and its date directories as they are now (Hydra's default ``outputs/<date>/<time>``)."""
-    root = Path.cwd().resolve() / "outputs"
-    return {root, *(p for p in root.iterdir() if p.is_dir())} if root.is_dir() else set()
+    """``outputs/``, ``multirun/`` and their date directories as they are now (Hydra's default
+    ``outputs/<date>/<time>`` and ``multirun/<date>/<time>``)."""
+    dirs: set[Path] = set()
+    for root in (Path.cwd().resolve() / "outputs", Path.cwd().resolve() / "multirun"):
+        if root.is_dir():
+            dirs |= {root, *(p for p in root.iterdir() if p.is_dir())}
+    return dirs
+
+
+def _remove_sweep_records(since: float) -> None:
+    """A sweep refused while Hydra composed its jobs leaves ``<sweep dir>/multirun.yaml`` alone in a new directory:
+    remove it, the directory and the default layout's parents this command created, when they are then empty."""
+    if not {"-m", "--multirun"} & set(sys.argv[1:]):
+        return
+    explicit = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.sweep.dir=")]
+    candidates = [Path(d) for d in explicit] or list((Path.cwd() / "multirun").glob("*/*"))
+    for d in candidates:
+        record = d / "multirun.yaml"
+        try:
+            if not record.is_file() or record.stat().st_mtime < since - 1 or any(p != record for p in d.iterdir()):
+                continue
+            record.unlink()
+            for p in (d, d.parent, d.parent.parent)[:1 if explicit else 3]:
+                if _EXISTING is not None and p.resolve() in _EXISTING or p.resolve() == Path.cwd().resolve() \
+                        or any(p.iterdir()):
+                    break
+                p.rmdir()
+        except OSError:
+            pass
 
 
 def _snapshots(out_dir: Path) -> list[str]:
@@ -858,6 +877,7 @@ def _interrupted_runs(out_dir: Path, overrides: list[str], limit: int = 500) -> 
 
 
 _TASK_ERROR: list[BaseException] = []  # what escaped main()'s body: a bug of ours, not a Hydra composition error
+_FAILED: list[tuple[str, CorrectNetError]] = []  # the sweep's jobs refused (their overrides, the error)
 _EXISTING: set[Path] | None = None  # Hydra's default output directories before this command (see _run_app)
 
 
@@ -877,23 +897,28 @@ def _job(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
-    command = " ".join([PROG, *map(shlex.quote, hc.overrides.task)])  # recorded in metrics.json
-    printed = " ".join([python_command("correctnet.train"), *map(shlex.quote, hc.overrides.task)])  # suggested
+    task = [str(o) for o in cast("list[Any]", OmegaConf.to_container(hc.overrides.task, resolve=False))]  # as typed
+    command = " ".join([PROG, *map(shlex.quote, task)])  # recorded in metrics.json
+    printed = " ".join([python_command("correctnet.train"), *map(shlex.quote, task)])  # suggested
     out_dir = Path(hc.runtime.output_dir)
     explicit_dir = any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in hc.overrides.hydra)
     if not multirun and not explicit_dir:
-        earlier = _interrupted_runs(out_dir, list(hc.overrides.task))
+        earlier = _interrupted_runs(out_dir, task)
         if earlier:
             print(f"correctnet: an interrupted run of this command is in {earlier[0]} (snapshots: "
                   f"{', '.join(_snapshots(earlier[0]))}); this is a new run in {out_dir}. To continue that one "
                   f"instead: {_resume_command(printed, earlier[0])}", file=sys.stderr, flush=True)
     try:
+        _check_interpolations(cfg)
+        _refuse_internal(hc.runtime.choices)
         run(cfg, out_dir, command=command)
     except CorrectNetError as e:
         _log_to_file(logging.ERROR, str(e))
         if multirun:
+            _FAILED.append((" ".join(task), e))
             raise  # Hydra records the job as failed and the sweep goes on with the other jobs
         print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
+        runlock.release_all()
         _remove_if_unused(out_dir)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
@@ -904,6 +929,7 @@ def _job(cfg: DictConfig) -> None:
         elif saved:
             again = f"continue with: {_resume_command(printed, out_dir)}"
         else:
+            runlock.release_all()
             _remove_if_unused(out_dir)
             again = f"rerun: {_resume_command(printed, out_dir) if explicit_dir else printed}"
         what = (f"resume snapshots of {', '.join(saved)} saved in {out_dir / 'resume'}" if saved
@@ -911,6 +937,40 @@ def _job(cfg: DictConfig) -> None:
         _log_to_file(logging.WARNING, f"interrupted: {what}")
         print(f"\ncorrectnet: interrupted: {what}; {again}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """Every ``${...}`` of the config resolves (``training.epochs='${oops}'``): else one error naming the key."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+
+
+def _refuse_internal(choices: Any) -> None:
+    """A schema chosen as a group's option (``training=schema``): refused, naming the options there are."""
+    for group, hidden in schema.internal_options().items():
+        choice = choices.get(group)
+        if choice in hidden:
+            conf = Path(__file__).with_name("conf") / group
+            options = sorted(p.stem for p in conf.glob("*.yaml"))
+            raise ConfigError(f"{group}={choice}: {choice!r} is the schema the {group} options build on, not an "
+                              f"option; available: {', '.join(options)}")
+
+
+def help_text(text: str) -> str:
+    """Hydra's ``--help`` page without the internal schema options in its list of config groups."""
+    hidden = schema.internal_options()
+    out = []
+    for line in text.splitlines():
+        group, sep, options = line.partition(": ")
+        if sep and group in hidden and "=" not in line:
+            line = f"{group}: " + ", ".join(o for o in options.split(", ") if o not in hidden[group])
+        out.append(line)
+    return "\n".join(out) + "\n"
+
 
 def _accepted_keys(parent: str) -> list[str] | None:
     """The keys the config accepts under ``parent`` ("" for the top level), where a schema fixes them."""
@@ -971,16 +1031,31 @@ def _run_app() -> int:
     user_full = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing a multi-line report
     _TASK_ERROR.clear()
+    _FAILED.clear()
+    t_start = time.time()
+    page = io.StringIO() if {"--help", "-h"} & set(sys.argv[1:]) else None
     try:
-        main()
+        with contextlib.redirect_stdout(page) if page is not None else contextlib.nullcontext():
+            main()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except Exception as e:
-        if e in _TASK_ERROR or user_full == "1":
+        if user_full == "1":
+            raise
+        if isinstance(e, CorrectNetError):  # a sweep's refused jobs (the others ran), or the run directory's lock
+            for overrides, err in _FAILED or [("", e)]:
+                print(f"correctnet: error: {f'job {overrides}: ' if overrides else ''}{err}", file=sys.stderr,
+                      flush=True)
+            return 2
+        if e in _TASK_ERROR:
             raise
         print(f"correctnet: error: {hydra_error_message(e)}", file=sys.stderr, flush=True)
+        _remove_sweep_records(t_start)
         return 2
     finally:
+        runlock.release_all()
+        if page is not None:
+            sys.stdout.write(help_text(page.getvalue()))
         if user_full is None:
             del os.environ["HYDRA_FULL_ERROR"]
         else:

@@ -7,12 +7,13 @@ the perturbed ones. Validation accuracy is measured on the nominal weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +24,10 @@ from tqdm.auto import tqdm
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import clean_accuracy
+from .progress import CONSOLE, Pace, bar_disabled
 from .reads import check_reads_once
 from .tensors import Data, OutputFn, iter_batches, logits_of
+from .variation import VariationModel
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed
 
@@ -53,6 +56,8 @@ class TrainConfig:
     chips_per_step: int = 1    # noise-aware only: fresh chips per step, each on its share of the batch
     distill: float = 0.0       # weight of the KD loss to a teacher's logits (``train(teacher=...)``); 1 - distill: CE
     temperature: float = 1.0   # KD softmax temperature
+    noise_sigma: float | None = None  # noise-aware only: the sigma the training chips are drawn at (None: each layer's)
+    noise_scale: float = 1.0   # noise-aware only: ... or each layer's sigma times this (noise_sigma, when set, wins)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -70,7 +75,36 @@ class TrainConfig:
         need(is_int(self.chips_per_step) and self.chips_per_step >= 1, "chips_per_step", "an integer >= 1")
         need(is_number(self.distill) and 0 <= self.distill <= 1, "distill", "a number in [0, 1]")
         need(is_number(self.temperature) and self.temperature > 0, "temperature", "a number > 0")
+        need(self.noise_sigma is None or (is_number(self.noise_sigma) and 0 <= self.noise_sigma < math.inf),
+             "noise_sigma", "null or a number >= 0")
+        need(is_number(self.noise_scale) and 0 < self.noise_scale < math.inf, "noise_scale", "a number > 0")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
+
+
+def training_variation(variation: VariationModel, cfg: TrainConfig) -> VariationModel:
+    """The variation noise-aware training draws its chips from, for a layer deployed with ``variation``: the same
+    model at ``cfg.noise_sigma``, or at ``cfg.noise_scale`` times its sigma (``variation`` itself by default)."""
+    if cfg.noise_sigma is None and cfg.noise_scale == 1.0:
+        return variation
+    sigma = cfg.noise_sigma if cfg.noise_sigma is not None else cfg.noise_scale * variation.sigma
+    if not dataclasses.is_dataclass(variation):
+        raise ConfigError(f"training.noise_sigma / noise_scale need a variation model that is a dataclass with a sigma "
+                          f"field (dataclasses.replace), got {type(variation).__name__}")
+    return dataclasses.replace(variation, sigma=float(sigma))
+
+
+@contextlib.contextmanager
+def _training_variations(model: nn.Module, cfg: TrainConfig) -> Iterator[None]:
+    """Each analog layer draws its training chips from :func:`training_variation` inside the block."""
+    layers = analog_layers(model) if cfg.noise_aware else {}
+    saved = {name: layer.variation for name, layer in layers.items()}
+    try:
+        for name, layer in layers.items():
+            layer.variation = training_variation(saved[name], cfg)
+        yield
+    finally:
+        for name, layer in layers.items():
+            layer.variation = saved[name]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -149,7 +183,7 @@ def train(
     cfg: TrainConfig,
     *,
     regularizer: Callable[[nn.Module], torch.Tensor] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     stage: str = "training",
     resume: ResumeStore | None = None,
     resume_key: str = "training",
@@ -187,6 +221,9 @@ def train(
     pipeline's joint supernet training uses it to switch random compensators
     (:func:`correctnet.placement.evaluator.random_options`). It must depend on ``i`` only (resuming calls it
     from the step the run stopped at).
+
+    ``progress``: a bar per epoch on stderr (``None``: only when stderr is a terminal); the stage's pace is logged
+    either way (:class:`correctnet.progress.Pace`: an estimate when it is long, a line a minute without a bar).
     """
     if cfg.distill > 0 and teacher is None:
         raise ConfigError(f"training.distill={cfg.distill} needs a teacher: train(..., teacher=...); in the pipeline "
@@ -211,7 +248,7 @@ def train(
     attach = getattr(regularizer, "attach", None)
     if attach is not None:
         attach(model)
-    with ctx, contextlib.ExitStack() as cleanup:
+    with _training_variations(model, cfg), ctx, contextlib.ExitStack() as cleanup:
         if attach is not None:
             cleanup.callback(regularizer.detach)  # type: ignore[union-attr]
         start_epoch, skip, sums = 1, 0, (0.0, 0, 0)
@@ -240,6 +277,7 @@ def train(
                 "scheduler": sched.state_dict(), "history": history, "epoch_rng": epoch_rng,
                 "rng": _rng_state(model, order_gen, device, regularizer)})
 
+        pace: Pace | None = None
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
             t0 = time.perf_counter()
@@ -258,7 +296,10 @@ def train(
                     order_gen.set_state(rng_now)
                 batches = itertools.chain([] if next_batch is None else [next_batch], batches)
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch}/{cfg.epochs}",
-                       disable=not progress, leave=False, dynamic_ncols=True)
+                       disable=bar_disabled(progress), leave=False, dynamic_ncols=True)
+            if pace is None:
+                pace = Pace(stage, cfg.epochs * steps_per_epoch, done=(epoch - 1) * steps_per_epoch + skip,
+                            bar=not bar.disable)
             for step, (x, y) in enumerate(bar, start=skip):
                 if cfg.noise_aware and step == skip:
                     check_reads_once(model, x)  # once per model: does every analog weight reach the output?
@@ -285,6 +326,7 @@ def train(
                 seen += len(y)
                 if step % 20 == 0:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                pace.update()
                 if resume is not None and step + 1 < steps_per_epoch and resume.due(resume_key):
                     snapshot(epoch - 1, step + 1, (loss_sum, correct, seen))
             skip, sums = 0, (0.0, 0, 0)
@@ -299,8 +341,14 @@ def train(
                      f", val acc {100 * rec['val_accuracy']:.2f}%" if "val_accuracy" in rec else "", rec["seconds"])
             if resume is not None:
                 snapshot(epoch, 0, sums)
+    if history:
+        last = history[-1]
+        val = f", val acc {100 * last['val_accuracy']:.2f}%" if "val_accuracy" in last else ""
+        log.info("%s: %d epochs, train acc %.2f%%%s (%.1f s)", stage, cfg.epochs, 100 * last["train_accuracy"], val,
+                 sum(h["seconds"] for h in history), extra=CONSOLE)
     model.eval()
     return history
 
 
-__all__ = ["TrainConfig", "TrainingDivergedError", "check_finite_parameters", "distillation_loss", "train"]
+__all__ = ["TrainConfig", "TrainingDivergedError", "check_finite_parameters", "distillation_loss", "train",
+           "training_variation"]

@@ -39,9 +39,15 @@ from common import add_run_args, apply_threads, machine_line, portable, record
 
 def _network(args: argparse.Namespace, data: Any) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    kw = {"width": args.width} if args.model.startswith("vgg") else {}
+    kw: dict[str, Any] = {"width": args.width} if args.model.startswith("vgg") else {}
+    if args.hidden:
+        kw["hidden"] = tuple(args.hidden)
     model = cn.build_model(args.model, data.input_shape, data.num_classes, **kw)
     return cn.analogize(model, cn.LogNormal(args.sigma), inplace=True)
+
+
+def _name(args: argparse.Namespace) -> str:
+    return f"{args.model}{len(args.hidden) + 1}" if args.hidden else args.model
 
 
 def _measure(m: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace,
@@ -111,6 +117,8 @@ def main() -> None:
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--model", default="lenet5")
     p.add_argument("--width", type=float, default=0.25, help="VGG width")
+    p.add_argument("--hidden", type=int, nargs="+", default=None,
+                   help="MLP hidden widths (e.g. 10 layers: --model mlp --hidden 128 x 9)")
     p.add_argument("--sigma", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=3)
@@ -132,7 +140,7 @@ def main() -> None:
     add_run_args(p, threads=1)
     args = p.parse_args()
     apply_threads(args)
-    out = args.out or Path(__file__).parent / "results" / f"budget_front_{args.dataset}_{args.model}_s{args.sigma:g}.json"
+    out = args.out or Path(__file__).parent / "results" / f"budget_front_{args.dataset}_{_name(args)}_s{args.sigma:g}.json"
     res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "front": [], "test": {}, "seconds": {}}
     t_all = time.perf_counter()
     data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)

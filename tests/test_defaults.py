@@ -51,7 +51,7 @@ def cfg():
 
 
 def test_training(cfg):
-    same(defaults_of(TrainConfig), cfg["training"], "training", extra={"noise_sigma", "noise_scale", "lipschitz"})
+    same(defaults_of(TrainConfig), cfg["training"], "training", extra={"lipschitz"})
 
 
 def test_lipschitz(cfg):

@@ -113,3 +113,34 @@ def test_an_explicit_noise_sigma_wins_over_the_presets_scale():
 def test_bad_noise_scale_is_refused():
     with pytest.raises(cn.ConfigError, match="training.noise_scale must be a number > 0"):
         compose_job("method=noise_aware", "training.noise_scale=0")
+
+
+def _noise_aware(digits, sigma, cfg):
+    torch.manual_seed(0)
+    model = cn.build_model("mlp", digits.input_shape, digits.num_classes)
+    model = cn.analogize(model, cn.LogNormal(sigma), inplace=True)
+    train(model, digits.train, None, cfg, progress=False)
+    return model
+
+
+def test_train_config_noise_scale_draws_the_training_chips_at_the_scaled_sigma(digits):
+    """TrainConfig(noise_scale=0.6) on a layer deployed at 0.5 trains exactly as a plain copy deployed at 0.3 does,
+    and hands the model back at its deployed 0.5."""
+    base = dict(epochs=1, batch_size=128, noise_aware=True, chips_per_step=2, seed=3)
+    scaled = _noise_aware(digits, 0.5, TrainConfig(**base, noise_scale=0.6))
+    plain = _noise_aware(digits, 0.3, TrainConfig(**base))
+    other = _noise_aware(digits, 0.5, TrainConfig(**base))
+    for (name, a), b, c in zip(scaled.state_dict().items(), plain.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not all(torch.equal(a, c) for a, c in zip(scaled.state_dict().values(), other.state_dict().values()))
+    assert all(layer.variation == cn.LogNormal(0.5) for layer in cn.analog_layers(scaled).values())
+    absolute = _noise_aware(digits, 0.5, TrainConfig(**base, noise_sigma=0.3, noise_scale=2.0))  # noise_sigma wins
+    assert all(torch.equal(a, b) for a, b in zip(absolute.state_dict().values(), plain.state_dict().values()))
+
+
+@pytest.mark.parametrize("kw, key", [({"noise_scale": 0}, "training.noise_scale"),
+                                     ({"noise_sigma": -1.0}, "training.noise_sigma"),
+                                     ({"noise_sigma": float("nan")}, "training.noise_sigma")])
+def test_bad_noise_knobs_in_train_config_are_refused(kw, key):
+    with pytest.raises(cn.ConfigError, match=key):
+        TrainConfig(**kw)

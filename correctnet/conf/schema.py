@@ -5,7 +5,7 @@
 =================  ===========================================================================================
 group              fields and defaults from
 =================  ===========================================================================================
-``training``       :class:`~correctnet.training.TrainConfig`, + ``noise_sigma``, ``noise_scale`` and ``lipschitz``
+``training``       :class:`~correctnet.training.TrainConfig`, + ``lipschitz``
                    (:class:`~correctnet.lipschitz.LipschitzRegularizer`'s keyword defaults)
 ``compensation``   :class:`~correctnet.calibration.CompensationConfig`, + ``placement`` and
                    :func:`~correctnet.compensation.attach_compensation`'s ``kind``, ``rank``, ``affine``
@@ -76,8 +76,7 @@ def schemas() -> dict[str, type]:
         LipschitzRegularizer.__init__, ("kind", "strength", "target", "samples", "per_channel", "centered")))
     ppo = _node("PPOSchema", _fields(PPOConfig, skip=()))
     return {
-        "training": _node("TrainingSchema", {**_fields(TrainConfig), "noise_sigma": None, "noise_scale": 1.0,
-                                                   "lipschitz": lipschitz}),
+        "training": _node("TrainingSchema", {**_fields(TrainConfig), "lipschitz": lipschitz}),
         "compensation": _node("CompensationSchema", {
             "placement": None, **keyword_defaults(attach_compensation, ("kind", "rank", "affine")),
             **_fields(CompensationConfig)}),
@@ -93,6 +92,14 @@ def model_schemas() -> dict[str, dict[str, Any]]:
     keys go beside them)."""
     return {"hf_schema": {"_target_": f"{hf_model.__module__}.{hf_model.__name__}",
                           **keyword_defaults(hf_model, ("task", "num_labels", "num_channels", "image_size"))}}
+
+
+def internal_options() -> dict[str, set[str]]:
+    """The options of each group that only other options build on (the schemas): hidden from ``--help`` and
+    refused on the command line."""
+    hidden: dict[str, set[str]] = {group: {NAME} for group in schemas()}
+    hidden.setdefault("model", set()).update(model_schemas())
+    return hidden
 
 
 def register() -> None:

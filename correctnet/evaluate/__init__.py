@@ -31,6 +31,7 @@ from ..data import CONFIG_KEYS as DATASET_KEYS, dataset_from_config
 from ..errors import ConfigError, CorrectNetError
 from ..models import Trust
 from ..seeding import Stream, chip_seed
+from ..progress import Pace, bar_disabled
 from ..reads import check_reads_once
 from ..registry import make_variation
 # the ground-floor helpers, also importable from here as before
@@ -315,7 +316,7 @@ def can_fork_workers(model: nn.Module) -> bool:
 
 
 def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, batch_size: int | str = "auto",
-                stream: Stream = Stream.EVAL, progress: bool = True, desc: str = "chips",
+                stream: Stream = Stream.EVAL, progress: bool | None = None, desc: str = "chips",
                 calibrate: Callable[[nn.Module, int], None] | None = None,
                 channels_last: bool | None = None, chips_per_pass: int | None = None,
                 memory_budget: int | None = None, workers: int = 1, output: OutputFn | None = None) -> MCResult:
@@ -377,7 +378,8 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
         k = auto_chips_per_pass(model, batches[0][0], n_chips, memory_budget)
     else:
         k = min(chips_per_pass, n_chips)
-    bar = tqdm(total=n_chips, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=n_chips, desc=desc, disable=bar_disabled(progress), leave=False, dynamic_ncols=True)
+    pace = Pace(desc, n_chips, unit="chip", bar=not bar.disable)
     with eval_mode(model):
         try:
             if k == 1 and workers > 1 and n_chips > 1 and can_fork_workers(model):
@@ -392,6 +394,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                             if record is not None:
                                 calibrate.add_record(record)  # type: ignore[union-attr]
                             bar.update(1)
+                            pace.update()
                             bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
                         # let the workers exit on their own; leaving the block would SIGTERM them
                         pool.close()
@@ -407,6 +410,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                     if snapshot is not None:
                         model.load_state_dict(snapshot)
                     bar.update(1)
+                    pace.update()
                     bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
             else:
                 total = sum(len(y) for _, y in batches)
@@ -415,6 +419,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                     with chips(model, group) if calibrate_chips is None else calibrate_chips(model, group):
                         accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group), output))
                     bar.update(len(group))
+                    pace.update(len(group))
                     bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
         finally:
             bar.close()
@@ -457,17 +462,20 @@ def python_command(module: str) -> str:
     return f"{shlex.quote(sys.executable or 'python')} -m {module}"
 
 
-def evaluate_command(checkpoint_path: str | os.PathLike, trust: Sequence[str] | None = None) -> str:
+def evaluate_command(checkpoint_path: str | os.PathLike, trust: Sequence[str] | None = None, *,
+                     calibrated: bool = False) -> str:
     """The shell command that re-runs the Monte-Carlo evaluation of ``checkpoint_path`` (absolute path) with this
     interpreter. ``trust``: the modules the checkpoint's model needs trusted (``trust=a,b``); by default those
-    :func:`~correctnet.checkpoint.trust_needed` finds in the file (none when it cannot be read)."""
+    :func:`~correctnet.checkpoint.trust_needed` finds in the file (none when it cannot be read). ``calibrated``:
+    replay the run's per-chip calibration too (``calibration=per_chip``: its "calibrated" stage)."""
     if trust is None:
         try:
             trust = trust_needed(read_metadata(checkpoint_path))
         except CorrectNetError:
             trust = []
     cmd = f"{python_command('correctnet.evaluate')} {shlex.quote(f'checkpoint={os.path.abspath(checkpoint_path)}')}"
-    return cmd + (f" {shlex.quote('trust=' + ','.join(trust))}" if trust else "")
+    return cmd + (" calibration=per_chip" if calibrated else "") + (
+        f" {shlex.quote('trust=' + ','.join(trust))}" if trust else "")
 
 
 # ----------------------------------------------------------------------------- checkpoints

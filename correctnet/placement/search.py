@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, is_int, is_number, require
+from ..progress import Pace
 from .env import PlacementEnv
 from .evaluator import Evaluation, Placement, PlacementEvaluator, enumerate_placements
 
@@ -154,8 +155,11 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
             raise ConfigError(f"placement.strategy=exhaustive would evaluate {(k_opts + 1) ** n} placements "
                               f"({k_opts + 1} choices for each of {n} layers); use ppo or greedy")
         todo = [p for p in enumerate_placements(n, k_opts) if evaluator.feasible(p)]
-        for p in tqdm(todo, desc="exhaustive search", disable=not progress, leave=False, dynamic_ncols=True):
+        bar = tqdm(todo, desc="exhaustive search", disable=not progress, leave=False, dynamic_ncols=True)
+        pace = Pace("exhaustive search", len(todo), unit="placement", bar=not bar.disable)
+        for p in bar:
             session.evaluate(p)
+            pace.update()
         best = session.best()
         extra["feasible"] = len(todo)
     elif strategy == "greedy":
@@ -258,12 +262,15 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
     env = PlacementEnv(model, reward_scale=cfg.reward_scale)  # type: ignore[arg-type]
     n_steps = cfg.episodes_per_update * n
     bar = tqdm(total=cap, desc="PPO placement search", disable=not progress, leave=False, dynamic_ncols=True)
+    pace = Pace("PPO placement search", cap, unit="placement", bar=not bar.disable)
 
     class Stop(BaseCallback):
         def _on_step(self) -> bool:
             if not model.active and evaluator.evaluations >= explore and explore < cap:
                 model.start()
-            bar.update(evaluator.evaluations - bar.n)
+            if evaluator.evaluations > pace.count:
+                bar.update(evaluator.evaluations - bar.n)
+                pace.update(evaluator.evaluations - pace.count)
             if self.locals.get("dones") is not None and self.locals["dones"][0]:
                 bar.set_postfix(best=f"{evaluator.best().objective:.2f}")
             return evaluator.evaluations < cap
