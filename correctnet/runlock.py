@@ -117,7 +117,11 @@ class LockCallback(Callback):
     """Hydra callback (``hydra.callbacks``): locks ``hydra.run.dir`` when a single run starts, releases it at its end."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        acquire(str(OmegaConf.select(config, "hydra.run.dir")))
+        try:
+            acquire(str(OmegaConf.select(config, "hydra.run.dir")))
+        except RunLockedError as e:  # Hydra turns a callback's exceptions into warnings: stop the command itself
+            print(f"correctnet: error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         release(str(OmegaConf.select(config, "hydra.run.dir")))

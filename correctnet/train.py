@@ -1032,6 +1032,8 @@ def _run_app() -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing a multi-line report
     _TASK_ERROR.clear()
     _FAILED.clear()
+    sweep = [a for a in sys.argv[1:] if a in ("-m", "--multirun")]  # Hydra's parser wants it before the overrides
+    sys.argv = [sys.argv[0], *sweep, *(a for a in sys.argv[1:] if a not in sweep)]
     t_start = time.time()
     page = io.StringIO() if {"--help", "-h"} & set(sys.argv[1:]) else None
     try:

@@ -150,6 +150,10 @@ def test_rerunning_an_interrupted_command_points_at_its_run_directory(tmp_path):
     (["model=resnet999"], ["model=resnet999", "available: custom", "lenet5"]),
     (["+foo=1"], ["unknown top-level key(s) ['foo']"]),
     (["+evaluation.foo=1"], ["unknown evaluation key(s) ['foo']"]),
+    (["training=schema"], ["training=schema", "not an option", "available: default, lipschitz"]),
+    (["training.epochs=${oops}"], ["training.epochs", "Interpolation key 'oops' not found"]),
+    (["-m", "foo=1,2"], ["foo", "no key 'foo'"]),
+    (["-m", "model=lenet5,resnet999"], ["model=resnet999", "available: custom"]),
 ])
 def test_hydra_composition_errors_are_one_line_exit_2_and_leave_no_directory(tmp_path, args, needles):
     r = train_cli(*args, "progress=false", cwd=tmp_path)
@@ -158,6 +162,28 @@ def test_hydra_composition_errors_are_one_line_exit_2_and_leave_no_directory(tmp
     assert len(lines) == 1 and lines[0].startswith("correctnet: error: "), r.stderr
     assert all(n in lines[0] for n in needles), lines[0]
     assert list(tmp_path.iterdir()) == []  # no outputs/<date>/<time>, no outputs/<date>, no outputs/
+
+
+def test_a_sweep_runs_its_valid_jobs_and_names_each_refused_one_in_one_line(tmp_path):
+    r = train_cli(*TINY, "-m", "training.epochs=0,1,-1", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("correctnet: error:")]
+    assert len(errors) == 2 and " training.epochs=0 " in errors[0] and " training.epochs=-1 " in errors[1]
+    assert all(e.startswith("correctnet: error: job ") for e in errors)
+    assert all("training.epochs must be an integer >= 1" in e for e in errors)
+    assert "Traceback" not in r.stderr
+    assert (tmp_path / "sweep" / "1" / "metrics.json").is_file()  # the valid job ran
+
+
+def test_help_lists_the_options_without_the_internal_schemas():
+    r = train_cli("--help")
+    assert r.returncode == 0, r.stderr
+    groups = {line.split(": ")[0]: line.split(": ")[1].split(", ") for line in r.stdout.splitlines()
+              if line.startswith(("training: ", "placement: ", "model: ", "calibration: ", "compensation: "))}
+    assert set(groups) == {"training", "placement", "model", "calibration", "compensation"}, r.stdout
+    assert all("schema" not in o for opts in groups.values() for o in opts), groups
+    assert "noise_aware" in groups["training"] and "hf" in groups["model"] and "ppo" in groups["placement"]
+    assert r.stdout.startswith("correctnet train:")
 
 
 def test_hydra_error_message_for_open_and_nested_keys():
@@ -187,11 +213,19 @@ def test_a_second_run_in_a_locked_directory_is_refused_naming_the_first(tmp_path
     first = subprocess.Popen(["sleep", "60"])  # stands in for the first run: a live process holding the lock
     try:
         lock = _lock(out, first.pid)
+        (out / ".hydra").mkdir()
+        (out / ".hydra" / "config.yaml").write_text("the first run's record\n")
+        (out / "train.log").write_text("the first run's log\n")
         r = train_cli(*TINY, f"hydra.run.dir={out}")
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and f"PID {first.pid}" in lines[0] and lines[0].startswith("correctnet: error:"), lines
         assert lock.read_text().split()[0] == str(first.pid) and not (out / "metrics.json").exists()
+        # refused before Hydra writes into the directory: the first run's records and log are untouched
+        assert (out / ".hydra" / "config.yaml").read_text() == "the first run's record\n"
+        assert (out / "train.log").read_text() == "the first run's log\n"
+        assert sorted(p.name for p in out.iterdir()) == [".hydra", ".lock", "train.log"]
+        assert sorted(p.name for p in (out / ".hydra").iterdir()) == ["config.yaml"]
         # while it holds the lock, its snapshots are a running run's, not an interrupted one's
         (out / "resume").mkdir()
         (out / "resume" / "training.pt").write_bytes(b"x")
@@ -227,3 +261,26 @@ def test_lock_is_exclusive_reentrant_and_a_stale_one_is_taken_over(tmp_path, cap
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_long_job_says_how_long_it_will_take_from_its_first_steps(tmp_path):
+    """training.epochs=5000 on the default data: an estimate on the console within seconds, not silence."""
+    proc = subprocess.Popen([sys.executable, "-m", "correctnet.train", "method=noise_aware", "training.epochs=5000",
+                             "progress=false", f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line.rstrip())
+            if " for 90000 steps " in line:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    estimate = [s for s in seen if " for 90000 steps " in s]  # 5000 epochs x 18 steps of 64 of the 1150 images
+    assert estimate and estimate[0].startswith("noise_aware: about "), seen
+    assert "measured on the first" in estimate[0]

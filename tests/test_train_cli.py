@@ -1,6 +1,7 @@
 """The command line: python -m correctnet.train, on the digits default (tiny settings to stay fast)."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +246,21 @@ def test_reference_teacher_replays_from_the_checkpoint_and_its_reference(tmp_pat
                           "calibration=per_chip", "progress=false"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=300, env=ONE_THREAD)
     assert bad.returncode != 0 and "reference_model.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_default_job_prints_a_short_console_and_a_replay_of_its_calibrated_stage(tmp_path):
+    """The README's first command: a few lines on the console (no per-epoch lines: those are in train.log), and a
+    re-evaluate command that replays the calibrated headline exactly."""
+    r = run_cli("progress=false", f"hydra.run.dir={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    console = (r.stdout + r.stderr).strip().splitlines()
+    assert len(console) <= 25, "\n".join(console)
+    assert not any(" epoch " in line for line in console) and "CorrectNet calibrated" in r.stdout
+    log = (tmp_path / "train.log").read_text()
+    assert "baseline epoch 15/15" in log and "calibration teacher" in log
+    replay = [line for line in console if "re-evaluate: " in line][0].split("re-evaluate: ", 1)[1]
+    assert "calibration=per_chip" in shlex.split(replay)
+    again = subprocess.run([*shlex.split(replay), "progress=false"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "reproduces the exported metrics exactly" in again.stdout
