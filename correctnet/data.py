@@ -151,7 +151,7 @@ MAX_CLASSES = 100_000  # more is a label that is not a class index (one label 10
 
 
 def dataset_from_config(params: dict, *, seed: int) -> DataSplits:
-    """The dataset a ``dataset`` config section describes (``correctnet/conf/dataset/*.yaml``: name, root or path,
+    """The dataset a ``dataset`` config section describes (``conf/dataset/*.yaml``: name, root or path,
     val_fraction, for files normalize and num_classes); errors name the config key."""
     params = dict(params)
     unknown = set(params) - set(CONFIG_KEYS)

@@ -1,7 +1,7 @@
 """RRAM device models: conductance mapping, programming and read noise, stuck cells, levels, converters.
 
 One variation model, ``rram`` (:class:`RRAM`), chains the stages below. Every stage but the mapping is
-off at its default, so the presets in ``correctnet/conf/variation/`` (``rram_wan2022``, ``rram_faulty``) pick and
+off at its default, so the presets in ``conf/variation/`` (``rram_wan2022``, ``rram_faulty``) pick and
 compose them, and so does the command line, by overriding keys::
 
     python -m correctnet.train variation=rram_wan2022 variation.stuck_fraction=0.01 variation.levels=16

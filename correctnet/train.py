@@ -36,6 +36,7 @@ from .checkpoint import checkpoint_digest, save_checkpoint, versions
 from .io import atomic_write
 from .compensation import KINDS, attach_compensation, compensation_spec, keep_compensation, overhead, resolve_placement
 from .data import DataSplits, dataset_from_config
+from . import conf  # where the config groups are: conf.DIR, conf.CONFIG_PATH
 from .conf import schema
 from .conf.schema import keyword_defaults, schemas  # importing correctnet.conf registers the groups' schemas
 from .errors import ConfigError, CorrectNetError, is_int
@@ -221,10 +222,11 @@ class Job:
 
 @functools.lru_cache(maxsize=1)
 def config_keys() -> dict[str, list[str] | None]:
-    """The keys of the main config (``conf/config.yaml``): top-level key -> its accepted sub-keys for the plain
-    sections (``analog``, ``evaluation``, ``checkpoint``), None for config groups and scalars (groups are
-    checked by their schemas or by the library: ``model`` is open, its keys go to the user's constructor)."""
-    primary = OmegaConf.load(Path(__file__).with_name("conf") / "config.yaml")
+    """The keys of the main config (``config.yaml`` in :data:`correctnet.conf.DIR`): top-level key -> its accepted
+    sub-keys for the plain sections (``analog``, ``evaluation``, ``checkpoint``), None for config groups and scalars
+    (groups are checked by their schemas or by the library: ``model`` is open, its keys go to the user's
+    constructor)."""
+    primary = OmegaConf.load(conf.DIR / "config.yaml")
     assert isinstance(primary, DictConfig)
     keys: dict[str, list[str] | None] = {}
     for entry in primary.get("defaults", []):
@@ -881,7 +883,7 @@ _FAILED: list[tuple[str, CorrectNetError]] = []  # the sweep's jobs refused (the
 _EXISTING: set[Path] | None = None  # Hydra's default output directories before this command (see _run_app)
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=conf.CONFIG_PATH, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """The Hydra task: one job (or one job of a sweep) in its run directory."""
     try:
@@ -954,8 +956,7 @@ def _refuse_internal(choices: Any) -> None:
     for group, hidden in schema.internal_options().items():
         choice = choices.get(group)
         if choice in hidden:
-            conf = Path(__file__).with_name("conf") / group
-            options = sorted(p.stem for p in conf.glob("*.yaml"))
+            options = sorted(p.stem for p in (conf.DIR / group).glob("*.yaml"))
             raise ConfigError(f"{group}={choice}: {choice!r} is the schema the {group} options build on, not an "
                               f"option; available: {', '.join(options)}")
 

@@ -17,7 +17,7 @@ Both act on weights only; biases are taken as digital (exact).
 
 * ``rram`` (:mod:`correctnet.devices`): an RRAM crossbar: weights mapped onto differential conductance
   pairs, conductance-dependent programming noise (Wan et al., Nature 2022), read noise drawn at every
-  forward, stuck cells, finite levels, DAC/ADC converters. Presets: ``correctnet/conf/variation/rram_*.yaml``.
+  forward, stuck cells, finite levels, DAC/ADC converters. Presets: ``conf/variation/rram_*.yaml``.
 
 Per-read noise and converters are optional hooks of the base class: :meth:`VariationModel.apply_read`
 (the weight seen by one read, given a generator advanced at every forward) and ``dac``/``adc`` with

@@ -1,15 +1,15 @@
 """Benchmark: LeNet-5 on Fashion-MNIST under the RRAM device presets (issue 8), vanilla vs CorrectNet.
 
 Two base models are trained once (same seed and epochs; their training does not see the device model):
-``vanilla`` (plain) and ``suppressed`` (CorrectNet's Lipschitz regularizer, ``correctnet/conf/training/lipschitz.yaml``).
-For each variation preset of ``correctnet/conf/variation/`` (composed with Hydra like ``python -m correctnet.train
+``vanilla`` (plain) and ``suppressed`` (CorrectNet's Lipschitz regularizer, ``conf/training/lipschitz.yaml``).
+For each variation preset of ``conf/variation/`` (composed with Hydra like ``python -m correctnet.train
 variation=...``, ``--set`` adds overrides such as ``variation.levels=16``) it measures on the same
 held-out evaluation chips (``Stream.EVAL``), each chip with its own static deviations and fresh read noise
 at every forward:
 
 * ``vanilla``: the plain model;
 * ``correctnet/suppressed``: the suppressed model alone;
-* ``correctnet``: the suppressed model with a compensator at every analog layer (``correctnet/conf/compensation/all.yaml``),
+* ``correctnet``: the suppressed model with a compensator at every analog layer (``conf/compensation/all.yaml``),
   trained chip-agnostically under that preset (``Stream.COMPENSATION`` chips): CorrectNet's full pipeline;
 * optionally (``--noise-aware``) ``noise_aware``: plain training with the preset's noise at every forward.
 

@@ -1,6 +1,5 @@
 """Aging (t_eval, drift compensation) and fixed-range converters with output noise (correctnet.devices)."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import correctnet as cn
+from correctnet.conf import DIR as CONF
 from correctnet.devices import RRAM, WAN2022_FITS, clip_quantize, wan2022_coeffs
 from correctnet.seeding import layer_generator
 
-CONF = Path(__file__).resolve().parents[1] / "correctnet" / "conf"
 QUIET = dict(sigma=0.0, read_noise=0.0)
 
 # aihwkit ReRamWan2022NoiseModel.coeff_dic (µS, powers x^0..x^4), copied independently of the library

@@ -1,6 +1,5 @@
 """RRAM device models (correctnet.devices): each effect's statistics against its formula, and the hooks."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import correctnet as cn
+from correctnet.conf import DIR as CONF
 from correctnet.devices import RRAM, quantize_signal
 from correctnet.seeding import layer_generator
 
-CONF = Path(__file__).resolve().parents[1] / "correctnet" / "conf"
 QUIET = dict(sigma=0.0, read_noise=0.0)  # every stochastic stage off
 
 

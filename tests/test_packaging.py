@@ -4,28 +4,36 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import correctnet
 from correctnet.cli import COMMANDS
+from correctnet.conf import DIR, MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def test_configs_are_package_data():
-    conf = importlib.resources.files("correctnet") / "conf"
-    assert (conf / "config.yaml").is_file()
+    """The top-level conf/ is the package correctnet.configs (package-dir), and correctnet.conf points there."""
+    conf = importlib.resources.files(MODULE)
+    assert (conf / "config.yaml").is_file() and Path(str(conf)).resolve() == DIR == ROOT / "conf"
     groups = {p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("__")}
     assert groups >= {"dataset", "model", "variation", "training", "compensation", "calibration", "placement",
                       "method", "hydra"}
     assert (conf / "method" / "correctnet_calibrated.yaml").is_file()
     assert (importlib.resources.files("correctnet") / "py.typed").is_file()
-    # every yaml file in the source tree is declared as package data
-    toml = (ROOT / "pyproject.toml").read_text()
-    assert '"conf/**/*.yaml"' in toml and '"conf/*.yaml"' in toml
+    assert not list((ROOT / "correctnet").rglob("*.yaml")), "the config groups live in conf/, not in the package"
+    # every yaml file in conf/ is declared as package data, and the package list names every package
+    tomllib = pytest.importorskip("tomllib")
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {MODULE: "conf"}
+    assert set(setup["package-data"][MODULE]) == {"*.yaml", "**/*.yaml"}
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "correctnet").rglob("__init__.py")}
+    assert sorted(setup["packages"]) == sorted(found | {MODULE})
 
 
 def test_license_file_matches_pyproject():
@@ -50,6 +58,9 @@ def test_a_built_wheel_runs_the_train_command_outside_the_checkout(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True,
                    cwd=tmp_path, timeout=300, capture_output=True)
     (wheel,) = wheels.glob("correctnet-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = {n for n in z.namelist() if n.endswith(".yaml")}
+    assert shipped == {f"correctnet/configs/{p.relative_to(DIR).as_posix()}" for p in DIR.rglob("*.yaml")}
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, cwd=tmp_path,
                    timeout=300, capture_output=True)
     env = {**ENV, "PYTHONPATH": str(site)}  # before the editable checkout on sys.path

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 import correctnet as cn
 from correctnet.calibration import CompensationConfig, train_compensation
 from correctnet.compensation import attach_compensation, compensation_parameters
+from correctnet.conf import DIR as CONF
 from correctnet.data import load_dataset
 from correctnet.resume import ResumeError, ResumeStore, load_state, open_store
 from correctnet.train import run
@@ -171,7 +172,7 @@ def test_nan_in_compensation_training_names_stage_and_step(digits):
 
 
 def compose_cfg(*overrides):
-    with initialize_config_dir(config_dir=str(ROOT / "correctnet" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 

@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from correctnet.aggregate import aggregate, main as aggregate_main
+from correctnet.conf import DIR as CONF
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["method=none", "training.epochs=1", "evaluation.n_chips=2", "progress=false", "evaluation.profile_chips=1",
@@ -44,7 +45,7 @@ def png_size(path):
     ("correctnet_noise_aware", dict(noise_aware=True, strength=0.02), "all", False),
 ])
 def test_method_presets_select_training_and_compensation(method, training, compensation, calibrated):
-    with initialize_config_dir(config_dir=str(ROOT / "correctnet" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"method={method}"])
     assert cfg.method.name == method
     assert cfg.training.noise_aware == training["noise_aware"]
@@ -56,7 +57,7 @@ def test_method_presets_select_training_and_compensation(method, training, compe
 
 
 def test_the_default_is_correctnet_calibrated_and_groups_on_the_command_line_win():
-    with initialize_config_dir(config_dir=str(ROOT / "correctnet" / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         default = compose("config")
         plain = compose("config", overrides=["method=none"])
         mixed = compose("config", overrides=["method=correctnet", "training=lipschitz", "calibration=per_chip"])

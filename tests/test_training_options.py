@@ -1,17 +1,15 @@
 """Training options of the pipeline: ``training.distill`` mixes a KD loss to a clean teacher (the vanilla reference)
 into the cross-entropy; ``training.noise_scale`` sets the noise-aware training sigma relative to the deployed one."""
-from pathlib import Path
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 import correctnet as cn
+from correctnet.conf import DIR as CONF
 from correctnet.data import load_dataset
 from correctnet.train import validate
 from correctnet.training import TrainConfig, train
 
-CONF = Path(cn.__file__).resolve().parent / "conf"
 
 
 @pytest.fixture(scope="module")

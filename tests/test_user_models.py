@@ -19,6 +19,7 @@ from torch import nn
 import correctnet as cn
 from correctnet.checkpoint import CheckpointError, checkpoint_sha256, load_checkpoint, normalize, save_checkpoint
 from correctnet.compensation import attach_compensation, compensators
+from correctnet.conf import DIR as CONF
 from correctnet.data import dataset_from_config, load_dataset, load_file_dataset
 from correctnet.errors import ConfigError, DataFormatError, DataNotFoundError
 from correctnet.models import ResNet, ViT, build_target, model_from_config
@@ -195,8 +196,8 @@ def test_resnet20_structure_and_vit_digital_parameters():
 
 def test_new_model_groups_exist():
     for name in ("custom", "resnet20", "vit", "vgg13", "vgg19"):
-        assert (ROOT / "correctnet" / "conf" / "model" / f"{name}.yaml").is_file()
-    assert (ROOT / "correctnet" / "conf" / "dataset" / "file.yaml").is_file()
+        assert (CONF / "model" / f"{name}.yaml").is_file()
+    assert (CONF / "dataset" / "file.yaml").is_file()
 
 
 # ----------------------------------------------------------------------------- data files

@@ -7,7 +7,7 @@
   exit 0. A block that cannot run on its own is marked on the line before its fence with
   ``<!-- doc-check: skip (fragment) -->``: it is then only compiled and its import statements executed.
 - ``python -m correctnet.train`` / ``correctnet train`` commands (```bash blocks and inline code): their
-  overrides are composed with Hydra's compose API against ``correctnet/conf`` (no job runs; ``-m`` sweeps
+  overrides are composed with Hydra's compose API against the config groups (``conf/``; no job runs; ``-m`` sweeps
   compose once per swept value) and the composed config goes through ``correctnet.train.run``'s validation,
   which runs before any data is loaded (stopped there).
 - ``python -m correctnet.evaluate`` / ``aggregate`` commands: their arguments through the CLIs' own parsers
@@ -165,13 +165,14 @@ class Checker:
         from hydra import initialize_config_module
 
         import correctnet.train as train_mod
+        from correctnet import conf as conf_mod  # where the config groups are (conf/, package correctnet.configs)
         from correctnet.errors import CorrectNetError
 
-        self._init = initialize_config_module("correctnet.conf", version_base=None)
+        self._init = initialize_config_module(conf_mod.MODULE, version_base=None)
         self._init.__enter__()
         self.train_mod = train_mod
         self.error_types = (CorrectNetError,)
-        conf = ROOT / "correctnet" / "conf"
+        conf = conf_mod.DIR
         self.groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in conf.iterdir()
                        if p.is_dir() and p.name != "hydra" and not p.name.startswith("_")}
         from omegaconf import OmegaConf
