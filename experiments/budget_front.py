@@ -133,7 +133,11 @@ def main() -> None:
     p.add_argument("--search-chips", type=int, default=10)
     p.add_argument("--val-images", type=int, default=1000)
     p.add_argument("--ppo-seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--ppo-episodes", type=int, default=PPOConfig.episodes, help="PPOConfig.episodes")
+    p.add_argument("--ppo-max-evaluations", type=int, default=None,
+                   help="PPOConfig.max_evaluations (default: the library's cap)")
+    p.add_argument("--finetune-steps", type=int, default=300,
+                   help="chip-agnostic steps distilling the clean network after deployment (0: as the supernet trained them)")
     p.add_argument("--chips", type=int, default=100)
     p.add_argument("--test-samples", type=int, default=2000)
     p.add_argument("--eval-seed", type=int, default=0)
@@ -141,6 +145,7 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args)
     out = args.out or Path(__file__).parent / "results" / f"budget_front_{args.dataset}_{_name(args)}_s{args.sigma:g}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "front": [], "test": {}, "seconds": {}}
     t_all = time.perf_counter()
     data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)
@@ -172,7 +177,8 @@ def main() -> None:
     for budget in sorted(args.budgets, reverse=True):
         ev.cfg.budget = {"macs": budget}
         for name, strategy, seed in plan:
-            r = search(ev, strategy, seed=seed, ppo=PPOConfig(), progress=args.progress)
+            ppo = PPOConfig(episodes=args.ppo_episodes, max_evaluations=args.ppo_max_evaluations)
+            r = search(ev, strategy, seed=seed, ppo=ppo, progress=args.progress)
             key = json.dumps(r.chosen_ranks, sort_keys=True)
             res["front"].append({"strategy": name, "budget": budget, "key": key, "chosen_ranks": r.chosen_ranks,
                                  "objective": r.best.objective, "accuracy": r.best.accuracy,
@@ -188,7 +194,7 @@ def main() -> None:
         m = copy.deepcopy(supernet)
         keep_compensation(m, row["chosen_ranks"])
         info: dict[str, Any] = {"chosen_ranks": row["chosen_ranks"]}
-        if row["chosen_ranks"]:
+        if row["chosen_ranks"] and args.finetune_steps > 0:
             r = train_compensation(m, data.train, CompensationConfig(steps=args.finetune_steps, seed=args.seed),
                                    progress=args.progress, teacher=ev.teacher)
             info["finetune_seconds"] = r.seconds
