@@ -716,6 +716,8 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
     """
     if (export_chip is None) != (chip_path is None):
         raise ConfigError("export_chip and chip_path go together")
+    if export_chip is not None and kwargs.get("chips") is not None:
+        raise ConfigError("export_chip exports a chip of a whole evaluation, not of a shard (evaluation.chips)")
     if chip_path is not None and Path(chip_path).exists() and not overwrite:
         raise ConfigError(f"{chip_path} already exists; pass overwrite=true to replace it")
     built: list[tuple[nn.Module, ChipCalibrator, dict[str, Any]]] = []

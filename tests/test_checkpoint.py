@@ -14,7 +14,8 @@ import torch
 import correctnet as cn
 from correctnet import checkpoint as ckpt
 from correctnet.checkpoint import CheckpointError, checkpoint_sha256, tensor_digest
-from correctnet.evaluate import evaluate_command
+from correctnet.errors import ConfigError
+from correctnet.evaluate import check_chip_range, evaluate_checkpoint, evaluate_command, merge_shards
 from correctnet.evaluate.cli import main as evaluate_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -367,3 +368,35 @@ def test_the_run_records_its_evaluation_batch_and_other_batches_give_the_same_ch
         assert json.loads(out.read_text())["results"][0]["mc"]["accuracies"] == accs
     assert evaluate_main([f"checkpoint={path}", "progress=false", "evaluation.batch_size=big"]) != 0
     assert "evaluation.batch_size" in capsys.readouterr().err
+
+
+def test_three_chip_shards_merge_into_exactly_the_one_job_evaluation(trained, tmp_path):
+    """evaluation.chips=A:B in three jobs, then merge=...: the per-chip accuracies, seeds and statistics of one
+    job evaluating all chips (and of the export), bit for bit; a gap or a foreign shard is one clear error."""
+    path, metrics = trained
+    whole = evaluate_checkpoint(path)
+    files = []
+    for a, b in ((2, 3), (0, 1), (1, 2)):  # any order
+        shard = evaluate_checkpoint(path, chips=(a, b))
+        assert shard["results"][0]["chips"] == [a, b] and shard["results"][0]["mc"]["n_chips"] == 1
+        assert shard["results"][0]["reproduces_export"] is True  # each shard matches the exported chips a:b
+        assert shard["results"][0]["chip_seeds"] == whole["results"][0]["chip_seeds"][a:b]
+        files.append(tmp_path / f"shard{a}.json")
+        files[-1].write_text(json.dumps(shard))
+    out = tmp_path / "all.json"
+    r = subprocess.run([sys.executable, "-m", "correctnet.evaluate", "merge=" + ",".join(map(str, files)),
+                        f"out={out}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    merged = json.loads(out.read_text())
+    assert merged["results"][0]["mc"] == whole["results"][0]["mc"] == metrics["stages"]["baseline"]["mc"]
+    assert merged["results"][0]["chip_seeds"] == whole["results"][0]["chip_seeds"]
+    assert merged["clean_accuracy"] == whole["clean_accuracy"] and merged["results"][0]["reproduces_export"] is True
+    assert "reproduces the exported metrics exactly" in r.stdout and "merged from 3 shards, chips 0:3" in r.stdout
+    with pytest.raises(ConfigError, match="must tile one range of chips"):
+        merge_shards([json.loads(files[0].read_text()), json.loads(files[1].read_text())], ["s2", "s0"])
+    other = evaluate_checkpoint(path, chips=(1, 2), seed=7)
+    with pytest.raises(ConfigError, match="not a shard of the same evaluation"):
+        merge_shards([json.loads(files[1].read_text()), other], ["s0", "seed7"])
+    for bad in ("3:1", "0:0", "a:b", "5", f"0:{10 ** 9}"):
+        with pytest.raises(ConfigError, match="evaluation.chips must be A:B"):
+            check_chip_range(bad)

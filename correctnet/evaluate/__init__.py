@@ -319,8 +319,10 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                 stream: Stream = Stream.EVAL, progress: bool | None = None, desc: str = "chips",
                 calibrate: Callable[[nn.Module, int], None] | None = None,
                 channels_last: bool | None = None, chips_per_pass: int | None = None,
-                memory_budget: int | None = None, workers: int = 1, output: OutputFn | None = None) -> MCResult:
-    """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips.
+                memory_budget: int | None = None, workers: int = 1, output: OutputFn | None = None,
+                first_chip: int = 0) -> MCResult:
+    """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips: chips ``first_chip`` to
+    ``first_chip + n_chips - 1`` of the stream (a shard of a larger evaluation computes exactly its chips).
 
     The model must have analog layers (:func:`correctnet.analogize`). Data is moved to the model's
     device once (in channels-last layout where that is faster: ``channels_last=None`` decides, see
@@ -359,6 +361,8 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     """
     if n_chips < 1:
         raise ValueError(f"n_chips must be >= 1, got {n_chips}")
+    if isinstance(first_chip, bool) or not isinstance(first_chip, int) or first_chip < 0:
+        raise ConfigError(f"first_chip must be an integer >= 0, got {first_chip!r}")
     if chips_per_pass is not None and (isinstance(chips_per_pass, bool) or not isinstance(chips_per_pass, int)
                                        or chips_per_pass < 1):
         raise ConfigError(f"chips_per_pass must be null (chosen from memory) or an integer >= 1, got {chips_per_pass!r}")
@@ -367,7 +371,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     batches = eval_batches(data, batch_size, model, channels_last)
     if batches:
         check_reads_once(model, batches[0][0])  # once per model: does every analog weight reach the output?
-    seeds = [chip_seed(stream, seed, i) for i in range(n_chips)]
+    seeds = [chip_seed(stream, seed, first_chip + i) for i in range(n_chips)]
     accs: list[float] = []
     snapshot = ({k: v.detach().clone() for k, v in model.state_dict().items()}
                 if calibrate is not None else None)
@@ -505,6 +509,87 @@ def _exported(meta: Mapping[str, Any], stage: str) -> dict[str, Any] | None:
     return s if isinstance(s, dict) and isinstance(s.get("mc"), dict) else None
 
 
+def _reproduces(exported: Mapping[str, Any] | None, clean: float, mc: MCResult, first: int = 0,
+                shard: bool = False) -> bool | None:
+    """Whether ``clean`` and ``mc``'s per-chip accuracies are the exported stage's, exactly; None when the settings
+    differ (another chip seed or count). ``shard``: ``mc`` holds chips ``first`` on, compared with the exported
+    chips at those indices (None when the export has fewer)."""
+    if not exported:
+        return None
+    e = exported["mc"]
+    accs = e.get("accuracies")
+    if e.get("seed") != mc.seed or not isinstance(accs, list):
+        return None
+    if (first + mc.n_chips > len(accs)) if shard else (e.get("n_chips") != mc.n_chips):
+        return None
+    return clean == exported.get("clean_accuracy") and mc.accuracies == accs[first:first + mc.n_chips]
+
+
+def check_chip_range(chips: Any, key: str = "evaluation.chips") -> tuple[int, int]:
+    """``(a, b)`` or ``"a:b"``: evaluation chips ``a`` to ``b - 1``, ``0 <= a < b <= MAX_CHIPS``."""
+    given = chips
+    if isinstance(chips, str):
+        a, sep, b = chips.partition(":")
+        try:
+            chips = (int(a), int(b)) if sep else None
+        except ValueError:
+            chips = None
+    ok = isinstance(chips, (tuple, list)) and len(chips) == 2 and all(
+        isinstance(c, int) and not isinstance(c, bool) for c in chips) and 0 <= chips[0] < chips[1] <= MAX_CHIPS
+    if not ok:
+        raise ConfigError(f"{key} must be A:B, chips A to B-1 with 0 <= A < B <= {MAX_CHIPS}, got {given!r}")
+    return int(chips[0]), int(chips[1])
+
+
+def merge_shards(shards: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Join the results of :func:`evaluate_checkpoint` over disjoint chip ranges (``chips=(a, b)``, e.g. one job
+    each) of one checkpoint and settings into the result one evaluation of all their chips gives: per-chip
+    accuracies and seeds in chip order, statistics recomputed, ``reproduces_export`` against the checkpoint's
+    exported stage. The ranges must tile ``[first, last)`` without gaps or overlaps; ``names`` (the files) are
+    named in errors."""
+    names = list(names) if names is not None else [f"shard {i}" for i in range(len(shards))]
+    if len(shards) < 1:
+        raise ConfigError("merge needs at least one shard")
+    same = ("checkpoint", "stage", "clean_accuracy", "dataset_settings")
+    key0 = {k: shards[0].get(k) for k in same}
+    ev0 = {k: v for k, v in (shards[0].get("evaluation") or {}).items() if k not in ("n_chips", "chips")}
+    variations0 = [r.get("variation") for r in shards[0].get("results", [])]
+    for s, name in zip(shards, names):
+        ev = {k: v for k, v in (s.get("evaluation") or {}).items() if k not in ("n_chips", "chips")}
+        if {k: s.get(k) for k in same} != key0 or ev != ev0 or [r.get("variation") for r in s.get("results", [])] \
+                != variations0:
+            raise ConfigError(f"{name} is not a shard of the same evaluation as {names[0]} (checkpoint, stage, "
+                              f"variations, evaluation seed, batch size, test images and data must be the same)")
+        if any(not isinstance(r.get("chips"), list) for r in s["results"]):
+            raise ConfigError(f"{name} records no chip range (results[].chips): not a result of correctnet.evaluate")
+    order = sorted(range(len(shards)), key=lambda i: shards[i]["results"][0]["chips"][0])
+    for prev, nxt in zip(order, order[1:]):
+        end, start = shards[prev]["results"][0]["chips"][1], shards[nxt]["results"][0]["chips"][0]
+        if end != start:
+            raise ConfigError(f"{names[prev]} ends at chip {end} and {names[nxt]} starts at chip {start}: the shards "
+                              f"must tile one range of chips, without gaps or overlaps")
+    first = shards[order[0]]["results"][0]["chips"][0]
+    try:
+        exported = _exported(read_metadata(str(key0["checkpoint"])), str(key0["stage"]))
+    except CorrectNetError:
+        exported = None  # the checkpoint moved: the merge stands, the comparison with the export cannot be made
+    results = []
+    for j, base in enumerate(shards[0]["results"]):
+        rows = [shards[i]["results"][j] for i in order]
+        accs = [a for r in rows for a in r["mc"]["accuracies"]]
+        seeds = [c for r in rows for c in r["chip_seeds"]]
+        mc = MCResult(accs, base["mc"]["seed"], seeds)
+        reproduces = None
+        if exported is not None and all(r.get("reproduces_export") is not None for r in rows):
+            reproduces = _reproduces(exported, shards[0]["clean_accuracy"], mc, first, shard=True)
+        results.append({**base, "mc": mc.to_dict(), "chip_seeds": seeds, "chips": [first, first + len(accs)],
+                        "reproduces_export": reproduces})
+    n = len(results[0]["mc"]["accuracies"]) if results else 0
+    return {**shards[order[0]], "results": results,
+            "evaluation": {**shards[order[0]]["evaluation"], "n_chips": n, "chips": [first, first + n]},
+            "seconds": sum(float(s.get("seconds", 0.0)) for s in shards), "shards": [names[i] for i in order]}
+
+
 def evaluate_checkpoint(path: str | os.PathLike, *,
                         variations: Sequence[VariationModel | Mapping[str, Any]] | None = None,
                         n_chips: int | None = None, seed: int | None = None, batch_size: int | str | None = None,
@@ -513,7 +598,7 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         progress: bool = False,
                         calibrate: Callable[[nn.Module, Any, dict[str, Any]], Callable[[nn.Module, int], None]]
                         | None = None, workers: int = 1, chips_per_pass: int | str | None = "auto",
-                        trust: Trust = None) -> dict[str, Any]:
+                        trust: Trust = None, chips: tuple[int, int] | None = None) -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
     Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
@@ -530,13 +615,20 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     ``calibrated`` stage. ``workers``: processes the chips are spread over; ``chips_per_pass``: chips per
     pass, ``"auto"`` or an integer (:func:`monte_carlo`; the per-chip accuracies do not depend on it, up to
     float round-off of calibrated chips). ``trust``: the modules the checkpoint may import
-    (:func:`~correctnet.checkpoint.load_checkpoint`).
+    (:func:`~correctnet.checkpoint.load_checkpoint`). ``chips=(a, b)``: only evaluation chips ``a`` to ``b - 1``
+    (a shard; its ``reproduces_export`` compares them with the exported chips ``a:b``); :func:`merge_shards`
+    joins shards into exactly the result of one evaluation of all their chips.
 
     The settings read back from the checkpoint are checked like the arguments (``n_chips`` in [1,
     :data:`MAX_CHIPS`], seeds non-negative 64-bit integers, ``batch_size`` auto or >= 1): a bad recorded value
     is one :class:`ConfigError` naming it, the file and the argument that overrides it.
     """
     cpp = resolve_chips_per_pass(chips_per_pass)
+    if chips is not None:
+        chips = check_chip_range(chips)
+        if n_chips is not None:
+            raise ConfigError("evaluation.chips=A:B and evaluation.n_chips=N: give one (a range sets the count)")
+        n_chips = chips[1] - chips[0]
     t0 = time.perf_counter()
     dev = resolve_device(device)
     model, meta = load_checkpoint(path, device=dev, trust=trust)
@@ -547,6 +639,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                                ("test_samples", test_samples)) if v is not None}
     ev.update(recorded)
     ev.update(given)
+    if chips is not None:
+        ev["chips"] = list(chips)
 
     def origin(key: str, cli: str) -> str:
         """Where a bad value came from, when it is the checkpoint's."""
@@ -613,15 +707,14 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         set_variation(model, v)
         if calibrate is not None:  # built per variation model: its teacher and images are the same for all
             calibrator = calibrate(model, data, meta)
+        first = chips[0] if chips is not None else 0
         mc = monte_carlo(model, data.test, n_chips=ev["n_chips"], seed=ev["seed"], batch_size=ev["batch_size"],
+                         first_chip=first,
                          progress=progress, desc=f"{stage} {v.name} {v.sigma:g}", calibrate=calibrator,
                          workers=workers, chips_per_pass=cpp)
-        same = None
-        if exported and v.to_dict() == stored_var and (exported["mc"].get("seed"), exported["mc"].get("n_chips")) \
-                == (ev["seed"], ev["n_chips"]):
-            same = clean == exported.get("clean_accuracy") and mc.accuracies == exported["mc"].get("accuracies")
+        same = _reproduces(exported, clean, mc, first, shard=chips is not None) if v.to_dict() == stored_var else None
         results.append({"variation": v.to_dict(), "mc": mc.to_dict(), "chip_seeds": mc.chip_seeds,
-                        "reproduces_export": same})
+                        "chips": [first, first + mc.n_chips], "reproduces_export": same})
     return {"checkpoint": os.path.abspath(path), "model": spec["name"], "dataset": data.name, "stage": stage,
             "clean_accuracy": clean, "results": results, "evaluation": ev, "dataset_settings": ds,
             "device": str(dev), "exported_device": _section(meta, "metrics").get("device"),

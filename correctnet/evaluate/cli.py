@@ -17,10 +17,11 @@ from ..checkpoint import read_metadata
 from ..io import atomic_write
 from ..errors import ConfigError, run_command
 from ..runtime import resolve_progress, resolve_workers, set_threads
-from . import evaluate_checkpoint, format_summary
+from . import check_chip_range, evaluate_checkpoint, format_summary, merge_shards
 
 USAGE = """\
 usage: python -m correctnet.evaluate checkpoint=PATH [key=value ...]
+       python -m correctnet.evaluate merge=SHARD.json,SHARD.json,... out=ALL.json
 
 Re-runs the clean and Monte-Carlo evaluation of a checkpoint written by python -m correctnet.train.
 Defaults are the checkpoint's own settings: with them the exported metrics are reproduced exactly.
@@ -30,6 +31,8 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   variation.sigma=S         e.g. 0.5, or a sweep: variation.sigma=0.3,0.5,0.8
   variation.t_eval=T        rram: seconds after programming, e.g. a sweep variation.t_eval=1,3600,86400
   evaluation.n_chips=N      number of simulated chips
+  evaluation.chips=A:B      only chips A to B-1 (a shard: N jobs evaluate disjoint ranges, each with out=FILE;
+                            merge=FILE,... joins them into exactly the result of one job evaluating all)
   evaluation.seed=S         chip i is seeding.chip_seed(Stream.EVAL, S, i)
   evaluation.batch_size=B   images per batch: auto (250 on CPU, 1000 on GPU) or an integer (default: the run's)
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
@@ -51,12 +54,13 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   threads=auto|N            torch CPU threads (default: the count the run recorded, environment.torch_threads, so
                             that the exported numbers are reproduced bit for bit; else auto: see correctnet.runtime)
   out=FILE  (or --out FILE) also write the results as JSON; overwrite=true replaces an existing FILE
+  merge=FILE,FILE,...       join shard results (out= files of evaluation.chips=A:B runs of one checkpoint)
 """
 
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "variation.t_eval", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
-        "evaluation.workers", "evaluation.chips_per_pass", "trust")
+        "evaluation.workers", "evaluation.chips_per_pass", "trust", "evaluation.chips", "merge")
 MAX_RECORDED_THREADS = 1024  # a larger recorded torch thread count is refused (an edited or broken file)
 CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
                     "select_chips", "seed")
@@ -86,7 +90,11 @@ def parse_args(argv: Sequence[str]) -> dict[str, str] | None:
         if key in opts:
             raise ConfigError(f"{key} given twice")
         opts[key] = value
-    if not opts.get("checkpoint"):
+    if "merge" in opts:
+        extra = sorted(set(opts) - {"merge", "out", "overwrite"})
+        if extra:
+            raise ConfigError(f"merge=... takes only out= and overwrite=, got {', '.join(extra)}")
+    elif not opts.get("checkpoint"):
         raise ConfigError("checkpoint=PATH is required (python -m correctnet.evaluate --help)")
     return opts
 
@@ -162,6 +170,19 @@ def recorded_threads(checkpoint: str) -> int | str:
     return n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else "auto"
 
 
+def _merge(value: str) -> dict[str, Any]:
+    files = [f for f in _list(value) if f]
+    shards = []
+    for f in files:
+        try:
+            shards.append(json.loads(Path(f).read_text()))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"merge: cannot read {f}: {e}") from None
+        if not isinstance(shards[-1], dict) or not isinstance(shards[-1].get("results"), list):
+            raise ConfigError(f"merge: {f} is not a result of python -m correctnet.evaluate ... out=FILE")
+    return merge_shards(shards, files)
+
+
 def run(opts: dict[str, str]) -> dict[str, Any]:
     """Evaluate as ``opts`` (from :func:`parse_args`) says, print the summary, write ``out``; the results dict."""
     trust = parse_trust(opts["trust"]) if "trust" in opts else None
@@ -169,6 +190,8 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     overwrite = _bool("overwrite", opts.get("overwrite", "false"))
     if out is not None and out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass overwrite=true to replace it")
+    if "merge" in opts:
+        return _report(_merge(opts["merge"]), out, overwrite)
     variations = sweep_variations(opts)
     dataset: dict[str, Any] = {}
     if "dataset.root" in opts:
@@ -198,7 +221,9 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     threads = set_threads(opts["threads"] if "threads" in opts else recorded_threads(opts["checkpoint"]))
     workers = resolve_workers(opts.get("evaluation.workers", "auto"), threads)
     cpp = opts.get("evaluation.chips_per_pass", "auto")
+    chips = check_chip_range(opts["evaluation.chips"]) if "evaluation.chips" in opts else None
     common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress, trust=trust,
+                  chips=chips,
                   workers=workers, chips_per_pass=cpp if cpp == "auto" else _number("evaluation.chips_per_pass", cpp, int),
                   **ints)
     if mode == "per_chip":
@@ -207,6 +232,11 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
                                   chip_path=opts.get("out_chip"), overwrite=overwrite, **common)
     else:
         res = evaluate_checkpoint(opts["checkpoint"], **common)
+    return _report(res, out, overwrite)
+
+
+def _report(res: dict[str, Any], out: Path | None, overwrite: bool) -> dict[str, Any]:
+    """Write ``res`` to ``out`` (when given) and print its table."""
     if out is not None:
         try:
             atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(res, indent=2)), overwrite=overwrite)
@@ -232,6 +262,8 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     if "exported_chip" in res:
         c = res["exported_chip"]
         lines.append(f"  calibrated chip {c['index']} (seed {c['chip_seed']}, {100 * c['accuracy']:.2f}%): {c['file']}")
+    if res.get("shards"):
+        lines.append(f"  merged from {len(res['shards'])} shards, chips {rows[0]['chips'][0]}:{rows[0]['chips'][1]}")
     if out is not None:
         lines.append(f"  results:    {out}")
     lines[-1] += f"   ({res['seconds']:.1f} s)"
