@@ -472,3 +472,55 @@ def test_bad_estimator_options_fail_in_one_line(kw, match):
     with pytest.raises(cn.ConfigError, match=match) as e:
         cn.calibrate_input_ranges(model, BATCHES, **kw)
     assert "\n" not in str(e.value)
+
+
+# -- the device model's one-node gradients ---------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [
+    dict(sigma=1.0, levels=16), dict(sigma=0.5, programming="lognormal", mapping="channel"),
+    dict(sigma=1.0, stuck_fraction=0.2, stuck_high=0.3, levels=8),
+    dict(sigma=1.0, t_eval=86400, drift_compensation="global", read_noise=0.02),
+    dict(sigma=1.0, tile_rows=16, tile_cols=8, mapping="channel"),
+])
+def test_the_read_weight_has_autograds_gradient_through_every_stage(kw):
+    # apply_read joins its no-graph value to the weight with one node: the gradient of the chain of stages
+    v = RRAM(**kw)
+    torch.manual_seed(0)
+    w = torch.randn(12, 40, requires_grad=True)
+    noise = v.sample(w, layer_generator(3, "w"))
+    g = torch.randn(12, 40)
+    fast = v.apply_read(w, noise, layer_generator(3, "r"))
+    (fast * g).sum().backward()
+    got, w.grad = w.grad.clone(), None
+    s = v.scale(w)
+    cells = v.conductances(w, noise, layer_generator(3, "r"))  # the stages with autograd, op by op
+    ref = (cells[0] - cells[1]) * (s / (v.g_max - v.g_min))
+    if v.drift_compensation == "global":
+        static = v.conductances(w, noise).detach()
+        ref = ref * v.drift_factor(w, (static[0] - static[1]) * (s / (v.g_max - v.g_min)))
+    assert torch.equal(fast.detach(), ref.detach())
+    (ref * g).sum().backward()
+    assert torch.allclose(got, w.grad, rtol=1e-6, atol=1e-7)
+    assert (got == 0).any() == (w.grad == 0).any()
+    with torch.no_grad():
+        assert torch.equal(v.apply_read(w, noise, layer_generator(3, "r")), fast.detach())
+
+
+def test_clip_quantize_values_and_gradients_per_channel():
+    from correctnet.devices import clip_quantize
+
+    torch.manual_seed(0)
+    x = (3 * torch.randn(16, 64)).requires_grad_()
+    f = (0.5 + torch.rand(16, 1)).requires_grad_()
+    out = clip_quantize(x, f, 6)
+    n = 31
+    c = torch.maximum(torch.minimum(x, f), -f)  # the straight-through form, op by op
+    ref = c + (torch.round(c.detach() / f.detach() * n) * (f.detach() / n) - c).detach()
+    assert torch.equal(out.detach(), ref.detach())
+    g = torch.randn(16, 64)
+    gx, gf = torch.autograd.grad((out * g).sum(), (x, f))
+    xd, fd = x.detach(), f.detach()
+    assert torch.equal(gx, g * (xd.abs() < fd))
+    want = (g * ((xd >= fd).float() - (xd <= -fd).float())).sum(1, keepdim=True)  # PACT: sign(x) where clipped
+    assert torch.allclose(gf, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(clip_quantize(x, f, 6), out.detach())
