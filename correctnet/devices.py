@@ -223,17 +223,22 @@ class _ClipQuantize(torch.autograd.Function):
 
 
 class _ThroughSlope(torch.autograd.Function):
-    """``value`` (computed without a graph) as a function of ``weight`` with elementwise derivative ``slope``."""
+    """``value`` (computed without a graph) as a function of ``weight``, elementwise: the backward multiplies the
+    incoming gradient by ``factors`` in order, then zeroes it outside ``mask`` (the order in which autograd
+    multiplies through the stages of :meth:`RRAM.apply_read`, so the gradient is autograd's bit for bit)."""
 
     @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, value: torch.Tensor, slope: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(slope)
+    def forward(ctx: Any, weight: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                *factors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask, *factors)
         return value
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        (slope,) = ctx.saved_tensors
-        return grad * slope, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        mask, *factors = ctx.saved_tensors
+        for f in factors:
+            grad = grad * f
+        return (grad.masked_fill(~mask, 0.0), None, None, *[None] * len(factors))
 
 
 def clip_quantize(x: torch.Tensor, full_scale: torch.Tensor | float, bits: int | None) -> torch.Tensor:
@@ -381,16 +386,16 @@ class RRAM(VariationModel):
         return self._read(self._static_conductances(weight, noise), read)
 
     def _static_conductances(self, weight: torch.Tensor, noise: torch.Tensor,
-                             slope: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """``[G+, G-]`` of the chip (no read noise). With ``slope`` (a list, filled in): also ``dG/dW`` per cell
-        (``[2, *weight.shape]``), the derivative autograd would give through these operations (mapping relu,
-        straight-through levels, the clamp at 0 µS, the log-normal factor, stuck cells; scale and noise std constant)."""
+                             slope: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[G+, G-]`` of the chip (no read noise). With ``slope`` (a dict, filled in): what autograd's gradient
+        through these stages is made of: ``k`` (the mapping's ``(g_max - g_min) / s``), ``alive`` (per cell, bool
+        ``[2, *weight.shape]``: not clamped at 0 µS, not stuck) and, for log-normal programming, ``factor`` (per
+        cell, ``exp(sigma * eps)``). Levels are straight-through; the scale and the noise std are constants."""
         s = self.scale(weight)
         g = to_conductance(weight, s, self.g_min, self.g_max)
-        d: torch.Tensor | None = None
+        alive: torch.Tensor | None = None
         if slope is not None:
-            k = (self.g_max - self.g_min) / s
-            d = torch.stack(((weight > 0) * k, (weight < 0) * -k))
+            slope["k"] = (self.g_max - self.g_min) / s
         if self.levels is not None:
             g = quantize_levels(g, self.levels, self.g_min, self.g_max)
         eps = noise[:2]
@@ -398,23 +403,23 @@ class RRAM(VariationModel):
             if self.programming == "wan2022":
                 pre = g + self.sigma * wan2022_std(g.detach(), self.g_max, self.t_eval) * eps
                 g = pre.clamp_min(0.0)
-                if d is not None:
-                    d = d * (pre >= 0)
+                if slope is not None:
+                    alive = pre >= 0
             else:
                 factor = torch.exp(self.sigma * eps)
                 g = g * factor
-                if d is not None:
-                    d = d * factor
+                if slope is not None:
+                    slope["factor"] = factor
         if self.stuck_fraction > 0:
             u, f = noise[2:4], self.stuck_fraction
             high = u < f * self.stuck_high
             low = ~high & (u < f)
             g = torch.where(high, torch.full_like(g, self.g_max), g)
             g = torch.where(low, torch.full_like(g, self.g_min), g)
-            if d is not None:
-                d = d.masked_fill(high | low, 0.0)
-        if slope is not None and d is not None:
-            slope.append(d)
+            if slope is not None:
+                alive = ~(high | low) if alive is None else alive & ~(high | low)
+        if slope is not None and alive is not None:
+            slope["alive"] = alive
         return g
 
     def _read(self, g: torch.Tensor, read: torch.Generator | None) -> torch.Tensor:
@@ -431,28 +436,39 @@ class RRAM(VariationModel):
         """The weight seen by one read: static deviations plus read noise drawn from ``generator``.
 
         Differentiable in ``weight``: when a gradient is needed the read is computed without an autograd graph and
-        joined to ``weight`` by one node whose backward multiplies by the elementwise ``dW'/dW`` (the derivative
-        autograd would give through the chain of stages, up to float round-off), so a noise-aware step costs one
-        node per weight instead of one per stage."""
+        joined to ``weight`` by one node whose backward multiplies by the elementwise ``dW'/dW`` factors (drift
+        factor, unmapping scale, log-normal factor, mapping slope; zero where the driven cell is clamped at 0 µS or
+        stuck, and for ``W = 0``) in the order autograd would through the chain of stages, so the gradient is
+        autograd's bit for bit while a noise-aware step costs one node per weight instead of one per stage."""
         if torch.is_grad_enabled() and weight.requires_grad:
+            slope: dict[str, torch.Tensor] = {}
             with torch.no_grad():
-                value, slope = self._read_weight(weight, noise, generator, True)
-            assert slope is not None  # asked for
-            return cast(torch.Tensor, _ThroughSlope.apply(weight, value, slope))
-        return self._read_weight(weight, noise, generator, False)[0]
+                value = self._read_weight(weight, noise, generator, slope)
+                pos = weight > 0  # the cell a weight drives: G+ for W > 0, G- for W < 0 (none for W = 0)
+                mask = pos | (weight < 0)
+                if "alive" in slope:
+                    mask &= torch.where(pos, slope["alive"][0], slope["alive"][1])
+                # autograd's order: drift factor, unmapping scale, log-normal factor, mapping slope k
+                factors = [slope[k] for k in ("alpha", "unmap") if k in slope]
+                if "factor" in slope:
+                    factors.append(torch.where(pos, slope["factor"][0], slope["factor"][1]))
+                factors.append(slope["k"])
+            return cast(torch.Tensor, _ThroughSlope.apply(weight, value, mask, *factors))
+        return self._read_weight(weight, noise, generator, None)
 
     def _read_weight(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None,
-                     with_slope: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     slope: dict[str, torch.Tensor] | None) -> torch.Tensor:
         s = self.scale(weight)
-        box: list[torch.Tensor] | None = [] if with_slope else None
-        g = self._static_conductances(weight, noise, box)
+        g = self._static_conductances(weight, noise, slope)
         w = from_conductance(self._read(g, generator), s, self.g_min, self.g_max)
-        d = from_conductance(box[0], s, self.g_min, self.g_max) if box else None
+        if slope is not None:
+            slope["unmap"] = s / (self.g_max - self.g_min)
         if self.drift_compensation == "global":
             alpha = self.drift_factor(weight, from_conductance(g.detach(), s, self.g_min, self.g_max))
             w = w * alpha
-            d = None if d is None else d * alpha
-        return w, d
+            if slope is not None:
+                slope["alpha"] = alpha
+        return w
 
     @staticmethod
     def drift_factor(weight: torch.Tensor, static: torch.Tensor) -> torch.Tensor:

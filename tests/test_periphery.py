@@ -482,7 +482,7 @@ def test_bad_estimator_options_fail_in_one_line(kw, match):
     dict(sigma=1.0, tile_rows=16, tile_cols=8, mapping="channel"),
 ])
 def test_the_read_weight_has_autograds_gradient_through_every_stage(kw):
-    # apply_read joins its no-graph value to the weight with one node: the gradient of the chain of stages
+    # apply_read joins its no-graph value to the weight with one node: autograd's gradient through the stages
     v = RRAM(**kw)
     torch.manual_seed(0)
     w = torch.randn(12, 40, requires_grad=True)
@@ -499,8 +499,8 @@ def test_the_read_weight_has_autograds_gradient_through_every_stage(kw):
         ref = ref * v.drift_factor(w, (static[0] - static[1]) * (s / (v.g_max - v.g_min)))
     assert torch.equal(fast.detach(), ref.detach())
     (ref * g).sum().backward()
-    assert torch.allclose(got, w.grad, rtol=1e-6, atol=1e-7)
-    assert (got == 0).any() == (w.grad == 0).any()
+    assert torch.equal(got, w.grad)  # autograd's gradient bit for bit (same products in the same order)
+    assert (got != 0).any()
     with torch.no_grad():
         assert torch.equal(v.apply_read(w, noise, layer_generator(3, "r")), fast.detach())
 
