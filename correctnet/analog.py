@@ -295,9 +295,11 @@ class AnalogLayer(nn.Module):
         self._read_gens: list[torch.Generator] | None = None
         self._chips_cache: dict[str, tuple[Any, torch.Tensor]] = {}
         self._digital_class = digital_class
-        #: fixed DAC range (input units) set by :func:`calibrate_input_ranges`; None = not calibrated
-        self.input_range: float | None = None
+        #: fixed DAC range (input units) set by :func:`calibrate_input_ranges`; None = not calibrated. A float,
+        #: but for the duration of ``train(..., TrainConfig(learn_input_ranges=True))``: a trainable scalar tensor
+        self.input_range: float | torch.Tensor | None = None
         self._input_ranges: list[torch.Tensor] | None = None
+        self._input_moments: list[float] | None = None  # calibrate_input_ranges(estimator="std") only
         self.analog_parameters: tuple[str, ...] = self._analog_parameter_names()
         self._served_names = frozenset(self.analog_parameters)
         self._chip_cache: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}
@@ -513,6 +515,12 @@ class AnalogLayer(nn.Module):
         ranges = getattr(self, "_input_ranges", None)
         if ranges is not None:  # calibrate_input_ranges: per-vector max|x| of the nominal model
             ranges.append(x.detach().abs().amax(dim=dims).flatten().float().cpu())
+            moments = getattr(self, "_input_moments", None)
+            if moments is not None:  # estimator "std": count, sum and sum of squares (float64)
+                xd = x.detach().double()
+                moments[0] += xd.numel()
+                moments[1] += float(xd.sum())
+                moments[2] += float((xd * xd).sum())
         if self.analog_mode == "off" or not v.converts:
             return self._mvm_any(x, weight, bias)
         if v.needs_input_range and self.input_range is None:
@@ -1399,39 +1407,88 @@ def nominal(model: nn.Module) -> Iterator[nn.Module]:
         yield model
 
 
-def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile: float = 100.0) -> dict[str, float]:
+ESTIMATORS = ("max", "std", "moving_max")
+
+
+def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile: float = 100.0, *,
+                           estimator: str = "max", std_factor: float = 3.0,
+                           momentum: float = 0.9) -> dict[str, float]:
     """Set each analog layer's fixed DAC range from calibration data; returns ``{layer name: range}``.
 
     Runs ``model`` nominally (eval mode, no gradients; its modes and training flag are restored) on every
     batch (a tensor, or a tuple/list whose first item is the input, as a DataLoader yields) and records, per
-    analog layer, the ``max|x|`` of each input vector its converters see (last dimension for Linear, one
-    sample's whole input map for conv; attention: its query, key and value). The range is the
-    nearest-rank ``percentile`` of those maxima (100 = the largest ``|x|`` seen); ``variation.dac_range=r``
-    then clips at ``r`` times it. Layers that saw no input keep their range (None if never calibrated).
+    analog layer, the inputs its converters see (input vectors: the last dimension for Linear, one sample's
+    whole input map for conv; attention: its query, key and value). The range, in the layer's input units
+    (``variation.dac_range=r`` then clips at ``r`` times it), comes from ``estimator``:
+
+    * ``"max"`` (default): the nearest-rank ``percentile`` of the per-vector ``max|x|`` over all batches
+      (100 = the largest ``|x|`` seen);
+    * ``"std"``: ``std_factor`` times the standard deviation of every input element the layer saw over all
+      batches (one population, ``torch.std``'s unbiased estimate; aihwkit's ``init_std_alpha * x.std()``
+      averages it per batch instead); ``percentile`` must stay 100;
+    * ``"moving_max"``: an exponential moving average over batches of each batch's range (the nearest-rank
+      ``percentile`` of that batch's per-vector ``max|x|``): the first batch's value, then
+      ``R = momentum * R + (1 - momentum) * R_batch`` (PyTorch's ``MovingAverageMinMaxObserver`` rule with
+      ``averaging_constant = 1 - momentum``).
+
+    Layers that saw no input keep their range (None if never calibrated). Bad values raise
+    :class:`ConfigError` in one line.
     """
     require_analog(model)
     if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
         raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+    if estimator == "std":
+        if percentile != 100:
+            raise ConfigError(f"percentile applies to estimator 'max' and 'moving_max' only; estimator 'std' needs "
+                              f"percentile=100, got {percentile!r}")
+        if isinstance(std_factor, bool) or not isinstance(std_factor, (int, float)) or not 0 < std_factor < math.inf:
+            raise ConfigError(f"std_factor must be a number > 0, got {std_factor!r}")
+    if estimator == "moving_max" and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                      or not 0 <= momentum < 1):
+        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
     layers = analog_layers(model)
     training = {m: m.training for m in model.modules()}
     for layer in layers.values():
         layer._input_ranges = []
+        if estimator == "std":
+            layer._input_moments = [0, 0.0, 0.0]
+    ema: dict[str, float] = {}
+
+    def rank(values: list[torch.Tensor]) -> float:
+        v = torch.cat(values).sort().values
+        return float(v[max(0, math.ceil(percentile / 100 * v.numel()) - 1)])
+
     try:
         model.eval()
         with _restoring(model), torch.no_grad():
             set_nominal(model)
             for batch in batches:
                 model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                if estimator == "moving_max":
+                    for name, layer in layers.items():
+                        if layer._input_ranges:
+                            r = rank(layer._input_ranges)
+                            ema[name] = r if name not in ema else momentum * ema[name] + (1 - momentum) * r
+                            layer._input_ranges = []
         out = {}
         for name, layer in layers.items():
             seen = layer._input_ranges or []
-            if seen:
-                v = torch.cat(seen).sort().values
-                layer.input_range = float(v[max(0, math.ceil(percentile / 100 * v.numel()) - 1)])
-                out[name] = layer.input_range
+            if estimator == "max" and seen:
+                layer.input_range = rank(seen)
+            elif estimator == "moving_max" and name in ema:
+                layer.input_range = ema[name]
+            elif estimator == "std" and layer._input_moments is not None and layer._input_moments[0] > 1:
+                n, s1, s2 = layer._input_moments
+                layer.input_range = std_factor * math.sqrt(max(0.0, (s2 - s1 * s1 / n) / (n - 1)))
+            else:
+                continue
+            out[name] = layer.input_range
         return out
     finally:
         for layer in layers.values():
             layer._input_ranges = None
+            layer._input_moments = None
         for m, flag in training.items():
             m.training = flag

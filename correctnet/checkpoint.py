@@ -144,7 +144,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
         raise CheckpointError(f"{type(model).__name__} has no analog layers; analogize it before saving")
     state = model.state_dict()
     aliases = _aliases(state)
-    ranges = {n: layer.input_range for n, layer in analog.items() if layer.input_range is not None}
+    ranges = {n: float(layer.input_range) for n, layer in analog.items() if layer.input_range is not None}
     meta = {**meta, "model": _model_spec(model, meta.get("model")),
             "versions": {**(meta.get("versions") or {}), **versions()},
             "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers,

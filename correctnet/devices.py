@@ -73,7 +73,8 @@ Converters act on the analog layer's input and output (the digital bias is added
   in-projections and grouped convolutions refuse tiles when converting; recurrent layers get the per-tile
   mapping only, as they get no converters).
 
-Rounding uses a straight-through gradient; clipping passes no gradient beyond the bounds. In a layer's
+Rounding uses a straight-through gradient; clipping passes no gradient at or beyond the bounds (a range that requires
+grad, a learned input range, gets PACT's ``sign(x)`` there: :mod:`correctnet.periphery`). In a layer's
 ``off`` mode nothing is applied (nominal, exact, no converters); in ``chip`` and ``noisy`` modes everything is. Sources: Wan et al., "A compute-in-memory chip
 based on resistive random-access memory", Nature 608, 504-512 (2022); aihwkit (Rasch et al., APL Mach.
 Learn. 2023); Joshi et al., Nat. Commun. 11, 2473 (2020) for read noise as a fraction of g_max.
@@ -83,7 +84,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence, cast
 
 import torch
 
@@ -175,15 +176,80 @@ def quantize_signal(x: torch.Tensor, bits: int, dims: Sequence[int]) -> torch.Te
     return _straight_through(x, q)
 
 
+def _scalar_bound(f: torch.Tensor) -> float | None:
+    """``F`` as a Python float when it is one CPU value (clamping at a Python scalar is the faster kernel; the
+    comparisons are exact either way), else None."""
+    return float(f) if f.dim() == 0 and f.device.type == "cpu" else None
+
+
+def _clip_round(x: torch.Tensor, f: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """``clip(x, -f, f)``, with ``bits`` rounded to ``k f / n``, without an autograd graph.
+
+    The rounding ``round(c / f * n) * (f / n)`` runs in place on the clipped copy: the same operations in the same
+    order as the straight-through form ``c + (round(c / f * n) * (f / n) - c)``, whose value it is bit for bit
+    (``q - c`` is exact, Sterbenz)."""
+    fv = _scalar_bound(f)
+    c = x.clamp(-fv, fv) if fv is not None else torch.clamp(x, -f, f)
+    if bits is not None:
+        n = 2 ** (bits - 1) - 1
+        c = c.div_(f).mul_(n).round_().mul_(f / n)
+    return c
+
+
+class _ClipQuantize(torch.autograd.Function):
+    """``clip(x, -F, F)``, then (with ``bits``) rounding to ``k F / n``, as one autograd node (no per-op graph).
+
+    Gradients: ``x`` gets ``grad`` where ``-F < x < F`` and 0 at or beyond the bounds (rounding is
+    straight-through); ``F`` (when it requires grad, e.g. a learned input range) gets ``grad * sign(x)`` summed over
+    the entries at or beyond the bounds (PACT), summed over the dimensions it was broadcast along."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, f: torch.Tensor, bits: int | None) -> torch.Tensor:
+        ctx.save_for_backward(x, f)
+        return _clip_round(x, f, bits)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
+        x, f = ctx.saved_tensors
+        gx = gf = None
+        if ctx.needs_input_grad[0]:
+            fv = _scalar_bound(f)
+            gx = (torch.ops.aten.hardtanh_backward(grad, x, -fv, fv) if fv is not None
+                  else grad * (x.abs() < f))
+        if ctx.needs_input_grad[1]:
+            g = grad * ((x >= f).to(grad.dtype) - (x <= -f).to(grad.dtype))
+            gf = g.sum() if f.dim() == 0 else g.sum_to_size(f.shape)
+        return gx, gf, None
+
+
+class _ThroughSlope(torch.autograd.Function):
+    """``value`` (computed without a graph) as a function of ``weight``, elementwise: the backward multiplies the
+    incoming gradient by ``factors`` in order, then zeroes it outside ``mask`` (the order in which autograd
+    multiplies through the stages of :meth:`RRAM.apply_read`, so the gradient is autograd's bit for bit)."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                *factors: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask, *factors)
+        return value
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        mask, *factors = ctx.saved_tensors
+        for f in factors:
+            grad = grad * f
+        return (grad.masked_fill(~mask, 0.0), None, None, *[None] * len(factors))
+
+
 def clip_quantize(x: torch.Tensor, full_scale: torch.Tensor | float, bits: int | None) -> torch.Tensor:
-    """Fixed-range converter: clip to ``[-F, F]`` (no gradient beyond the bounds), then, with ``bits``, round to
-    the signed grid ``k F / (2^(bits-1) - 1)`` (straight-through). ``F`` broadcasts against ``x``."""
+    """Fixed-range converter: clip to ``[-F, F]`` (no gradient at or beyond the bounds),
+    then, with ``bits``, round to the signed grid ``k F / (2^(bits-1) - 1)`` (straight-through). ``F`` broadcasts
+    against ``x``; a ``F`` that requires grad (a learned range) gets the PACT gradient: ``sign(x)`` summed over the
+    clipped entries, times the incoming gradient. One autograd node (:class:`_ClipQuantize`)."""
     f = torch.as_tensor(full_scale, dtype=x.dtype, device=x.device).clamp_min(torch.finfo(x.dtype).tiny)
-    c = torch.maximum(torch.minimum(x, f), -f)
-    if bits is None:
-        return c
-    n = 2 ** (bits - 1) - 1
-    return _straight_through(c, torch.round(c.detach() / f * n) * (f / n))
+    if not torch.is_grad_enabled() or not (x.requires_grad or f.requires_grad):
+        return _clip_round(x, f, bits)
+    return cast(torch.Tensor, _ClipQuantize.apply(x, f, bits))
 
 
 def _abs_max(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -319,21 +385,41 @@ class RRAM(VariationModel):
         """``[G+, G-]`` in µS as read once (shape ``[2, *weight.shape]``); read noise only with ``read``."""
         return self._read(self._static_conductances(weight, noise), read)
 
-    def _static_conductances(self, weight: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        g = to_conductance(weight, self.scale(weight), self.g_min, self.g_max)
+    def _static_conductances(self, weight: torch.Tensor, noise: torch.Tensor,
+                             slope: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``[G+, G-]`` of the chip (no read noise). With ``slope`` (a dict, filled in): what autograd's gradient
+        through these stages is made of: ``k`` (the mapping's ``(g_max - g_min) / s``), ``alive`` (per cell, bool
+        ``[2, *weight.shape]``: not clamped at 0 µS, not stuck) and, for log-normal programming, ``factor`` (per
+        cell, ``exp(sigma * eps)``). Levels are straight-through; the scale and the noise std are constants."""
+        s = self.scale(weight)
+        g = to_conductance(weight, s, self.g_min, self.g_max)
+        alive: torch.Tensor | None = None
+        if slope is not None:
+            slope["k"] = (self.g_max - self.g_min) / s
         if self.levels is not None:
             g = quantize_levels(g, self.levels, self.g_min, self.g_max)
         eps = noise[:2]
         if self.sigma > 0:
             if self.programming == "wan2022":
-                g = (g + self.sigma * wan2022_std(g.detach(), self.g_max, self.t_eval) * eps).clamp_min(0.0)
+                pre = g + self.sigma * wan2022_std(g.detach(), self.g_max, self.t_eval) * eps
+                g = pre.clamp_min(0.0)
+                if slope is not None:
+                    alive = pre >= 0
             else:
-                g = g * torch.exp(self.sigma * eps)
+                factor = torch.exp(self.sigma * eps)
+                g = g * factor
+                if slope is not None:
+                    slope["factor"] = factor
         if self.stuck_fraction > 0:
             u, f = noise[2:4], self.stuck_fraction
             high = u < f * self.stuck_high
+            low = ~high & (u < f)
             g = torch.where(high, torch.full_like(g, self.g_max), g)
-            g = torch.where(~high & (u < f), torch.full_like(g, self.g_min), g)
+            g = torch.where(low, torch.full_like(g, self.g_min), g)
+            if slope is not None:
+                alive = ~(high | low) if alive is None else alive & ~(high | low)
+        if slope is not None and alive is not None:
+            slope["alive"] = alive
         return g
 
     def _read(self, g: torch.Tensor, read: torch.Generator | None) -> torch.Tensor:
@@ -347,12 +433,41 @@ class RRAM(VariationModel):
         return self.apply_read(weight, noise, None)
 
     def apply_read(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The weight seen by one read: static deviations plus read noise drawn from ``generator``."""
+        """The weight seen by one read: static deviations plus read noise drawn from ``generator``.
+
+        Differentiable in ``weight``: when a gradient is needed the read is computed without an autograd graph and
+        joined to ``weight`` by one node whose backward multiplies by the elementwise ``dW'/dW`` factors (drift
+        factor, unmapping scale, log-normal factor, mapping slope; zero where the driven cell is clamped at 0 µS or
+        stuck, and for ``W = 0``) in the order autograd would through the chain of stages, so the gradient is
+        autograd's bit for bit while a noise-aware step costs one node per weight instead of one per stage."""
+        if torch.is_grad_enabled() and weight.requires_grad:
+            slope: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                value = self._read_weight(weight, noise, generator, slope)
+                pos = weight > 0  # the cell a weight drives: G+ for W > 0, G- for W < 0 (none for W = 0)
+                mask = pos | (weight < 0)
+                if "alive" in slope:
+                    mask &= torch.where(pos, slope["alive"][0], slope["alive"][1])
+                # autograd's order: drift factor, unmapping scale, log-normal factor, mapping slope k
+                factors = [slope[k] for k in ("alpha", "unmap") if k in slope]
+                if "factor" in slope:
+                    factors.append(torch.where(pos, slope["factor"][0], slope["factor"][1]))
+                factors.append(slope["k"])
+            return cast(torch.Tensor, _ThroughSlope.apply(weight, value, mask, *factors))
+        return self._read_weight(weight, noise, generator, None)
+
+    def _read_weight(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None,
+                     slope: dict[str, torch.Tensor] | None) -> torch.Tensor:
         s = self.scale(weight)
-        g = self._static_conductances(weight, noise)
+        g = self._static_conductances(weight, noise, slope)
         w = from_conductance(self._read(g, generator), s, self.g_min, self.g_max)
+        if slope is not None:
+            slope["unmap"] = s / (self.g_max - self.g_min)
         if self.drift_compensation == "global":
-            w = w * self.drift_factor(weight, from_conductance(g.detach(), s, self.g_min, self.g_max))
+            alpha = self.drift_factor(weight, from_conductance(g.detach(), s, self.g_min, self.g_max))
+            w = w * alpha
+            if slope is not None:
+                slope["alpha"] = alpha
         return w
 
     @staticmethod
@@ -412,7 +527,8 @@ class RRAM(VariationModel):
             full = self.adc_range * s.detach() * x_fs
         if self.output_noise > 0 and generator is not None:
             eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            y = y + (self.output_noise * full) * eps
+            sd = self.output_noise * full
+            y = y + (eps.mul_(sd) if not (isinstance(sd, torch.Tensor) and sd.requires_grad) else sd * eps)
         if self.adc_range == "auto":
             return self.adc(y, dims)
         return clip_quantize(y, full, self.adc_bits)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .analog import analog_layers, noise_aware, nominal
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import clean_accuracy
+from .periphery import LearnedInputRanges, clip_weights
 from .progress import CONSOLE, Pace, bar_disabled
 from .reads import check_reads_once
 from .tensors import Data, OutputFn, iter_batches, logits_of
@@ -58,6 +59,10 @@ class TrainConfig:
     temperature: float = 1.0   # KD softmax temperature
     noise_sigma: float | None = None  # noise-aware only: the sigma the training chips are drawn at (None: each layer's)
     noise_scale: float = 1.0   # noise-aware only: ... or each layer's sigma times this (noise_sigma, when set, wins)
+    weight_clip: float | None = None  # after every step: clip each analog weight to +-weight_clip x its std (None: off)
+    weight_clip_per_channel: bool = False  # weight_clip: the std (and the bound) per output channel, not per layer
+    learn_input_ranges: bool = False  # noise-aware only: train the calibrated range of each fixed-range DAC (PACT)
+    input_range_decay: float = 0.0    # learned ranges: adds input_range_decay x sum of the ranges to the loss
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +83,15 @@ class TrainConfig:
         need(self.noise_sigma is None or (is_number(self.noise_sigma) and 0 <= self.noise_sigma < math.inf),
              "noise_sigma", "null or a number >= 0")
         need(is_number(self.noise_scale) and 0 < self.noise_scale < math.inf, "noise_scale", "a number > 0")
+        need(self.weight_clip is None or (is_number(self.weight_clip) and self.weight_clip > 0), "weight_clip",
+             "null (off) or a number > 0 (the bound in standard deviations of each layer's weight)")
+        need(isinstance(self.weight_clip_per_channel, bool), "weight_clip_per_channel", "true or false")
+        need(isinstance(self.learn_input_ranges, bool), "learn_input_ranges", "true or false")
+        need(not self.learn_input_ranges or self.noise_aware is True, "learn_input_ranges",
+             "false unless training.noise_aware=true (the converters act only in noise-aware training)")
+        need(is_number(self.input_range_decay) and self.input_range_decay >= 0, "input_range_decay", "a number >= 0")
+        need(self.input_range_decay == 0 or self.learn_input_ranges is True, "input_range_decay",
+             "0 unless training.learn_input_ranges=true")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
 
 
@@ -222,6 +236,13 @@ def train(
     (:func:`correctnet.placement.evaluator.random_options`). It must depend on ``i`` only (resuming calls it
     from the step the run stopped at).
 
+    Periphery (:mod:`correctnet.periphery`): ``cfg.weight_clip`` clips every analog weight to ``±weight_clip·std``
+    (per layer, or per output channel with ``cfg.weight_clip_per_channel``) after every optimizer step;
+    ``cfg.learn_input_ranges`` (noise-aware only) trains the calibrated input range of every layer with a
+    numeric ``dac_range`` (PACT gradient of the DAC clip; Adam/SGD group without weight decay, plus
+    ``cfg.input_range_decay·sum(ranges)`` in the loss) and writes the learned ranges back to
+    ``layer.input_range`` as floats when training ends (also on an error). Both are off by default.
+
     ``progress``: a bar per epoch on stderr (``None``: only when stderr is a terminal); the stage's pace is logged
     either way (:class:`correctnet.progress.Pace`: an estimate when it is long, a line a minute without a bar).
     """
@@ -230,6 +251,10 @@ def train(
                           "the vanilla reference (reference=true)")
     if cfg.noise_aware and not analog_layers(model):
         raise ConfigError("training.noise_aware=true needs a model with analog layers (correctnet.analogize)")
+    if cfg.weight_clip is not None and not analog_layers(model):
+        raise ConfigError("training.weight_clip needs a model with analog layers (correctnet.analogize): it clips "
+                          "the analog weights")
+    learned = LearnedInputRanges(model) if cfg.learn_input_ranges else None
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -240,7 +265,10 @@ def train(
         n = len(train_data.tensors[0] if isinstance(train_data, TensorDataset) else train_data[0])
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         order_gen = shuffle
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    params: Any = [p for p in model.parameters() if p.requires_grad]
+    if learned is not None:  # their own group, never weight-decayed (input_range_decay is their decay)
+        params = [{"params": params}, {"params": learned.parameters(), "weight_decay": 0.0}]
+    opt = make_optimizer(params, cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
     ctx = (noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, 0), cfg.chips_per_step) if cfg.noise_aware
@@ -251,6 +279,8 @@ def train(
     with _training_variations(model, cfg), ctx, contextlib.ExitStack() as cleanup:
         if attach is not None:
             cleanup.callback(regularizer.detach)  # type: ignore[union-attr]
+        if learned is not None:
+            cleanup.enter_context(learned.installed())
         start_epoch, skip, sums = 1, 0, (0.0, 0, 0)
         epoch_rng = order_gen.get_state() if order_gen is not None else None
         saved = resume.load(resume_key) if resume is not None else None
@@ -265,6 +295,8 @@ def train(
             history = saved["history"]
             start_epoch, skip, sums = saved["epoch"] + 1, saved["step"], tuple(saved["sums"])
             epoch_rng = saved["epoch_rng"]
+            if learned is not None:
+                learned.load(saved["input_ranges"])
             _set_rng_state(saved["rng"], model, order_gen, device, regularizer)
             log.info("%s: resuming from %s at epoch %d, step %d", stage, resume.path(resume_key),
                      start_epoch, skip)
@@ -275,7 +307,8 @@ def train(
                 "epoch": epoch, "step": step, "sums": list(sums), "epochs": cfg.epochs,
                 "steps_per_epoch": steps_per_epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "history": history, "epoch_rng": epoch_rng,
-                "rng": _rng_state(model, order_gen, device, regularizer)})
+                "rng": _rng_state(model, order_gen, device, regularizer),
+                **({"input_ranges": learned.values()} if learned is not None else {})})
 
         pace: Pace | None = None
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -313,6 +346,8 @@ def train(
                     loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out, target, cfg.temperature)
                 if regularizer is not None:
                     loss = loss + regularizer(model)
+                if learned is not None and cfg.input_range_decay > 0:
+                    loss = loss + cfg.input_range_decay * learned.penalty()
                 if not torch.isfinite(loss):
                     raise TrainingDivergedError(
                         f"{stage}: training loss became {loss.item()} at epoch {epoch}, step {step} "
@@ -320,6 +355,10 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if cfg.weight_clip is not None:
+                    clip_weights(model, cfg.weight_clip, cfg.weight_clip_per_channel)
+                if learned is not None:
+                    learned.constrain()
                 sched.step()
                 loss_sum += loss.item() * len(y)
                 correct += (out.argmax(1) == y).sum().item()
