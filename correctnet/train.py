@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .analog import analogize, nominal, set_variation
+from .analog import analogize, calibrate_input_ranges, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
                           teacher_logits, teacher_network, train_compensation)
 from .checkpoint import checkpoint_digest, save_checkpoint, versions
@@ -58,7 +58,7 @@ from .stages import Stage, stage_label
 from .training import TrainConfig, TrainingDivergedError, train, training_variation
 from .registry import make_variation
 from . import runlock
-from .variation import VariationModel
+from .variation import LogNormal, VariationModel
 
 log = logging.getLogger("correctnet")
 
@@ -84,6 +84,40 @@ def _train_config(cfg: DictConfig) -> tuple[TrainConfig, dict[str, Any]]:
     if unknown:
         raise ConfigError(f"unknown training keys {sorted(unknown)}; accepted: {sorted(known | {'lipschitz'})}")
     return TrainConfig(seed=cfg.seed, **params), lipschitz
+
+
+
+
+def _ranges_config(cfg: DictConfig) -> dict[str, Any]:
+    """``analog.ranges``: how fixed-range DACs get each layer's input range (``calibrate_input_ranges`` settings and
+    the number of training images it runs on), checked before any work."""
+    given = {k: v for k, v in (_section(cfg.analog).get("ranges") or {}).items() if v is not None}
+    accepted = keyword_defaults(calibrate_input_ranges, ("percentile", "estimator", "std_factor", "momentum"))
+    unknown = set(given) - set(accepted) - {"images"}
+    if unknown:
+        raise ConfigError(f"unknown analog.ranges key(s) {sorted(unknown)}; accepted: {', '.join(accepted)}, images")
+    ranges = {**accepted, **given}
+    images = ranges.get("images")
+    if not is_int(images) or images < 1:
+        raise ConfigError(f"analog.ranges.images must be an integer >= 1, got {images!r}")
+    probe = torch.nn.Sequential(torch.nn.Linear(1, 1))  # the estimator's own checks, with one line naming the key
+    try:
+        calibrate_input_ranges(analogize(probe, LogNormal(0.0)), [torch.ones(1, 1)],
+                               **{k: v for k, v in ranges.items() if k != "images"})
+    except ConfigError as e:
+        raise ConfigError(f"analog.ranges: {e}") from None
+    return ranges
+
+
+def _calibrate_ranges(model: torch.nn.Module, train_data: Any, ranges: dict[str, Any], when: str,
+                      batch_size: int) -> None:
+    """Set the fixed DAC ranges of ``model``'s analog layers from the first ``ranges["images"]`` training images."""
+    x = first_samples(train_data, ranges["images"]).tensors[0]
+    dev = next(model.parameters()).device
+    found = calibrate_input_ranges(model, [x[i:i + batch_size].to(dev) for i in range(0, len(x), batch_size)],
+                                   **{k: v for k, v in ranges.items() if k != "images"})
+    log.info("input ranges %s (%s on %d training images): %s", when, ranges["estimator"], len(x),
+             ", ".join(f"{n} {r:.3g}" for n, r in found.items()))
 
 
 def _regularizer(params: dict[str, Any], seed: int) -> LipschitzRegularizer | None:
@@ -201,6 +235,7 @@ class Job:
     chips_per_pass: int | None          # None: monte_carlo chooses (1 on CPU, from free memory on CUDA)
     eval_seed: int
     device: torch.device
+    ranges: dict[str, Any] | None = None  # fixed-range DACs: how each layer's input range is measured (analog.ranges)
 
     @property
     def joint(self) -> bool:
@@ -267,11 +302,11 @@ def validate(cfg: DictConfig) -> Job:
     threads = resolve_threads(cfg.get("threads", "auto"))
     workers = resolve_workers(cfg.evaluation.get("workers", "auto"), threads)
     variation = _variation(cfg)
-    if variation.needs_input_range:  # the pipeline has no input-range calibration step
-        raise ConfigError(f"variation.dac_range={cfg.variation.dac_range} needs each layer's input range calibrated "
-                          f"on data (correctnet.calibrate_input_ranges), which the command line does not do; use "
-                          f"variation.dac_range=auto here, or the library")
+    ranges = _ranges_config(cfg) if variation.needs_input_range else None
     tcfg, lip_params = _train_config(cfg)
+    if tcfg.learn_input_ranges and ranges is None:
+        raise ConfigError("training.learn_input_ranges=true trains the ranges of fixed-range DACs: set "
+                          "variation.dac_range to a number (e.g. variation=rram_periphery variation.dac_range=1.0)")
     regularizer = _regularizer(lip_params, cfg.seed)
     train_variation = training_variation(variation, tcfg)
     placement, attach_kw, comp_cfg = _compensation_config(cfg)
@@ -306,7 +341,7 @@ def validate(cfg: DictConfig) -> Job:
                profile_chips=_positive_int(cfg, "evaluation.profile_chips"),
                profile_samples=_positive_int(cfg, "evaluation.profile_samples"),
                eval_batch=eval_batch_size(cfg.evaluation.batch_size, device), eval_seed=eval_seed, device=device,
-               chips_per_pass=resolve_chips_per_pass(cfg.evaluation.get("chips_per_pass", "auto")))
+               chips_per_pass=resolve_chips_per_pass(cfg.evaluation.get("chips_per_pass", "auto")), ranges=ranges)
 
 
 @dataclasses.dataclass
@@ -365,6 +400,8 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
         key = "analog.include" if include and any(repr(p) in str(e) for p in include) else "analog.exclude"
         raise _prefixed(key if "pattern" in str(e) else "analog", e) from None
     model = model.to(job.device)
+    if job.ranges is not None:  # fixed-range DACs: the ranges noise-aware training starts from (and learns, if asked)
+        _calibrate_ranges(model, data.train, job.ranges, "before training", job.eval_batch)
     placement = None
     if job.placement is not None:
         try:  # bad names fail before training
@@ -426,9 +463,12 @@ def train_reference(ws: Workspace) -> tuple[torch.nn.Module, StageResult]:
     j = ws.job
     reference = copy.deepcopy(ws.model)
     t0 = time.perf_counter()
-    plain = dataclasses.replace(j.tcfg, noise_aware=False, chips_per_step=1, distill=0.0)
+    plain = dataclasses.replace(j.tcfg, noise_aware=False, chips_per_step=1, distill=0.0, learn_input_ranges=False,
+                                input_range_decay=0.0, weight_clip=None)
     history = train(reference, ws.data.train, ws.data.val, plain,
                     progress=j.progress, stage=Stage.BASELINE.value, resume=ws.store, resume_key="reference")
+    if j.ranges is not None:  # the trained network's inputs, not the initial one's
+        _calibrate_ranges(reference, ws.data.train, j.ranges, "after vanilla training", j.eval_batch)
     seconds = time.perf_counter() - t0
     _check_outputs(reference, ws.data.test, Stage.BASELINE)
     set_variation(reference, j.variation)
@@ -466,6 +506,8 @@ def train_base(ws: Workspace, reference: torch.nn.Module | None = None) -> tuple
                     stage=stage.value, resume=ws.store, teacher=teacher, on_step=on_step)
     seconds = time.perf_counter() - t0
     _check_outputs(model, ws.data.test, stage)
+    if j.ranges is not None and not j.tcfg.learn_input_ranges:  # the trained network's inputs (learned: as trained)
+        _calibrate_ranges(model, ws.data.train, j.ranges, "after training", j.eval_batch)
     set_variation(model, j.variation)
     training = {"noise_aware": j.tcfg.noise_aware,
                 "noise_variation": j.train_variation.to_dict() if j.tcfg.noise_aware else None,

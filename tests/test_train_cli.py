@@ -264,3 +264,36 @@ def test_the_default_job_prints_a_short_console_and_a_replay_of_its_calibrated_s
     again = subprocess.run([*shlex.split(replay), "progress=false"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert "reproduces the exported metrics exactly" in again.stdout
+
+
+def test_fixed_range_dacs_get_input_ranges_from_data_and_the_checkpoint_replays_them(tmp_path):
+    """variation.dac_range=1 (8-bit fixed-range DAC/ADC): ranges measured before and after training, recorded in the
+    checkpoint, the evaluation replayed exactly; learned ranges move and travel too."""
+    from correctnet.checkpoint import read_metadata
+    from correctnet.evaluate import evaluate_checkpoint
+
+    base = ["method=noise_aware", "variation=rram_periphery", "variation.dac_range=1.0", "training.epochs=1",
+            "evaluation.n_chips=2", "progress=false"]
+    r = run_cli(*base, f"hydra.run.dir={tmp_path / 'fixed'}")
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "fixed" / "train.log").read_text()
+    assert "input ranges before training (max on 1024" in log and "input ranges after training" in log
+    ranges = read_metadata(tmp_path / "fixed" / "model.safetensors")["analog"]["input_ranges"]
+    assert set(ranges) == {"conv1", "conv2", "fc1", "fc2", "fc3"} and all(v > 0 for v in ranges.values())
+    assert evaluate_checkpoint(tmp_path / "fixed" / "model.safetensors")["results"][0]["reproduces_export"] is True
+    r = run_cli(*base, "training.learn_input_ranges=true", f"hydra.run.dir={tmp_path / 'learned'}")
+    assert r.returncode == 0, r.stderr
+    learned = read_metadata(tmp_path / "learned" / "model.safetensors")["analog"]["input_ranges"]
+    assert "input ranges after training" not in (tmp_path / "learned" / "train.log").read_text()
+    assert learned != ranges and set(learned) == set(ranges)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["training.noise_aware=true", "training.learn_input_ranges=true"], "training.learn_input_ranges=true trains the ranges of fixed-range DACs"),
+    (["variation=rram_periphery", "variation.dac_range=1", "analog.ranges.estimator=foo"], "analog.ranges: estimator"),
+    (["variation=rram_periphery", "variation.dac_range=1", "analog.ranges.images=0"], "analog.ranges.images must be"),
+])
+def test_bad_input_range_settings_are_one_line(tmp_path, overrides, needle):
+    r = run_cli(*FAST, *overrides, cwd=tmp_path)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert list(tmp_path.iterdir()) == []
