@@ -136,7 +136,7 @@ import fnmatch
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence, cast
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -1178,8 +1178,15 @@ def analogize(
     inplace: bool = False,
     digital: Iterable[str] = (),
     strict: bool = False,
+    per_layer: Mapping[str, VariationModel] | Callable[[str, nn.Module], VariationModel | None] | None = None,
 ) -> nn.Module:
-    """Make the matching layers of ``model`` analog; returns the model (a deep copy unless ``inplace``).
+    """Make the matching layers of ``model`` analog; returns the model (a deep copy unless ``inplace``: a model
+    too large to copy is converted where it is, its modules keep their parameters).
+
+    ``per_layer``: other device settings for some layers: ``{glob pattern: VariationModel}`` (the first pattern a
+    layer's name matches wins; each must match an analog layer) or ``fn(name, module) -> VariationModel | None``
+    (None: ``variation``). Checkpoints record them (``analog.variations``); :func:`set_variation` replaces every
+    layer's.
 
     ``include``/``exclude`` are glob patterns on qualified layer names (``"features.*"``);
     ``layer_types`` are classes or class names (``"Conv2d"``; see ``SUPPORTED_TYPES`` and the module
@@ -1243,10 +1250,11 @@ def analogize(
     for name, m in chosen.items():
         if isinstance(m, AnalogLayer):
             raise ConfigError(f"layer {name!r} is already analog")
+    own = _per_layer_variations(chosen, variation, per_layer)
     for name, m in chosen.items():
         dig = type(m)
         m.__class__ = _analog_class(dig, name)
-        cast(AnalogLayer, m)._init_analog(name, variation, dig)
+        cast(AnalogLayer, m)._init_analog(name, own.get(name, variation), dig)
         cast(AnalogLayer, m).strict = strict  # the read check (correctnet.reads) raises instead of warning
     # tied weights: one set of cells, drawn with the key of the first analog user
     first: dict[int, str] = {}
@@ -1264,6 +1272,35 @@ def analogize(
             raise ConfigError(msg + " (strict=True)")
         warnings.warn(msg, DigitalWeightsWarning, stacklevel=2)
     return model
+
+
+def _per_layer_variations(chosen: Mapping[str, nn.Module], variation: VariationModel, per_layer: Any
+                          ) -> dict[str, VariationModel]:
+    """``analogize``'s ``per_layer`` resolved to ``{layer name: its variation}`` (only layers that differ)."""
+    if per_layer is None:
+        return {}
+    out: dict[str, VariationModel] = {}
+    if callable(per_layer):
+        for name, m in chosen.items():
+            v = per_layer(name, m)
+            if v is not None and not isinstance(v, VariationModel):
+                raise ConfigError(f"per_layer({name!r}, ...) must return a VariationModel or None, got {type(v).__name__}")
+            if v is not None:
+                out[name] = v
+        return out
+    if not isinstance(per_layer, Mapping):
+        raise ConfigError(f"per_layer must map glob patterns to VariationModels or be a function, got "
+                          f"{type(per_layer).__name__}")
+    for pattern, v in per_layer.items():
+        if not isinstance(v, VariationModel):
+            raise ConfigError(f"per_layer[{pattern!r}] must be a VariationModel, got {type(v).__name__}")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in chosen):
+            raise ConfigError(f"per_layer pattern {pattern!r} matches no analog layer; analog layers: {sorted(chosen)}")
+    for name in chosen:
+        hit = next((p for p in per_layer if fnmatch.fnmatchcase(name, p)), None)
+        if hit is not None:
+            out[name] = per_layer[hit]
+    return out
 
 
 def digitize(model: nn.Module, *, inplace: bool = False) -> nn.Module:

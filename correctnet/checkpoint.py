@@ -28,7 +28,8 @@ object with
     (:func:`correctnet.models.hf_from_spec`), whatever built it;
 * ``variation``: ``VariationModel.to_dict()``; ``analog``: ``{"include", "exclude", "layers", "input_ranges"}``
   (``layers``, the analog layer names, and ``input_ranges``, the fixed DAC ranges set by
-  ``calibrate_input_ranges``, are filled in at save);
+  ``calibrate_input_ranges``, are filled in at save; ``variations``, ``{layer: to_dict()}`` of the layers whose
+  device settings differ from ``variation``, when there are such layers);
 * ``normalization``: ``{"mean", "std", "scale", "axis"}``, the input normalization of the training data
   (per channel = per index of dimension 1); :func:`normalize` applies it to raw inputs:
   ``model(normalize(raw, meta))``. Written by ``python -m correctnet.train``; optional otherwise;
@@ -145,10 +146,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, meta: dict[str, A
     state = model.state_dict()
     aliases = _aliases(state)
     ranges = {n: float(layer.input_range) for n, layer in analog.items() if layer.input_range is not None}
+    main = meta["variation"] if isinstance(meta["variation"], dict) else None
+    own = {n: layer.variation.to_dict() for n, layer in analog.items() if layer.variation.to_dict() != main}
     meta = {**meta, "model": _model_spec(model, meta.get("model")),
             "versions": {**(meta.get("versions") or {}), **versions()},
             "analog": {"include": None, "exclude": [], **(meta.get("analog") or {}), "layers": layers,
-                       "input_ranges": ranges},
+                       "input_ranges": ranges, **({"variations": own} if own else {})},
             "compensation": compensation_spec(model), "aliases": aliases}
     try:
         meta_json = json.dumps(meta)
@@ -172,6 +175,16 @@ def _restore_input_ranges(path: str | os.PathLike, model: nn.Module, ranges: Any
                               f" (layers: {list(layers)[:8]})")
     for name, r in ranges.items():
         layers[name].input_range = float(r)
+
+
+def _restore_variations(path: str | os.PathLike, model: nn.Module, own: Any) -> None:
+    """The layers analogized with their own device settings (``analogize(..., per_layer=...)``) get them back."""
+    layers = analog_layers(model)
+    if not isinstance(own, dict) or any(n not in layers or not isinstance(v, dict) for n, v in own.items()):
+        raise CheckpointError(f"{path}: analog.variations must map analog layer names to variation settings, got "
+                              f"{str(own)[:200]}")
+    for name, v in own.items():
+        layers[name].variation = make_variation(**v)
 
 
 def _digital_class(model: nn.Module) -> type:
@@ -501,6 +514,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module | None = None,
             model.to(dtypes.pop())  # a float64 export stays float64: outputs must be bit-identical
         model.load_state_dict(tensors, strict=True)
         _restore_input_ranges(path, model, analog.get("input_ranges") or {})
+        _restore_variations(path, model, analog.get("variations") or {})
     except CheckpointError:
         raise
     except (CorrectNetError, KeyError, TypeError, ValueError, RuntimeError, AttributeError, RecursionError) as e:

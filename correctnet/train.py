@@ -98,7 +98,7 @@ def _ranges_config(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"unknown analog.ranges key(s) {sorted(unknown)}; accepted: {', '.join(accepted)}, images")
     ranges = {**accepted, **given}
     images = ranges.get("images")
-    if not is_int(images) or images < 1:
+    if images is None or not is_int(images) or images < 1:
         raise ConfigError(f"analog.ranges.images must be an integer >= 1, got {images!r}")
     probe = torch.nn.Sequential(torch.nn.Linear(1, 1))  # the estimator's own checks, with one line naming the key
     try:
