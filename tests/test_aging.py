@@ -264,7 +264,7 @@ def test_t_eval_needs_the_time_dependent_fit():
     assert cn.make_variation("rram", sigma=0.5, programming="lognormal").t_eval == 1.0
 
 
-def test_new_keys_round_trip_and_the_cli_refuses_an_uncalibrated_dac_range():
+def test_new_keys_round_trip_and_the_cli_measures_the_ranges_of_a_fixed_range_dac():
     v = cn.make_variation("rram", sigma=1.0, t_eval=3600, drift_compensation="global", dac_range=0.8,
                           adc_range=12, output_noise=0.005)
     assert cn.make_variation(**v.to_dict()) == v and v.to_dict()["adc_range"] == 12.0
@@ -273,8 +273,10 @@ def test_new_keys_round_trip_and_the_cli_refuses_an_uncalibrated_dac_range():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["method=none", "variation=rram_periphery",
                                                        "variation.dac_range=1.0"])
-    with pytest.raises(cn.ConfigError, match="variation.dac_range=1.0"):
-        validate(cfg)
+    ranges = validate(cfg).ranges  # the pipeline measures each layer's input range (tests/test_train_cli.py)
+    assert ranges == {"percentile": 100.0, "estimator": "max", "std_factor": 3.0, "momentum": 0.9, "images": 1024}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        assert validate(compose(config_name="config", overrides=["method=none"])).ranges is None  # dac_range auto
 
 
 # -- 3. tiles ---------------------------------------------------------------------------------------
