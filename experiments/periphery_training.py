@@ -1,0 +1,105 @@
+"""Benchmark: networks trained without the periphery against networks trained through it, on chips with 8-bit
+fixed-range converters (the ``rram_fixed_range`` preset: Wan 2022 programming noise and 1% read noise, 8-bit DAC
+clipping at 1.0 x each layer's input range, 8-bit ADC at 12 x max|W| x the DAC's full scale, output noise 0.005).
+
+Arms (the same initialisation and data order; noise-aware training, ``--chips-per-step`` chips per step):
+
+* ``without``: trained under the device model without converters (the same programming and read noise, ideal
+  DAC/ADC), then deployed on the fixed-range chip: input ranges measured on the trained network (``--range-images``
+  training images, ``calibrate_input_ranges``), as the pipeline does after training;
+* ``with``: trained through the whole periphery (ranges measured before training, then again after it);
+* ``learned``: ``with`` plus learned input ranges (``TrainConfig.learn_input_ranges``, ``input_range_decay``) and
+  a 2.5-std weight clip after every step (``weight_clip``).
+
+Each is measured on the same ``--chips`` evaluation chips (``Stream.EVAL``) of the test split.
+
+    python experiments/periphery_training.py --model lenet5 --epochs 3 --threads 1
+
+Results: ``experiments/results/periphery_training_<dataset>_<model>_s<seed>.{json,md}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import correctnet as cn
+from correctnet.data import load_dataset
+from correctnet.devices import RRAM
+from correctnet.tensors import first_samples
+from correctnet.training import TrainConfig, train
+
+from common import add_run_args, apply_threads, machine_line, portable, record, write_result
+
+# conf/variation/rram_fixed_range.yaml (rram_wan2022 + rram_periphery + dac_range)
+DEPLOY = RRAM(sigma=1.0, read_noise=0.01, dac_bits=8, adc_bits=8, dac_range=1.0, adc_range=12.0, output_noise=0.005)
+IDEAL = dataclasses.replace(DEPLOY, dac_bits=None, adc_bits=None, dac_range="auto", adc_range="auto", output_noise=0.0)
+
+
+def _ranges(model: torch.nn.Module, data: Any, n: int) -> None:
+    x = first_samples(data.train, n).tensors[0]
+    cn.calibrate_input_ranges(model, [x[i:i + 256] for i in range(0, len(x), 256)])
+
+
+def table(res: dict[str, Any]) -> str:
+    s = res["setup"]
+    lines = [f"Trained without vs through the periphery, {s['model']} on {s['dataset']}, seed {s['seed']}, {s['epochs']} "
+             f"epochs, {s['chips_per_step']} chips per step; deployed on `rram_fixed_range` chips (8-bit fixed-range "
+             f"DAC/ADC, output noise 0.005); test: {s['chips']} chips x {s['test_samples']} images. Machine: "
+             f"{machine_line(s)}", "", f"Command: `{s['command']}`", "",
+             "| arm | clean | chip mean | p5 | min | training s |", "|---|---|---|---|---|---|"]
+    for name, r in res["arms"].items():
+        lines.append(f"| {name} | {100 * r['clean']:.2f}% | {100 * r['mean']:.2f}% | {100 * r['p5']:.2f}% | "
+                     f"{100 * r['min']:.2f}% | {r['seconds']:.0f} |")
+    w, o = res["arms"]["with"]["mean"], res["arms"]["without"]["mean"]
+    lines += ["", f"Through the periphery minus without: {100 * (w - o):+.2f} points of chip mean."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--model", default="lenet5")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--chips-per-step", type=int, default=8)
+    p.add_argument("--range-images", type=int, default=1024)
+    p.add_argument("--chips", type=int, default=100)
+    p.add_argument("--test-samples", type=int, default=2000)
+    add_run_args(p, threads=1)
+    args = p.parse_args()
+    apply_threads(args)
+    out = args.out or Path(__file__).parent / "results" / f"periphery_training_{args.dataset}_{args.model}_s{args.seed}.json"
+    res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "arms": {}}
+    data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)
+    test = (data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples])
+    base = TrainConfig(epochs=args.epochs, noise_aware=True, chips_per_step=args.chips_per_step, seed=args.seed)
+    arms = {"without": (IDEAL, base), "with": (DEPLOY, base),
+            "learned": (DEPLOY, dataclasses.replace(base, learn_input_ranges=True, input_range_decay=1e-4,
+                                                     weight_clip=2.5))}
+    for name, (variation, cfg) in arms.items():
+        torch.manual_seed(args.seed)
+        model = cn.analogize(cn.build_model(args.model, data.input_shape, data.num_classes), variation, inplace=True)
+        if variation.needs_input_range:
+            _ranges(model, data, args.range_images)
+        t0 = time.perf_counter()
+        train(model, data.train, data.val, cfg, progress=args.progress, stage=name)
+        seconds = time.perf_counter() - t0
+        cn.set_variation(model, DEPLOY)
+        if not cfg.learn_input_ranges:  # post-training calibration of the trained network's ranges
+            _ranges(model, data, args.range_images)
+        r = cn.monte_carlo(model, test, n_chips=args.chips, seed=0, progress=args.progress, desc=name)
+        res["arms"][name] = {"mean": r.mean, "std": r.std, "p5": r.p5, "min": r.min, "seconds": seconds,
+                             "clean": cn.clean_accuracy(model, test), "accuracies": r.accuracies}
+        print(f"{name}: {100 * r.mean:.2f}% (p5 {100 * r.p5:.2f}%)", flush=True)
+        out.write_text(json.dumps(res, indent=1))
+    write_result(out, res, table)
+
+
+if __name__ == "__main__":
+    main()
