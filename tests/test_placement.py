@@ -251,7 +251,7 @@ def test_pipeline_runs_the_search_and_fine_tunes_the_chosen_placement(tmp_path):
     r = run_cli(*FAST, "compensation=all", "compensation.steps=30", "placement=greedy", "placement.chips=2",
                 "placement.val_images=100", "placement.shared_steps=30", f"hydra.run.dir={tmp_path}")
     assert r.returncode == 0, r.stderr
-    assert "placement search (greedy)" in r.stdout
+    assert "placement search (greedy, budget" in r.stdout
     m = json.loads((tmp_path / "metrics.json").read_text())
     rec = m["placement"]
     assert rec["strategy"] == "greedy" and rec["n_placements"] == 32 and rec["evaluations"] <= 6
