@@ -370,11 +370,13 @@ def test_cli_timm_preset_trains_and_the_printed_evaluate_command_reproduces_it(z
     spec = read_metadata(out / "model.safetensors")["model"]
     assert spec["target"] == "timm.create_model" and spec["class"] == "timm:TinyNet"
     assert spec["kwargs"] == {"model_name": "tiny", "pretrained": False, "num_classes": 10, "in_chans": 1}
-    args = _printed_evaluate(r.stdout)
-    e = _run(*args, "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+    args = _printed_evaluate(r.stdout)  # it replays the run's final stage: the calibrated one
+    assert "calibration=per_chip" in args
+    plain = [a for a in args if a != "calibration=per_chip"]
+    e = _run(*plain, "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
     assert e.returncode == 0, e.stderr
     assert "reproduces the exported metrics exactly" in e.stdout and "tiny on digits" in e.stdout
-    c = _run(*args, "calibration=per_chip", "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+    c = _run(*args, "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
     assert c.returncode == 0, c.stderr
     assert "reproduces the exported metrics exactly" in c.stdout and "calibrated" in c.stdout
 
@@ -391,8 +393,10 @@ def test_cli_hf_preset_trains_and_evaluate_reproduces_it(tmp_path):
     assert "calibrated" in metrics["stages"]
     spec = read_metadata(out / "model.safetensors")["model"]
     assert spec["target"] == "correctnet.models.hf_model" and len(spec["transformers"]["config"]["id2label"]) == 10
-    args = _printed_evaluate(r.stdout)
-    for extra in ((), ("calibration=per_chip",)):  # the chip-agnostic stage, then the calibrated one
-        e = _run(*args, *extra, "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
+    args = _printed_evaluate(r.stdout)  # the calibrated stage's replay
+    assert "calibration=per_chip" in args
+    plain = [a for a in args if a != "calibration=per_chip"]
+    for replay in (plain, args):  # the chip-agnostic stage, then the calibrated one
+        e = _run(*replay, "progress=false", env=env, module="correctnet.evaluate", cwd=tmp_path)
         assert e.returncode == 0, e.stderr
         assert "reproduces the exported metrics exactly" in e.stdout
