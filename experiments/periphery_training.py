@@ -56,8 +56,9 @@ def table(res: dict[str, Any]) -> str:
     for name, r in res["arms"].items():
         lines.append(f"| {name} | {100 * r['clean']:.2f}% | {100 * r['mean']:.2f}% | {100 * r['p5']:.2f}% | "
                      f"{100 * r['min']:.2f}% | {r['seconds']:.0f} |")
-    w, o = res["arms"]["with"]["mean"], res["arms"]["without"]["mean"]
-    lines += ["", f"Through the periphery minus without: {100 * (w - o):+.2f} points of chip mean."]
+    o = res["arms"]["without"]["mean"]
+    lines += ["", f"Through the periphery minus without: {100 * (res['arms']['with']['mean'] - o):+.2f} points of chip "
+              f"mean; with learned ranges and the clip minus without: {100 * (res['arms']['learned']['mean'] - o):+.2f}."]
     return "\n".join(lines) + "\n"
 
 
