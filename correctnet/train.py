@@ -1070,6 +1070,10 @@ def _run_app() -> int:
     bad override syntax) become one ``correctnet: error:`` line and exit status 2. HYDRA_FULL_ERROR=1 in the
     environment keeps Hydra's full report."""
     global _EXISTING
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # torchrun: N copies of the job would share one run directory
+        print(f"correctnet: error: {PROG} runs one process (WORLD_SIZE={os.environ['WORLD_SIZE']}): data-parallel "
+              "training is correctnet.training.train(...) under torchrun, see docs/distributed.md", file=sys.stderr, flush=True)
+        return 2
     _EXISTING = _default_dirs()
     user_full = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors instead of printing a multi-line report

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from .analog import analog_layers, noise_aware, nominal
+from .distributed import broadcast_parameters, reduce_step, shard, sum_over_ranks, sync_buffers, world
 from .errors import ConfigError, CorrectNetError, is_int, is_number, require
 from .evaluate import clean_accuracy
 from .periphery import LearnedInputRanges, clip_weights
@@ -245,6 +246,11 @@ def train(
 
     ``progress``: a bar per epoch on stderr (``None``: only when stderr is a terminal); the stage's pace is logged
     either way (:class:`correctnet.progress.Pace`: an estimate when it is long, a line a minute without a bar).
+
+    Data-parallel (:mod:`correctnet.distributed`): inside a ``torch.distributed`` process group of N > 1 ranks every
+    rank calls ``train`` with the same arguments; ``cfg.batch_size`` is the global batch, each rank trains on its
+    share, gradients are averaged over ranks every step, rank ``r`` draws its noise-aware chips from stream ``r``,
+    and every rank returns the same model and metrics. Only rank 0 shows progress and logs.
     """
     if cfg.distill > 0 and teacher is None:
         raise ConfigError(f"training.distill={cfg.distill} needs a teacher: train(..., teacher=...); in the pipeline "
@@ -256,6 +262,11 @@ def train(
                           "the analog weights")
     learned = LearnedInputRanges(model) if cfg.learn_input_ranges else None
     device = next(model.parameters()).device
+    rank, ranks = world()
+    parallel = ranks > 1
+    if parallel:
+        broadcast_parameters(model)
+        resume_key = f"{resume_key}.rank{rank}"
     torch.manual_seed(cfg.seed)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     if isinstance(train_data, DataLoader):
@@ -271,7 +282,7 @@ def train(
     opt = make_optimizer(params, cfg)
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
-    ctx = (noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, 0), cfg.chips_per_step) if cfg.noise_aware
+    ctx = (noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, rank), cfg.chips_per_step) if cfg.noise_aware
            else nominal(model))
     attach = getattr(regularizer, "attach", None)
     if attach is not None:
@@ -329,31 +340,38 @@ def train(
                     order_gen.set_state(rng_now)
                 batches = itertools.chain([] if next_batch is None else [next_batch], batches)
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch}/{cfg.epochs}",
-                       disable=bar_disabled(progress), leave=False, dynamic_ncols=True)
-            if pace is None:
+                       disable=bar_disabled(progress) or rank > 0, leave=False, dynamic_ncols=True)
+            if pace is None and rank == 0:
                 pace = Pace(stage, cfg.epochs * steps_per_epoch, done=(epoch - 1) * steps_per_epoch + skip,
                             bar=not bar.disable)
-            for step, (x, y) in enumerate(bar, start=skip):
-                if cfg.noise_aware and step == skip:
+            for step, (xb, yb) in enumerate(bar, start=skip):
+                x, y = shard(xb, yb) if parallel else (xb, yb)
+                if cfg.noise_aware and step == skip and len(x):
                     check_reads_once(model, x)  # once per model: does every analog weight reach the output?
                 if on_step is not None:
                     on_step((epoch - 1) * steps_per_epoch + step)
-                out = logits_of(model(x), output)
-                loss = F.cross_entropy(out, y)
-                if teacher is not None and cfg.distill > 0:
-                    with torch.no_grad():
-                        target = _teacher_logits(teacher(x), output)
-                    loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out, target, cfg.temperature)
-                if regularizer is not None:
-                    loss = loss + regularizer(model)
-                if learned is not None and cfg.input_range_decay > 0:
-                    loss = loss + cfg.input_range_decay * learned.penalty()
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(
-                        f"{stage}: training loss became {loss.item()} at epoch {epoch}, step {step} "
-                        f"(of {steps_per_epoch}); lower training.lr or check the data")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(x):  # a rank's share of a last batch smaller than the ranks can be empty
+                    out = logits_of(model(x), output)
+                    loss = F.cross_entropy(out, y)
+                    if teacher is not None and cfg.distill > 0:
+                        with torch.no_grad():
+                            target = _teacher_logits(teacher(x), output)
+                        loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out, target, cfg.temperature)
+                    if regularizer is not None:
+                        loss = loss + regularizer(model)
+                    if learned is not None and cfg.input_range_decay > 0:
+                        loss = loss + cfg.input_range_decay * learned.penalty()
+                    if parallel or torch.isfinite(loss):
+                        loss.backward()
+                else:
+                    out, loss = torch.zeros((0, 1), device=device), torch.zeros((), device=device)
+                global_loss = (reduce_step([p for g in opt.param_groups for p in g["params"]], loss, len(y), len(yb))
+                               if parallel else loss)
+                if not torch.isfinite(global_loss):
+                    raise TrainingDivergedError(
+                        f"{stage}: training loss became {global_loss.item()} at epoch {epoch}, step {step} "
+                        f"(of {steps_per_epoch}); lower training.lr or check the data")
                 opt.step()
                 if cfg.weight_clip is not None:
                     clip_weights(model, cfg.weight_clip, cfg.weight_clip_per_channel)
@@ -361,26 +379,33 @@ def train(
                     learned.constrain()
                 sched.step()
                 loss_sum += loss.item() * len(y)
-                correct += (out.argmax(1) == y).sum().item()
+                correct += int((out.argmax(1) == y).sum().item()) if len(y) else 0
                 seen += len(y)
-                if step % 20 == 0:
+                if step % 20 == 0 and seen:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-                pace.update()
-                if resume is not None and step + 1 < steps_per_epoch and resume.due(resume_key):
+                if pace is not None:
+                    pace.update()
+                # in parallel only after each epoch: ranks must snapshot at the same step
+                if resume is not None and not parallel and step + 1 < steps_per_epoch and resume.due(resume_key):
                     snapshot(epoch - 1, step + 1, (loss_sum, correct, seen))
             skip, sums = 0, (0.0, 0, 0)
+            if parallel:  # the epoch's metrics over the global batches; every rank the same buffers
+                total = sum_over_ranks(loss_sum, correct, seen)
+                loss_sum, correct, seen = total[0], int(total[1]), int(total[2])
+                sync_buffers(model)
             check_finite_parameters(model, stage, f"after epoch {epoch}")
             rec: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                                    "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             if val_data is not None:
                 rec["val_accuracy"] = clean_accuracy(model, val_data, output=output)
             history.append(rec)
-            log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%%s (%.1fs)", stage, epoch, cfg.epochs,
-                     rec["train_loss"], 100 * rec["train_accuracy"],
-                     f", val acc {100 * rec['val_accuracy']:.2f}%" if "val_accuracy" in rec else "", rec["seconds"])
+            if rank == 0:
+                log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%%s (%.1fs)", stage, epoch, cfg.epochs,
+                         rec["train_loss"], 100 * rec["train_accuracy"],
+                         f", val acc {100 * rec['val_accuracy']:.2f}%" if "val_accuracy" in rec else "", rec["seconds"])
             if resume is not None:
                 snapshot(epoch, 0, sums)
-    if history:
+    if history and rank == 0:
         last = history[-1]
         val = f", val acc {100 * last['val_accuracy']:.2f}%" if "val_accuracy" in last else ""
         log.info("%s: %d epochs, train acc %.2f%%%s (%.1f s)", stage, cfg.epochs, 100 * last["train_accuracy"], val,
