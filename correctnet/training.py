@@ -36,6 +36,7 @@ from .seeding import Stream, chip_seed
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("cosine", "step", "none")
 
 
@@ -64,6 +65,7 @@ class TrainConfig:
     weight_clip_per_channel: bool = False  # weight_clip: the std (and the bound) per output channel, not per layer
     learn_input_ranges: bool = False  # noise-aware only: train the calibrated range of each fixed-range DAC (PACT)
     input_range_decay: float = 0.0    # learned ranges: adds input_range_decay x sum of the ranges to the loss
+    precision: str = "float32"  # float32 | bfloat16 | float16: autocast of the forward (chip draws stay float32)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -93,6 +95,7 @@ class TrainConfig:
         need(is_number(self.input_range_decay) and self.input_range_decay >= 0, "input_range_decay", "a number >= 0")
         need(self.input_range_decay == 0 or self.learn_input_ranges is True, "input_range_decay",
              "0 unless training.learn_input_ranges=true")
+        need(self.precision in PRECISIONS, "precision", f"one of {list(PRECISIONS)}")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an integer >= 0")
 
 
@@ -244,6 +247,11 @@ def train(
     ``cfg.input_range_decay·sum(ranges)`` in the loss) and writes the learned ranges back to
     ``layer.input_range`` as floats when training ends (also on an error). Both are off by default.
 
+    ``cfg.precision``: ``bfloat16`` / ``float16`` run the forward and the loss under ``torch.autocast`` on the
+    model's device (matmuls and convolutions in that precision; the parameters, the optimizer and every chip draw
+    stay float32, since the analog weights are computed from float32 parameters outside autocast's cast list);
+    ``float16`` scales the loss (``torch.amp.GradScaler``), which skips a step whose gradients overflow.
+
     ``progress``: a bar per epoch on stderr (``None``: only when stderr is a terminal); the stage's pace is logged
     either way (:class:`correctnet.progress.Pace`: an estimate when it is long, a line a minute without a bar).
 
@@ -280,6 +288,8 @@ def train(
     if learned is not None:  # their own group, never weight-decayed (input_range_decay is their decay)
         params = [{"params": params}, {"params": learned.parameters(), "weight_decay": 0.0}]
     opt = make_optimizer(params, cfg)
+    amp_dtype = PRECISIONS[cfg.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "float16")
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
     ctx = (noise_aware(model, chip_seed(Stream.TRAIN, cfg.seed, rank), cfg.chips_per_step) if cfg.noise_aware
@@ -303,6 +313,8 @@ def train(
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             sched.load_state_dict(saved["scheduler"])
+            if saved.get("scaler"):
+                scaler.load_state_dict(saved["scaler"])
             history = saved["history"]
             start_epoch, skip, sums = saved["epoch"] + 1, saved["step"], tuple(saved["sums"])
             epoch_rng = saved["epoch_rng"]
@@ -317,7 +329,7 @@ def train(
             resume.save(resume_key, {
                 "epoch": epoch, "step": step, "sums": list(sums), "epochs": cfg.epochs,
                 "steps_per_epoch": steps_per_epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(), "history": history, "epoch_rng": epoch_rng,
+                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "history": history, "epoch_rng": epoch_rng,
                 "rng": _rng_state(model, order_gen, device, regularizer),
                 **({"input_ranges": learned.values()} if learned is not None else {})})
 
@@ -352,18 +364,20 @@ def train(
                     on_step((epoch - 1) * steps_per_epoch + step)
                 opt.zero_grad(set_to_none=True)
                 if len(x):  # a rank's share of a last batch smaller than the ranks can be empty
-                    out = logits_of(model(x), output)
-                    loss = F.cross_entropy(out, y)
-                    if teacher is not None and cfg.distill > 0:
-                        with torch.no_grad():
-                            target = _teacher_logits(teacher(x), output)
-                        loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out, target, cfg.temperature)
-                    if regularizer is not None:
-                        loss = loss + regularizer(model)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = logits_of(model(x), output)
+                        loss = F.cross_entropy(out.float(), y)
+                        if teacher is not None and cfg.distill > 0:
+                            with torch.no_grad():
+                                target = _teacher_logits(teacher(x), output).float()
+                            loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(out.float(), target,
+                                                                                              cfg.temperature)
+                        if regularizer is not None:
+                            loss = loss + regularizer(model)
                     if learned is not None and cfg.input_range_decay > 0:
                         loss = loss + cfg.input_range_decay * learned.penalty()
                     if parallel or torch.isfinite(loss):
-                        loss.backward()
+                        scaler.scale(loss).backward()
                 else:
                     out, loss = torch.zeros((0, 1), device=device), torch.zeros((), device=device)
                 global_loss = (reduce_step([p for g in opt.param_groups for p in g["params"]], loss, len(y), len(yb))
@@ -372,7 +386,8 @@ def train(
                     raise TrainingDivergedError(
                         f"{stage}: training loss became {global_loss.item()} at epoch {epoch}, step {step} "
                         f"(of {steps_per_epoch}); lower training.lr or check the data")
-                opt.step()
+                scaler.step(opt)
+                scaler.update()
                 if cfg.weight_clip is not None:
                     clip_weights(model, cfg.weight_clip, cfg.weight_clip_per_channel)
                 if learned is not None:

@@ -1,7 +1,7 @@
 """Benchmark: the cost of a noise-aware training step through the whole periphery model, against plain training.
 
 One process, the arms interleaved (round r runs ``--steps`` steps of every arm in turn, after ``--warmup``
-steps each), LeNet-5 (``cn.build_model("lenet5", (1, 28, 28), 10)``) on random 28x28 inputs, batch
+steps each), ``--model`` (default LeNet-5: ``cn.build_model("lenet5", (1, 28, 28), 10)``) on random 28x28 inputs, batch
 ``--batch-size``, Adam, cross-entropy; a step is forward + backward + optimizer step (+ the periphery
 constraints where the arm has them):
 
@@ -20,8 +20,9 @@ Seconds per step: the median over rounds of (round time / steps). Random weights
 step does not depend on their values.
 
     python experiments/periphery_speed.py --threads 1
+    python experiments/periphery_speed.py --threads 1 --model vgg11 --steps 10
 
-Results: ``experiments/results/periphery_speed_cpu.{json,md}``.
+Results: ``experiments/results/periphery_speed_cpu.{json,md}`` (other models: ``periphery_speed_cpu_<model>``).
 """
 from __future__ import annotations
 
@@ -42,12 +43,14 @@ from common import add_run_args, apply_threads, machine_line, record, write_resu
 
 PERIPHERY = dict(sigma=1.0, levels=16, dac_bits=8, dac_range=1.0, adc_bits=8, adc_range=12.0, output_noise=0.005)
 READ_NOISE = 0.01
+MODEL_KWARGS: dict[str, dict[str, Any]] = {"vgg11": {"width": 0.25}}  # as conf/model/vgg11.yaml
 
 
-def make_arm(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> Callable[[int], None]:
+def make_arm(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int,
+             model_name: str = "lenet5") -> Callable[[int], None]:
     """``step(i)``: one training step of arm ``name`` on batch ``i`` (modulo the batches); contexts stay open."""
     torch.manual_seed(seed)
-    model = cn.build_model("lenet5", (1, 28, 28), 10)
+    model = cn.build_model(model_name, (1, 28, 28), 10, **MODEL_KWARGS.get(model_name, {}))
     learned: LearnedInputRanges | None = None
     stack = contextlib.ExitStack()
     if name != "plain":
@@ -96,7 +99,7 @@ ARMS = ("plain", *VARIATIONS)
 def render(result: dict[str, Any]) -> str:
     s = result["setup"]
     a = s["args"]
-    lines = [f"Noise-aware training through the periphery vs plain training, LeNet-5 on random 1x28x28 inputs, "
+    lines = [f"Noise-aware training through the periphery vs plain training, {a.get('model', 'lenet5')} on random 1x28x28 inputs, "
              f"batch {a['batch_size']}, Adam; {machine_line(s)}", "",
              f"Command: `{s['command']}`", "",
              f"Seconds per training step (forward + backward + optimizer step), median over {a['rounds']} "
@@ -119,13 +122,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default="lenet5", help="a reference model (cn.build_model) on 1x28x28 inputs")
     add_run_args(p, threads=1)
     args = p.parse_args()
     apply_threads(args)
     g = torch.Generator().manual_seed(args.seed)
     batches = [(torch.randn(args.batch_size, 1, 28, 28, generator=g), torch.randint(0, 10, (args.batch_size,), generator=g))
                for _ in range(8)]
-    arms = {name: make_arm(name, batches, args.seed) for name in ARMS}
+    arms = {name: make_arm(name, batches, args.seed, args.model) for name in ARMS}
     for step in arms.values():
         for i in range(args.warmup):
             step(i)
@@ -139,7 +143,8 @@ def main() -> None:
     for step in arms.values():
         step.close()  # type: ignore[attr-defined]
     rows = {name: {"s_per_step": statistics.median(t), "rounds": t} for name, t in times.items()}
-    out = args.out or Path(__file__).parent / "results" / "periphery_speed_cpu.json"
+    suffix = "" if args.model == "lenet5" else f"_{args.model}"
+    out = args.out or Path(__file__).parent / "results" / f"periphery_speed_cpu{suffix}.json"
     write_result(out, {"setup": record(args), "rows": rows}, render)
 
 

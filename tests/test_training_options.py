@@ -2,6 +2,7 @@
 into the cross-entropy; ``training.noise_scale`` sets the noise-aware training sigma relative to the deployed one."""
 import pytest
 import torch
+from torch import nn
 from hydra import compose, initialize_config_dir
 
 import correctnet as cn
@@ -142,3 +143,43 @@ def test_train_config_noise_scale_draws_the_training_chips_at_the_scaled_sigma(d
 def test_bad_noise_knobs_in_train_config_are_refused(kw, key):
     with pytest.raises(cn.ConfigError, match=key):
         TrainConfig(**kw)
+
+
+def _recorded_steps(precision: str) -> tuple[list[torch.Tensor], list[torch.dtype], nn.Module]:
+    """The weight the first analog layer multiplies with and the dtype of its output, at every training step."""
+    torch.manual_seed(0)
+    net = cn.analogize(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                       cn.make_variation("lognormal", sigma=0.5))
+    layer = net[0]
+    weights: list[torch.Tensor] = []
+    dtypes: list[torch.dtype] = []
+    mvm = layer._mvm
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weights.append(weight.detach().clone())
+        y = mvm(x, weight, bias)
+        dtypes.append(y.dtype)
+        return y
+
+    layer._mvm = recording
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
+    train(net, (x, y), None, TrainConfig(epochs=1, batch_size=32, noise_aware=True, precision=precision),
+          progress=False)
+    return weights[-3:], dtypes[-3:], net  # the 3 steps (before them, one check forward of check_reads_once)
+
+
+def test_bfloat16_training_multiplies_in_bfloat16_with_the_float32_chip_draws_of_float32_training() -> None:
+    w32, d32, _ = _recorded_steps("float32")
+    w16, d16, net = _recorded_steps("bfloat16")
+    assert d32 == [torch.float32] * 3 and d16 == [torch.bfloat16] * 3
+    # the first step's chip is drawn from the same float32 parameters: the same weights bit for bit
+    assert w16[0].dtype == torch.float32 and torch.equal(w16[0], w32[0])
+    assert not torch.equal(w16[1], w32[1])  # later steps differ: the bf16 gradients moved the weights differently
+    torch.testing.assert_close(w16[1], w32[1], atol=5e-3, rtol=0)  # ... by bf16 round-off
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+
+
+def test_an_unknown_precision_is_refused_in_one_line() -> None:
+    with pytest.raises(cn.ConfigError, match="training.precision.*float32"):
+        TrainConfig(precision="fp8")
