@@ -352,7 +352,7 @@ def train(
                     order_gen.set_state(rng_now)
                 batches = itertools.chain([] if next_batch is None else [next_batch], batches)
             bar = tqdm(batches, total=steps_per_epoch, initial=skip, desc=f"{stage} {epoch}/{cfg.epochs}",
-                       disable=bar_disabled(progress) or rank > 0, leave=False, dynamic_ncols=True)
+                       disable=True if rank > 0 else bar_disabled(progress), leave=False, dynamic_ncols=True)
             if pace is None and rank == 0:
                 pace = Pace(stage, cfg.epochs * steps_per_epoch, done=(epoch - 1) * steps_per_epoch + skip,
                             bar=not bar.disable)
