@@ -289,6 +289,9 @@ def train(
         params = [{"params": params}, {"params": learned.parameters(), "weight_decay": 0.0}]
     opt = make_optimizer(params, cfg)
     amp_dtype = PRECISIONS[cfg.precision]
+    autocast: Callable[[], Any] = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
+                                   else contextlib.nullcontext)
+    reduced = [p for g in opt.param_groups for p in g["params"]]  # what the data-parallel all-reduce averages
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "float16")
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)
     history: list[dict[str, Any]] = []
@@ -364,7 +367,7 @@ def train(
                     on_step((epoch - 1) * steps_per_epoch + step)
                 opt.zero_grad(set_to_none=True)
                 if len(x):  # a rank's share of a last batch smaller than the ranks can be empty
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    with autocast():
                         out = logits_of(model(x), output)
                         loss = F.cross_entropy(out.float(), y)
                         if teacher is not None and cfg.distill > 0:
@@ -380,7 +383,7 @@ def train(
                         scaler.scale(loss).backward()
                 else:
                     out, loss = torch.zeros((0, 1), device=device), torch.zeros((), device=device)
-                global_loss = (reduce_step([p for g in opt.param_groups for p in g["params"]], loss, len(y), len(yb))
+                global_loss = (reduce_step(reduced, loss, len(y), len(yb))
                                if parallel else loss)
                 if not torch.isfinite(global_loss):
                     raise TrainingDivergedError(
