@@ -116,3 +116,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, t in flags.items():
             m.training = t
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def forward_precision(device: torch.device, precision: str, key: str = "precision") -> Callable[[], Any]:
+    """A factory of the forward's precision context on ``device``: ``torch.autocast`` at ``bfloat16`` /
+    ``float16`` (matmuls and convolutions in that dtype; elementwise work such as every chip draw stays float32),
+    a no-op at ``float32``. Another ``precision`` raises :class:`ConfigError` naming ``key``."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"{key} must be one of {list(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)

@@ -49,7 +49,7 @@ from .placement.search import STRATEGIES
 from .plots import plot_layer_profile
 from .progress import CONSOLE
 from .evaluate import eval_batch_size, resolve_chips_per_pass, resolve_device
-from .tensors import eval_mode, first_samples, logits_of
+from .tensors import eval_mode, first_samples, forward_precision, logits_of
 from .resume import MODES as RESUME_MODES
 from .resume import ResumeStore, open_store
 from .runtime import resolve_progress, resolve_threads, resolve_workers
@@ -233,6 +233,7 @@ class Job:
     profile_samples: int
     eval_batch: int
     chips_per_pass: int | None          # None: monte_carlo chooses (1 on CPU, from free memory on CUDA)
+    eval_precision: str                 # the evaluation forward's autocast dtype (float32: none)
     eval_seed: int
     device: torch.device
     ranges: dict[str, Any] | None = None  # fixed-range DACs: how each layer's input range is measured (analog.ranges)
@@ -331,6 +332,8 @@ def validate(cfg: DictConfig) -> Job:
                           "which needs reference=true; or set calibration.teacher=ensemble")
     device = resolve_device(cfg.device)
     eval_seed = cfg.evaluation.seed
+    eval_precision = str(cfg.evaluation.get("precision", "float32"))
+    forward_precision(device, eval_precision, "evaluation.precision")
     if isinstance(eval_seed, bool) or not isinstance(eval_seed, int) or eval_seed < 0:
         raise ConfigError(f"evaluation.seed must be an integer >= 0, got {eval_seed!r}")
     return Job(cfg=cfg, resume_mode=resume_mode, progress=progress, threads=threads, workers=workers,
@@ -341,7 +344,8 @@ def validate(cfg: DictConfig) -> Job:
                profile_chips=_positive_int(cfg, "evaluation.profile_chips"),
                profile_samples=_positive_int(cfg, "evaluation.profile_samples"),
                eval_batch=eval_batch_size(cfg.evaluation.batch_size, device), eval_seed=eval_seed, device=device,
-               chips_per_pass=resolve_chips_per_pass(cfg.evaluation.get("chips_per_pass", "auto")), ranges=ranges)
+               chips_per_pass=resolve_chips_per_pass(cfg.evaluation.get("chips_per_pass", "auto")), ranges=ranges,
+               eval_precision=eval_precision)
 
 
 @dataclasses.dataclass
@@ -364,9 +368,10 @@ class Workspace:
         """Clean accuracy (unless given) and the Monte-Carlo evaluation of ``m`` on the test split."""
         j, t0 = self.job, time.perf_counter()
         mc = monte_carlo(m, self.data.test, n_chips=j.n_chips, seed=j.eval_seed, batch_size=j.eval_batch,
-                         progress=j.progress, desc=desc, workers=j.workers, chips_per_pass=j.chips_per_pass, **kw)
+                         progress=j.progress, desc=desc, workers=j.workers, chips_per_pass=j.chips_per_pass,
+                         precision=j.eval_precision, **kw)
         if clean is None:
-            clean = clean_accuracy(m, self.data.test, batch_size=j.eval_batch)
+            clean = clean_accuracy(m, self.data.test, batch_size=j.eval_batch, precision=j.eval_precision)
         return {"clean_accuracy": clean, "mc": mc.to_dict(), "eval_seconds": time.perf_counter() - t0}
 
     def profile(self, m: torch.nn.Module, stage: Stage) -> dict[str, Any]:

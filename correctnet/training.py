@@ -28,7 +28,7 @@ from .evaluate import clean_accuracy
 from .periphery import LearnedInputRanges, clip_weights
 from .progress import CONSOLE, Pace, bar_disabled
 from .reads import check_reads_once
-from .tensors import Data, OutputFn, iter_batches, logits_of
+from .tensors import PRECISIONS, Data, OutputFn, forward_precision, iter_batches, logits_of
 from .variation import VariationModel
 from .resume import ResumeError, ResumeStore
 from .seeding import Stream, chip_seed
@@ -36,7 +36,6 @@ from .seeding import Stream, chip_seed
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SCHEDULES = ("cosine", "step", "none")
 
 
@@ -288,9 +287,7 @@ def train(
     if learned is not None:  # their own group, never weight-decayed (input_range_decay is their decay)
         params = [{"params": params}, {"params": learned.parameters(), "weight_decay": 0.0}]
     opt = make_optimizer(params, cfg)
-    amp_dtype = PRECISIONS[cfg.precision]
-    autocast: Callable[[], Any] = ((lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None
-                                   else contextlib.nullcontext)
+    autocast = forward_precision(device, cfg.precision, "training.precision")
     reduced = [p for g in opt.param_groups for p in g["params"]]  # what the data-parallel all-reduce averages
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "float16")
     sched = make_schedule(opt, cfg, cfg.epochs * steps_per_epoch)

@@ -183,3 +183,48 @@ def test_bfloat16_training_multiplies_in_bfloat16_with_the_float32_chip_draws_of
 def test_an_unknown_precision_is_refused_in_one_line() -> None:
     with pytest.raises(cn.ConfigError, match="training.precision.*float32"):
         TrainConfig(precision="fp8")
+
+
+def _recorded_eval(precision: str, chips_per_pass: int) -> tuple[list[float], list[torch.Tensor], list[torch.dtype]]:
+    """Per-chip accuracies, the weights the first analog layer multiplies with and its output dtypes over an
+    evaluation of 3 chips."""
+    torch.manual_seed(0)
+    net = cn.analogize(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)),
+                       cn.make_variation("rram", sigma=0.5, read_noise=0.01))  # a fresh read per batch too
+    layer = net[0]
+    weights: list[torch.Tensor] = []
+    dtypes: list[torch.dtype] = []
+    mvm = layer._mvm
+
+    def recording(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        weights.append(weight.detach().clone())
+        y = mvm(x, weight, bias)
+        dtypes.append(y.dtype)
+        return y
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 8, generator=g)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # labels the network gets right nominally: chips lose a few
+    layer._mvm = recording
+    r = cn.monte_carlo(net, (x, y), n_chips=3, batch_size=400, progress=False, chips_per_pass=chips_per_pass,
+                       precision=precision)
+    return r.accuracies, weights[1:], dtypes[1:]  # [0]: the one read check of check_reads_once (float32)
+
+
+@pytest.mark.parametrize("chips_per_pass", [1, 3])
+def test_bfloat16_evaluation_measures_the_float32_chips_in_bfloat16(chips_per_pass: int) -> None:
+    a32, w32, d32 = _recorded_eval("float32", chips_per_pass)
+    a16, w16, d16 = _recorded_eval("bfloat16", chips_per_pass)
+    assert set(d32) == {torch.float32} and set(d16) == {torch.bfloat16}
+    assert len(w16) == len(w32) > 0 and all(w.dtype == torch.float32 and torch.equal(w, v) for w, v in zip(w16, w32))
+    assert a16 != [1.0] * 3 and max(abs(a - b) for a, b in zip(a16, a32)) <= 0.02  # bf16 round-off flips a few
+
+
+def test_an_unknown_evaluation_precision_is_refused_in_one_line() -> None:
+    net = cn.analogize(nn.Sequential(nn.Linear(4, 2)), cn.make_variation("lognormal", sigma=0.5))
+    with pytest.raises(cn.ConfigError, match="precision must be one of"):
+        cn.monte_carlo(net, (torch.randn(4, 4), torch.zeros(4, dtype=torch.long)), n_chips=2, precision="half")
+    with pytest.raises(cn.ConfigError, match="evaluation.precision"):
+        compose_job("evaluation.precision=fp8")
+    assert compose_job("evaluation.precision=bfloat16").eval_precision == "bfloat16"

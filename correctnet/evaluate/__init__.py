@@ -37,16 +37,19 @@ from ..registry import make_variation
 # the ground-floor helpers, also importable from here as before
 from ..tensors import Data as Data, eval_mode as eval_mode, first_samples as first_samples  # noqa: F401
 from ..tensors import iter_batches as iter_batches, model_device as model_device  # noqa: F401
-from ..tensors import OutputFn, logits_of
+from ..tensors import OutputFn, forward_precision, logits_of
 from ..variation import VariationModel
 
 
 def _accuracy(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-              output: OutputFn | None = None) -> float:
+              output: OutputFn | None = None, precision: str = "float32") -> float:
     correct: torch.Tensor | int = 0
     total = 0
+    amp = forward_precision(model_device(model), precision, "precision")
     for x, y in batches:  # counts stay on the device: one host transfer per chip, not per batch
-        correct = correct + (logits_of(model(x), output).argmax(1) == y).sum()
+        with amp():
+            logits = logits_of(model(x), output)
+        correct = correct + (logits.argmax(1) == y).sum()
         total += len(y)
     return int(correct) / max(total, 1)
 
@@ -110,22 +113,24 @@ def eval_batches(data: Data, batch_size: int | str, model: nn.Module,
 
 
 def accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None,
-             output: OutputFn | None = None) -> float:
-    """Accuracy (fraction in [0, 1]) of ``model`` as it is now (its current analog mode).
+             output: OutputFn | None = None, precision: str = "float32") -> float:
+    """Accuracy (fraction in [0, 1]) of ``model`` as it is now (its current analog mode); ``precision``
+    (``float32`` | ``bfloat16`` | ``float16``): the forward under ``torch.autocast``, see :func:`monte_carlo`.
 
     The prediction is the argmax of the logits ``[N, C]`` in the model's output: a tensor, a tuple's first
     element, a dict's ``"logits"``, a transformers ``ModelOutput``'s ``.logits``, or what ``output(raw output)``
     returns (:func:`correctnet.tensors.logits_of`).
     """
     with eval_mode(model):
-        return _accuracy(model, eval_batches(data, batch_size, model, channels_last), output)
+        return _accuracy(model, eval_batches(data, batch_size, model, channels_last), output, precision)
 
 
 def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int | str = "auto", channels_last: bool | None = None,
-                   output: OutputFn | None = None) -> float:
-    """Accuracy without any variation (nominal weights); ``output``: see :func:`accuracy`."""
+                   output: OutputFn | None = None, precision: str = "float32") -> float:
+    """Accuracy without any variation (nominal weights); ``output``, ``precision``: see :func:`accuracy`."""
     with nominal(model):
-        return accuracy(model, data, batch_size=batch_size, channels_last=channels_last, output=output)
+        return accuracy(model, data, batch_size=batch_size, channels_last=channels_last, output=output,
+                        precision=precision)
 
 
 def chip_copy(model: nn.Module, seed: int) -> nn.Module:
@@ -269,11 +274,14 @@ def repeat_batch(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _chip_batch_correct(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        k: int, output: OutputFn | None = None) -> list[int]:
+                        k: int, output: OutputFn | None = None, precision: str = "float32") -> list[int]:
     """Correct predictions per chip of the programmed chip batch (K = ``k``), one host transfer at the end."""
     correct = None
+    amp = forward_precision(model_device(model), precision, "precision")
     for x, y in batches:  # logits [K * N, C]: group k is chip k's
-        pred = logits_of(model(repeat_batch(x, k)), output).argmax(1).view(k, len(y))
+        with amp():
+            logits = logits_of(model(repeat_batch(x, k)), output)
+        pred = logits.argmax(1).view(k, len(y))
         c = (pred == y).sum(1)
         correct = c if correct is None else correct + c
     return [0] * k if correct is None else [int(c) for c in correct.tolist()]
@@ -284,11 +292,11 @@ _WORK: dict[str, Any] = {}  # what forked chip workers read (inherited at fork, 
 
 def _work_chip(i: int) -> tuple[int, float, Any]:
     """A forked worker: chip ``i`` of the evaluation in ``_WORK`` (calibrated first, then restored)."""
-    model, batches, seeds, calibrate, snapshot, output = _WORK["args"]
+    model, batches, seeds, calibrate, snapshot, output, precision = _WORK["args"]
     with chip(model, seeds[i]):
         if calibrate is not None:
             calibrate(model, seeds[i])
-        acc = _accuracy(model, batches, output)
+        acc = _accuracy(model, batches, output, precision)
     if snapshot is not None:
         model.load_state_dict(snapshot)
     record = getattr(calibrate, "last_record", None)
@@ -320,7 +328,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                 calibrate: Callable[[nn.Module, int], None] | None = None,
                 channels_last: bool | None = None, chips_per_pass: int | None = None,
                 memory_budget: int | None = None, workers: int = 1, output: OutputFn | None = None,
-                first_chip: int = 0) -> MCResult:
+                first_chip: int = 0, precision: str = "float32") -> MCResult:
     """Accuracy of ``model`` on ``data`` over ``n_chips`` simulated chips: chips ``first_chip`` to
     ``first_chip + n_chips - 1`` of the stream (a shard of a larger evaluation computes exactly its chips).
 
@@ -358,7 +366,12 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
     ``.logits``, or, for any other form, what ``output(raw output)`` returns
     (:func:`correctnet.tensors.logits_of`). A calibrator reads the outputs its own way: give
     :class:`~correctnet.calibration.ChipCalibrator` the same ``output=``.
+
+    ``precision="bfloat16"`` / ``"float16"`` runs each measuring forward under ``torch.autocast`` on the model's
+    device (matmuls and convolutions in that dtype, for speed on GPUs); the chips are the same chips: programming,
+    read noise and every other draw stay float32. A calibrator trains in float32 either way.
     """
+    forward_precision(model_device(model), precision, "precision")  # a bad value fails before any chip
     if n_chips < 1:
         raise ValueError(f"n_chips must be >= 1, got {n_chips}")
     if isinstance(first_chip, bool) or not isinstance(first_chip, int) or first_chip < 0:
@@ -389,7 +402,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
             if k == 1 and workers > 1 and n_chips > 1 and can_fork_workers(model):
                 import multiprocessing
 
-                _WORK["args"] = (model, batches, seeds, calibrate, snapshot, output)
+                _WORK["args"] = (model, batches, seeds, calibrate, snapshot, output, precision)
                 try:
                     with multiprocessing.get_context("fork").Pool(min(workers, n_chips),
                                                                   initializer=_init_worker) as pool:
@@ -410,7 +423,7 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                     with chip(model, s):
                         if calibrate is not None:
                             calibrate(model, s)
-                        accs.append(_accuracy(model, batches, output))
+                        accs.append(_accuracy(model, batches, output, precision))
                     if snapshot is not None:
                         model.load_state_dict(snapshot)
                     bar.update(1)
@@ -421,7 +434,8 @@ def monte_carlo(model: nn.Module, data: Data, *, n_chips: int, seed: int = 0, ba
                 for i in range(0, n_chips, k):
                     group = seeds[i:i + k]
                     with chips(model, group) if calibrate_chips is None else calibrate_chips(model, group):
-                        accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group), output))
+                        accs.extend(c / max(total, 1) for c in _chip_batch_correct(model, batches, len(group), output,
+                                                                                      precision))
                     bar.update(len(group))
                     pace.update(len(group))
                     bar.set_postfix(mean=f"{100 * np.mean(accs):.2f}%")
@@ -598,7 +612,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
                         progress: bool = False,
                         calibrate: Callable[[nn.Module, Any, dict[str, Any]], Callable[[nn.Module, int], None]]
                         | None = None, workers: int = 1, chips_per_pass: int | str | None = "auto",
-                        trust: Trust = None, chips: tuple[int, int] | None = None) -> dict[str, Any]:
+                        trust: Trust = None, chips: tuple[int, int] | None = None,
+                        precision: str = "float32") -> dict[str, Any]:
     """Clean and Monte-Carlo accuracy of the checkpoint at ``path`` on its test split; a JSON-ready dict.
 
     Defaults come from the checkpoint: its variation model, its ``config.evaluation`` (n_chips, seed,
@@ -617,7 +632,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     float round-off of calibrated chips). ``trust``: the modules the checkpoint may import
     (:func:`~correctnet.checkpoint.load_checkpoint`). ``chips=(a, b)``: only evaluation chips ``a`` to ``b - 1``
     (a shard; its ``reproduces_export`` compares them with the exported chips ``a:b``); :func:`merge_shards`
-    joins shards into exactly the result of one evaluation of all their chips.
+    joins shards into exactly the result of one evaluation of all their chips. ``precision``: the forward's
+    autocast dtype (:func:`monte_carlo`); a result measured at another than float32 has ``reproduces_export`` None.
 
     The settings read back from the checkpoint are checked like the arguments (``n_chips`` in [1,
     :data:`MAX_CHIPS`], seeds non-negative 64-bit integers, ``batch_size`` auto or >= 1): a bad recorded value
@@ -701,7 +717,8 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
     if calibrate is not None:
         stage = "calibrated"
     exported = _exported(meta, stage)
-    clean = clean_accuracy(model, data.test, batch_size=ev["batch_size"])
+    forward_precision(model_device(model), precision, "evaluation.precision")
+    clean = clean_accuracy(model, data.test, batch_size=ev["batch_size"], precision=precision)
     results = []
     for v in models:
         set_variation(model, v)
@@ -711,8 +728,9 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         mc = monte_carlo(model, data.test, n_chips=ev["n_chips"], seed=ev["seed"], batch_size=ev["batch_size"],
                          first_chip=first,
                          progress=progress, desc=f"{stage} {v.name} {v.sigma:g}", calibrate=calibrator,
-                         workers=workers, chips_per_pass=cpp)
-        same = _reproduces(exported, clean, mc, first, shard=chips is not None) if v.to_dict() == stored_var else None
+                         workers=workers, chips_per_pass=cpp, precision=precision)
+        same = (_reproduces(exported, clean, mc, first, shard=chips is not None)
+                if v.to_dict() == stored_var and precision == "float32" else None)
         results.append({"variation": v.to_dict(), "mc": mc.to_dict(), "chip_seeds": mc.chip_seeds,
                         "chips": [first, first + mc.n_chips], "reproduces_export": same})
     return {"checkpoint": os.path.abspath(path), "model": spec["name"], "dataset": data.name, "stage": stage,

@@ -38,6 +38,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
   evaluation.test_samples=N the first N test images (default: the checkpoint's setting, else all)
   evaluation.workers=auto|N processes the chips are spread over (default auto: cores / threads)
   evaluation.chips_per_pass=auto|K  chips computed in one pass (default auto: 1 on CPU, from free memory on CUDA)
+  evaluation.precision=float32|bfloat16|float16  the forward under torch.autocast (chip draws stay float32)
   dataset.root=DIR          where the dataset is on this machine
   dataset.name=NAME  dataset.val_fraction=F  seed=S   only for checkpoints that do not record them
   dataset.path=FILE         a moved data file (dataset=file runs)
@@ -60,7 +61,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
 KEYS = ("checkpoint", "variation.name", "variation.sigma", "variation.t_eval", "evaluation.n_chips", "evaluation.seed",
         "evaluation.batch_size", "evaluation.test_samples", "dataset.root", "dataset.name", "dataset.val_fraction", "seed", "device",
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
-        "evaluation.workers", "evaluation.chips_per_pass", "trust", "evaluation.chips", "merge")
+        "evaluation.workers", "evaluation.chips_per_pass", "trust", "evaluation.chips", "merge", "evaluation.precision")
 MAX_RECORDED_THREADS = 1024  # a larger recorded torch thread count is refused (an edited or broken file)
 CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
                     "select_chips", "seed")
@@ -223,7 +224,7 @@ def run(opts: dict[str, str]) -> dict[str, Any]:
     cpp = opts.get("evaluation.chips_per_pass", "auto")
     chips = check_chip_range(opts["evaluation.chips"]) if "evaluation.chips" in opts else None
     common = dict(variations=variations, dataset=dataset, device=opts.get("device", "auto"), progress=progress, trust=trust,
-                  chips=chips,
+                  chips=chips, precision=str(opts.get("evaluation.precision", "float32")),
                   workers=workers, chips_per_pass=cpp if cpp == "auto" else _number("evaluation.chips_per_pass", cpp, int),
                   **ints)
     if mode == "per_chip":
