@@ -10,7 +10,7 @@ from torch import nn
 import correctnet as cn
 from correctnet.compensation import Compensator, attach_compensation, compensators, keep_compensation, overhead
 from correctnet.errors import ConfigError
-from correctnet.placement import PlacementEnv, PlacementEvaluator, SearchConfig, enumerate_placements, search
+from correctnet.placement import PlacementEnv, PlacementEvaluator, PPOConfig, SearchConfig, enumerate_placements, search
 from correctnet.placement.evaluator import random_options
 
 from test_train_cli import run_cli
@@ -253,3 +253,17 @@ def test_search_over_options_with_joint_training_needs_no_fixed_placement(tmp_pa
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["placement"]["strategy"] == "greedy" and not math.isinf(m["placement"]["objective"])
+
+
+def test_ppo_polish_ends_at_a_local_optimum_within_the_cap(evaluator):
+    plain = search(evaluator, "ppo", seed=0, ppo=PPOConfig(max_evaluations=60, polish=False))
+    r = search(evaluator, "ppo", seed=0, ppo=PPOConfig(max_evaluations=60))
+    info = r.extra["ppo"]
+    assert info["agent_best"] == plain.best.objective  # the same agent, then the polish
+    assert r.best.objective >= plain.best.objective and r.evaluations <= 60 + 1
+    if r.evaluations < 60:  # it stopped on its own: no placement one layer away is better
+        for i in range(5):
+            for a in range(4):
+                q = r.best.placement[:i] + (a,) + r.best.placement[i + 1:]
+                assert evaluator.evaluate(q).objective <= r.best.objective
+    assert info["polish_rounds"] >= 0 and "polish_rounds" not in plain.extra["ppo"]

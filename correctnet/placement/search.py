@@ -2,7 +2,9 @@
 
 * ``ppo`` (default): a PPO agent (stable-baselines3) learns in :class:`PlacementEnv`; training stops after
   ``max_evaluations`` distinct placements or ``episodes`` episodes, then the deterministic policy's
-  placement is evaluated too. The result is the best placement evaluated (the cache makes revisits free).
+  placement is evaluated too; with ``polish`` (default) a local search from the best placement found spends
+  what is left of ``max_evaluations`` on its neighbours (one layer's option changed, then two). The result is
+  the best placement evaluated (the cache makes revisits free).
 * ``exhaustive``: every feasible placement (``(K + 1)**L`` for ``K`` options per layer); the reference
   optimum for small ``L``.
 * ``greedy``: layers by decreasing sensitivity; a layer gets the option that raises the objective most, if
@@ -47,10 +49,12 @@ class PPOConfig:
     surrogate: bool = True              # model-based: after `explore`, unseen placements get a learned estimate
     explore: float = 0.5                # share of max_evaluations spent on real rewards before the surrogate
     per_update: int = 2                 # real evaluations per rollout in the surrogate phase
+    polish: bool = True                 # after the agent: local search from its best within max_evaluations
 
     def __post_init__(self) -> None:
         o = "placement.ppo"
         require(isinstance(self.surrogate, bool), f"{o}.surrogate", "true or false", self.surrogate)
+        require(isinstance(self.polish, bool), f"{o}.polish", "true or false", self.polish)
         require(is_number(self.explore) and 0 < self.explore <= 1, f"{o}.explore", "a number in (0, 1]", self.explore)
         require(is_int(self.per_update) and self.per_update >= 1, f"{o}.per_update", "an integer >= 1",
                 self.per_update)
@@ -175,13 +179,61 @@ def search(evaluator: PlacementEvaluator, strategy: str = "ppo", *, seed: int = 
             best = step_best
         extra["order"] = [evaluator.names[i] for i in order]
     elif strategy == "ppo":
-        extra["ppo"] = _ppo(session, ppo or PPOConfig(), seed, progress)
+        cfg = ppo or PPOConfig()
+        extra["ppo"] = _ppo(session, cfg, seed, progress)
+        extra["ppo"]["agent_best"] = session.best().objective
+        extra["ppo"]["agent_evaluations"] = session.evaluations
+        if cfg.polish:
+            extra["ppo"]["polish_rounds"] = _polish(session, extra["ppo"]["max_evaluations"])
         best = session.best()
     names = list(evaluator.names)
     ranks = list(getattr(evaluator, "ranks", [4]))
     history = [{**ev.to_dict(names, ranks), "seconds": t} for ev, t in session.seen.values()]
     return SearchResult(strategy, names, best, session.evaluations, evaluator.n_placements,
                         time.perf_counter() - session.t0, history, extra, ranks)
+
+
+def _polish(session: _Session, cap: int) -> int:
+    """Best-improvement local search from the session's best placement until ``cap`` distinct placements were
+    asked for: each round evaluates the feasible neighbours with one layer's option changed, and when none of
+    them is better, those with two layers changed (under a budget a swap is often the only feasible move), the
+    ones a surrogate fitted to everything seen rates highest first; it moves to the best neighbour if that
+    improves the objective, else stops. Returns the rounds that improved."""
+    n, k = len(session.names), getattr(session, "n_options", 1)
+    best, rounds = session.best(), 0
+
+    def neighbours(p: Placement, layers: int) -> list[Placement]:
+        out: list[Placement] = []
+        for i in range(n):
+            for a in range(k + 1):
+                if a == p[i]:
+                    continue
+                q = p[:i] + (a,) + p[i + 1:]
+                if layers == 1:
+                    out.append(q)
+                    continue
+                for j in range(i + 1, n):
+                    out.extend(q[:j] + (b,) + q[j + 1:] for b in range(k + 1) if b != p[j])
+        return [q for q in out if session.feasible(q)]
+
+    while session.evaluations < cap:
+        improved = None
+        for layers in (1, 2):
+            cands = [q for q in neighbours(best.placement, layers) if q not in session.seen]
+            if layers == 2 and cands:
+                surrogate = _Surrogate(n, options=k)
+                surrogate.fit([e for e, _ in session.seen.values()])
+                cands.sort(key=lambda q: -surrogate.predict(q))
+            for q in cands[:max(0, cap - session.evaluations)]:
+                ev = session.evaluate(q)
+                if ev.objective > (improved or best).objective:
+                    improved = ev
+            if improved is not None or session.evaluations >= cap:
+                break
+        if improved is None:
+            break
+        best, rounds = improved, rounds + 1
+    return rounds
 
 
 class _Surrogate:
