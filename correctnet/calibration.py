@@ -36,6 +36,7 @@ from .analog import AnalogLayer, chip, chips, nominal
 from .checkpoint import tensor_digest
 from .io import atomic_write
 from .compensation import bypass, compensation_parameters, compensators
+from .distributed import broadcast_parameters, reduce_step, sum_over_ranks, world
 from .errors import CheckpointError, ConfigError, is_int, is_number, require
 from .evaluate import repeat_batch, evaluate_checkpoint, monte_carlo
 from .progress import Pace, bar_disabled
@@ -221,10 +222,22 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
     ``output``: how the model's outputs hold the logits ``[N, C]`` the loss reads
     (:func:`correctnet.tensors.logits_of`; None: a tensor, a tuple's first element, a dict's ``"logits"`` or a
     transformers ``ModelOutput``'s ``.logits``); the teacher computed here reads them the same way.
+
+    Data-parallel (:mod:`correctnet.distributed`) inside a process group of N > 1 ranks, every rank calling it
+    with the same arguments: ``cfg.batch_size`` is the global batch, rank ``r`` trains on its share with its own
+    ``chips_per_step`` chips (chip ``j`` of step ``i`` is index ``r * 2**40 + i * k + j`` of the stream: rank 0
+    draws the one-process chips), the gradients are averaged over ranks every step (each weighted by its
+    share), and every rank ends with the same compensators and history. Snapshots are per rank, at the end only.
     """
     x, y = data_tensors(train_data)
     dev = model_device(model)
     t_start = time.perf_counter()
+    rank, ranks = world()
+    parallel = ranks > 1
+    if parallel:
+        broadcast_parameters(model)
+        resume_key = f"{resume_key}.rank{rank}"
+        progress = False if rank > 0 else progress
     if teacher is None:
         teacher = teacher_logits(model, x, output=output) if cfg.distill > 0 else torch.zeros(len(x), 0)
     shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -273,39 +286,48 @@ def train_compensation(model: nn.Module, train_data: Data, cfg: CompensationConf
                 pos = step % steps_per_pass
                 if pos == 0:
                     order = torch.randperm(len(x), generator=shuffle)
-                idx = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+                batch = order[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+                idx = batch.tensor_split(ranks)[rank] if parallel else batch  # this rank's share
                 xb, yb = x[idx].to(dev), y[idx].to(dev)
                 k = cfg.chips_per_step  # chip j of step i is the (i * k + j)-th of the stream; the batch split among them
-                ks = [chip_seed(Stream.COMPENSATION, cfg.seed, step * k + j) for j in range(min(k, len(idx)))]
+                ks = [chip_seed(Stream.COMPENSATION, cfg.seed, (rank << 40) + step * k + j)
+                      for j in range(min(k, len(idx)))]
                 seeds.extend(ks)
-                ctx = chip(model, ks[0]) if k == 1 else chips(model, ks, uneven=True)
                 if on_step is not None:
                     on_step(step)
-                with ctx:
-                    out = logits_of(model(xb), output)
-                loss = torch.zeros((), device=dev)
-                if cfg.distill > 0:
-                    loss = loss + cfg.distill * distillation_loss(out, teacher[idx].to(dev), cfg.temperature)
-                if cfg.distill < 1:
-                    loss = loss + (1 - cfg.distill) * F.cross_entropy(out, yb)
-                if not torch.isfinite(loss):
-                    raise TrainingDivergedError(f"{stage}: compensation training loss became {loss.item()} at step "
-                                                f"{step} (of {cfg.steps}); lower compensation.lr")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = torch.zeros((), device=dev)
+                out = torch.zeros((0, 1), device=dev)
+                if len(idx):  # a rank's share of a batch smaller than the ranks can be empty
+                    with chip(model, ks[0]) if k == 1 else chips(model, ks, uneven=True):
+                        out = logits_of(model(xb), output)
+                    if cfg.distill > 0:
+                        loss = loss + cfg.distill * distillation_loss(out, teacher[idx].to(dev), cfg.temperature)
+                    if cfg.distill < 1:
+                        loss = loss + (1 - cfg.distill) * F.cross_entropy(out, yb)
+                    if parallel or torch.isfinite(loss):
+                        loss.backward()
+                global_loss = reduce_step(params, loss, len(idx), len(batch)) if parallel else loss
+                if not torch.isfinite(global_loss):
+                    raise TrainingDivergedError(f"{stage}: compensation training loss became {global_loss.item()} "
+                                                f"at step {step} (of {cfg.steps}); lower compensation.lr")
                 opt.step()
                 sched.step()
                 loss_sum += loss.item() * len(yb)
-                correct += int((out.argmax(1) == yb).sum().item())
+                correct += int((out.argmax(1) == yb).sum().item()) if len(yb) else 0
                 seen += len(yb)
-                if step % 20 == 0:
+                if step % 20 == 0 and seen:
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
                 pace.update()
                 if pos == steps_per_pass - 1 or step == cfg.steps - 1:  # one record per pass over the data
+                    if parallel:  # the pass's metrics over the global batches, the same on every rank
+                        total = sum_over_ranks(loss_sum, correct, seen)
+                        loss_sum, correct, seen = total[0], int(total[1]), int(total[2])
                     history.append({"step": step + 1, "loss": loss_sum / seen, "chip_accuracy": correct / seen,
                                     "seconds": time.perf_counter() - t0})
                     t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-                if resume is not None and (step == cfg.steps - 1 or resume.due(resume_key)):
+                # in parallel only at the end: ranks must snapshot at the same step
+                if resume is not None and (step == cfg.steps - 1 or (not parallel and resume.due(resume_key))):
                     snapshot(step + 1)
             bad = [names[id(p)] for p in params if not torch.isfinite(p).all()]
             if bad:

@@ -14,6 +14,8 @@ from torch import nn
 
 import correctnet as cn
 from correctnet.seeding import Stream, chip_seed
+from correctnet.calibration import CompensationConfig, train_compensation
+from correctnet.compensation import attach_compensation, compensation_parameters
 from correctnet.training import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -39,12 +41,23 @@ def _model(case: dict[str, Any]) -> nn.Module:
     return cn.analogize(net, cn.make_variation("lognormal", sigma=0.5)) if case["analog"] else net
 
 
+def _compensated() -> nn.Module:
+    model = cn.analogize(_net(False), cn.make_variation("lognormal", sigma=0.5))
+    attach_compensation(model, "all", rank=2, seed=4)
+    return model
+
+
 def _worker(rank: int, world: int, init: str, out: str, case: dict[str, Any]) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        model = _model(case)
-        history = train(model, _data(case["n"]), None, TrainConfig(**case["cfg"]), progress=False)
+        if case.get("compensation"):
+            model = _compensated()
+            res = train_compensation(model, _data(case["n"]), CompensationConfig(**case["cfg"]), progress=False)
+            history = res.history
+        else:
+            model = _model(case)
+            history = train(model, _data(case["n"]), None, TrainConfig(**case["cfg"]), progress=False)
         torch.save({"state": model.state_dict(), "history": history}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -119,3 +132,40 @@ def test_rank_r_trains_on_its_share_through_chips_of_training_stream_r(tmp_path:
         expected = p.detach() - lr * (grads[0][n] + grads[1][n]) / 2
         torch.testing.assert_close(ranks[0]["state"][n], expected, atol=1e-6, rtol=1e-5)
         assert not torch.equal(grads[0][n], grads[1][n])  # different samples and chips
+
+
+def test_compensation_training_on_two_ranks_is_the_mean_of_each_ranks_share_on_its_chips(tmp_path: Path) -> None:
+    """Two Adam steps on global batches of 11 (shares of 6 and 5): the compensators equal an independent replay
+    with plain backward passes, rank r's on its share of the shuffled batch through its chip (index r * 2**40 +
+    step of the compensation stream), the gradients weighted by the shares; both ranks end the same."""
+    cfg = dict(steps=2, batch_size=11, chips_per_step=1, lr=0.01, distill=0.0, seed=6)
+    ranks = _run(tmp_path, {"compensation": True, "n": 11, "cfg": cfg})
+    _assert_same_state(ranks[0]["state"], ranks[1]["state"])
+    assert _metrics(ranks[0]["history"]) == _metrics(ranks[1]["history"])
+    x, y = _data(11)
+    ref = _compensated()
+    params = compensation_parameters(ref)
+    opt = torch.optim.Adam(params, lr=0.01)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2)
+    shuffle = torch.Generator().manual_seed(6)
+    ref.eval()
+    for step in range(2):
+        order = torch.randperm(11, generator=shuffle)
+        total = {id(p): torch.zeros_like(p) for p in params}
+        for r, share in enumerate(order.tensor_split(2)):
+            m = copy.deepcopy(ref)
+            with cn.chip(m, chip_seed(Stream.COMPENSATION, 6, (r << 40) + step)):
+                F.cross_entropy(m(x[share]), y[share]).backward()
+            for p, q in zip(params, compensation_parameters(m)):
+                total[id(p)] += q.grad * len(share) / 11
+        for p in params:
+            p.grad = total[id(p)]
+        opt.step()
+        sched.step()
+    got = ranks[0]["state"]
+    state = ref.state_dict()
+    names = [n for n, p in ref.named_parameters() if any(p is q for q in params)]
+    assert names
+    for n in names:
+        torch.testing.assert_close(got[n], state[n], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(got[names[0]], _compensated().state_dict()[names[0]])  # it trained
