@@ -29,12 +29,11 @@ import torch
 import correctnet as cn
 from correctnet.calibration import CompensationConfig, train_compensation
 from correctnet.compensation import attach_compensation, keep_compensation, overhead
-from correctnet.data import load_dataset
 from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 from correctnet.placement.evaluator import random_options
 from correctnet.training import TrainConfig, train
 
-from common import add_run_args, apply_threads, machine_line, portable, record
+from common import add_run_args, add_training_args, benchmark_data, apply_threads, machine_line, portable, record
 
 
 def _network(args: argparse.Namespace, data: Any) -> torch.nn.Module:
@@ -114,14 +113,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--model", default="lenet5")
+    add_training_args(p)
     p.add_argument("--width", type=float, default=0.25, help="VGG width")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="MLP hidden widths (e.g. 10 layers: --model mlp --hidden 128 x 9)")
     p.add_argument("--sigma", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chips-per-step", type=int, default=8)
     p.add_argument("--ranks", type=int, nargs="+", default=[0, 1, 4])
@@ -138,8 +134,6 @@ def main() -> None:
                    help="PPOConfig.max_evaluations (default: the library's cap)")
     p.add_argument("--finetune-steps", type=int, default=300,
                    help="chip-agnostic steps distilling the clean network after deployment (0: as the supernet trained them)")
-    p.add_argument("--chips", type=int, default=100)
-    p.add_argument("--test-samples", type=int, default=2000)
     p.add_argument("--eval-seed", type=int, default=0)
     add_run_args(p, threads=1)
     args = p.parse_args()
@@ -148,8 +142,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "front": [], "test": {}, "seconds": {}}
     t_all = time.perf_counter()
-    data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)
-    test = (data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples])
+    data, test = benchmark_data(args)
     tcfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, noise_aware=True,
                        chips_per_step=args.chips_per_step, seed=args.seed)
 

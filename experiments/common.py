@@ -126,3 +126,24 @@ def machine_line(setup: dict[str, Any]) -> str:
 
 __all__ = ["add_base_args", "add_run_args", "apply_threads", "git_state", "machine_line", "portable", "record",
            "write_result"]
+
+
+def add_training_args(p: argparse.ArgumentParser, model: str = "lenet5", epochs: int = 3, chips: int = 100,
+                      test_samples: int | None = 2000) -> None:
+    """``--dataset``, ``--model``, ``--seed``, ``--epochs``, ``--chips`` (evaluation chips) and ``--test-samples``:
+    the setup the accuracy benchmarks share (read by :func:`benchmark_data`)."""
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--model", default=model)
+    p.add_argument("--seed", type=int, default=0, help="training seed and the train/validation split's seed")
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--chips", type=int, default=chips, help="evaluation chips (Stream.EVAL)")
+    p.add_argument("--test-samples", type=int, default=test_samples, help="the first N test images")
+
+
+def benchmark_data(args: argparse.Namespace) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:
+    """The dataset splits (10% validation, split by ``args.seed``) and the first ``args.test_samples`` test images
+    ``(x [N, ...], y [N])``."""
+    from correctnet.data import load_dataset
+
+    data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)
+    return data, (data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples])

@@ -39,12 +39,11 @@ from typing import Any
 import torch
 
 import correctnet as cn
-from correctnet.data import load_dataset
 from correctnet.devices import RRAM
 from correctnet.tensors import first_samples
 from correctnet.training import TrainConfig, make_schedule, train
 
-from common import add_run_args, apply_threads, machine_line, portable, record, write_result
+from common import add_run_args, add_training_args, benchmark_data, apply_threads, machine_line, portable, record, write_result
 
 # conf/variation/rram_fixed_range.yaml (rram_wan2022 + rram_periphery + dac_range)
 DEPLOY = RRAM(sigma=1.0, read_noise=0.01, dac_bits=8, adc_bits=8, dac_range=1.0, adc_range=12.0, output_noise=0.005)
@@ -122,14 +121,9 @@ def train_aihwkit(model: torch.nn.Module, data: Any, cfg: TrainConfig, noise: fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--model", default="lenet5")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=3)
+    add_training_args(p)
     p.add_argument("--chips-per-step", type=int, default=8)
     p.add_argument("--range-images", type=int, default=1024)
-    p.add_argument("--chips", type=int, default=100)
-    p.add_argument("--test-samples", type=int, default=2000)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS + ['aihwkit']}")
     p.add_argument("--aihwkit-noise", type=float, default=0.05, help="aihwkit arm: per-channel weight noise std")
     add_run_args(p, threads=1)
@@ -143,8 +137,7 @@ def main() -> None:
     out = args.out or (Path(__file__).parent / "results" /
                        f"periphery_training_{args.dataset}_{args.model}_s{args.seed}{suffix}.json")
     res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "arms": {}}
-    data = load_dataset(args.dataset, None, val_fraction=0.1, seed=args.seed)
-    test = (data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples])
+    data, test = benchmark_data(args)
     base = TrainConfig(epochs=args.epochs, noise_aware=True, chips_per_step=args.chips_per_step, seed=args.seed)
     arms = {"without": (IDEAL, base), "with": (DEPLOY, base),
             "learned": (DEPLOY, dataclasses.replace(base, learn_input_ranges=True, input_range_decay=1e-4,
