@@ -20,6 +20,7 @@ forward does not depend on the weights' values. The first chip's predictions of 
 
     python experiments/mc_speed.py --threads 2
     python experiments/mc_speed.py --device cuda --batch-size 10000
+    python experiments/mc_speed.py --device cuda --batch-size 10000 --precision bfloat16   # + autocast rows
 
 Results go to ``experiments/results/mc_speed_<device>.{json,md}``.
 
@@ -61,6 +62,7 @@ from correctnet.compensation import attach_compensation
 from correctnet.data import load_dataset
 from correctnet.evaluate import iter_batches, to_channels_last
 from correctnet.seeding import Stream, chip_seed
+from correctnet.tensors import forward_precision
 
 
 def _status_kib(key: str) -> int:
@@ -155,6 +157,15 @@ def bench_model(name: str, args: argparse.Namespace, data, device: torch.device)
         t, mem, r = timed(lambda: cn.monte_carlo(model, (x, y), n_chips=n, batch_size=args.batch_size, progress=False),
                           device)
         add(f"mc_{n}", t, n, mem, mean_accuracy=r.mean)
+    if args.precision != "float32":  # the same, every forward under torch.autocast (chip draws float32)
+        amp = forward_precision(device, args.precision)
+        with amp():
+            t, mem, _ = timed(lambda: forward_predictions(plain, batches), device, args.repeat)
+        add(f"clean_{args.precision}", t, 1, mem)
+        for n in args.chips:
+            t, mem, r = timed(lambda: cn.monte_carlo(model, (x, y), n_chips=n, batch_size=args.batch_size,
+                                                     progress=False, precision=args.precision), device)
+            add(f"mc_{args.precision}_{n}", t, n, mem, mean_accuracy=r.mean)
     with cn.chip(model, seeds[0]):
         same = bool(torch.equal(forward_predictions(model, batches_cl), simple_first))
     print(f"{name:<7} chip 0: fast-path predictions identical to the simple method: {same}", flush=True)
@@ -343,6 +354,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="clean forwards: best of this many")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="also measure the clean forward and the chips under torch.autocast at this dtype")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--batched", action="store_true", help="measure chips in batches (chips_per_pass)")
