@@ -1447,6 +1447,25 @@ def nominal(model: nn.Module) -> Iterator[nn.Module]:
 ESTIMATORS = ("max", "std", "moving_max")
 
 
+def check_range_settings(percentile: Any = 100.0, estimator: Any = "max", std_factor: Any = 3.0,
+                         momentum: Any = 0.9) -> None:
+    """The checks :func:`calibrate_input_ranges` makes of its settings, without a model: bad values raise
+    :class:`ConfigError` in one line."""
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
+    if estimator == "std":
+        if percentile != 100:
+            raise ConfigError(f"percentile applies to estimator 'max' and 'moving_max' only; estimator 'std' needs "
+                              f"percentile=100, got {percentile!r}")
+        if isinstance(std_factor, bool) or not isinstance(std_factor, (int, float)) or not 0 < std_factor < math.inf:
+            raise ConfigError(f"std_factor must be a number > 0, got {std_factor!r}")
+    if estimator == "moving_max" and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                      or not 0 <= momentum < 1):
+        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
+
+
 def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile: float = 100.0, *,
                            estimator: str = "max", std_factor: float = 3.0,
                            momentum: float = 0.9) -> dict[str, float]:
@@ -1472,19 +1491,7 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
     :class:`ConfigError` in one line.
     """
     require_analog(model)
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
-        raise ConfigError(f"percentile must be a number in (0, 100], got {percentile!r}")
-    if estimator not in ESTIMATORS:
-        raise ConfigError(f"estimator must be one of {list(ESTIMATORS)}, got {estimator!r}")
-    if estimator == "std":
-        if percentile != 100:
-            raise ConfigError(f"percentile applies to estimator 'max' and 'moving_max' only; estimator 'std' needs "
-                              f"percentile=100, got {percentile!r}")
-        if isinstance(std_factor, bool) or not isinstance(std_factor, (int, float)) or not 0 < std_factor < math.inf:
-            raise ConfigError(f"std_factor must be a number > 0, got {std_factor!r}")
-    if estimator == "moving_max" and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                      or not 0 <= momentum < 1):
-        raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    check_range_settings(percentile, estimator, std_factor, momentum)
     layers = analog_layers(model)
     training = {m: m.training for m in model.modules()}
     for layer in layers.values():

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .analog import analogize, calibrate_input_ranges, nominal, set_variation
+from .analog import analogize, calibrate_input_ranges, check_range_settings, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
                           teacher_logits, teacher_network, train_compensation)
 from .checkpoint import checkpoint_digest, save_checkpoint, versions
@@ -58,7 +58,7 @@ from .stages import Stage, stage_label
 from .training import TrainConfig, TrainingDivergedError, train, training_variation
 from .registry import make_variation
 from . import runlock
-from .variation import LogNormal, VariationModel
+from .variation import VariationModel
 
 log = logging.getLogger("correctnet")
 
@@ -100,10 +100,8 @@ def _ranges_config(cfg: DictConfig) -> dict[str, Any]:
     images = ranges.get("images")
     if images is None or not is_int(images) or images < 1:
         raise ConfigError(f"analog.ranges.images must be an integer >= 1, got {images!r}")
-    probe = torch.nn.Sequential(torch.nn.Linear(1, 1))  # the estimator's own checks, with one line naming the key
     try:
-        calibrate_input_ranges(analogize(probe, LogNormal(0.0)), [torch.ones(1, 1)],
-                               **{k: v for k, v in ranges.items() if k != "images"})
+        check_range_settings(**{k: v for k, v in ranges.items() if k != "images"})
     except ConfigError as e:
         raise ConfigError(f"analog.ranges: {e}") from None
     return ranges
