@@ -400,3 +400,17 @@ def test_three_chip_shards_merge_into_exactly_the_one_job_evaluation(trained, tm
     for bad in ("3:1", "0:0", "a:b", "5", f"0:{10 ** 9}"):
         with pytest.raises(ConfigError, match="evaluation.chips must be A:B"):
             check_chip_range(bad)
+
+
+def test_a_bfloat16_evaluation_of_a_checkpoint_is_marked_and_never_merged_with_float32_shards(trained):
+    path, metrics = trained
+    bf = evaluate_checkpoint(path, chips=(0, 1), precision="bfloat16")
+    assert bf["evaluation"]["precision"] == "bfloat16" and bf["results"][0]["reproduces_export"] is None
+    exported = metrics["stages"]["baseline"]["mc"]["accuracies"][0]
+    assert abs(bf["results"][0]["mc"]["accuracies"][0] - exported) <= 0.02  # the same chip, bf16 round-off
+    f32 = evaluate_checkpoint(path, chips=(1, 2))
+    assert "precision" not in f32["evaluation"]
+    with pytest.raises(ConfigError, match="not a shard of the same evaluation"):
+        merge_shards([bf, f32], ["bf16", "f32"])
+    with pytest.raises(ConfigError, match="evaluation.precision"):
+        evaluate_checkpoint(path, precision="fp8")

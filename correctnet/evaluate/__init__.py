@@ -734,7 +734,9 @@ def evaluate_checkpoint(path: str | os.PathLike, *,
         results.append({"variation": v.to_dict(), "mc": mc.to_dict(), "chip_seeds": mc.chip_seeds,
                         "chips": [first, first + mc.n_chips], "reproduces_export": same})
     return {"checkpoint": os.path.abspath(path), "model": spec["name"], "dataset": data.name, "stage": stage,
-            "clean_accuracy": clean, "results": results, "evaluation": ev, "dataset_settings": ds,
+            "clean_accuracy": clean, "results": results, "dataset_settings": ds,
+            # recorded when not float32, so shards measured at different precisions do not merge
+            "evaluation": {**ev, **({"precision": precision} if precision != "float32" else {})},
             "device": str(dev), "exported_device": _section(meta, "metrics").get("device"),
             "versions": {"exported": _section(meta, "versions"), "evaluated": versions()},
             "seconds": time.perf_counter() - t0}
