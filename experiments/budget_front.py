@@ -175,7 +175,9 @@ def main() -> None:
             key = json.dumps(r.chosen_ranks, sort_keys=True)
             res["front"].append({"strategy": name, "budget": budget, "key": key, "chosen_ranks": r.chosen_ranks,
                                  "objective": r.best.objective, "accuracy": r.best.accuracy,
-                                 "costs": r.best.costs, "evaluations": r.evaluations, "n_placements": r.n_placements})
+                                 "costs": r.best.costs, "evaluations": r.evaluations, "n_placements": r.n_placements,
+                                 **{k: v for k, v in r.extra.get("ppo", {}).items()
+                                    if k in ("agent_best", "agent_evaluations", "polish_rounds")}})
             if strategy == "exhaustive":
                 res["front_optimum"][str(budget)] = r.best.objective
             print(f"budget {budget:g}% MACs, {name}: {r.chosen_ranks} objective {r.best.objective:.2f} pp, "
