@@ -1,5 +1,7 @@
 """Training options of the pipeline: ``training.distill`` mixes a KD loss to a clean teacher (the vanilla reference)
 into the cross-entropy; ``training.noise_scale`` sets the noise-aware training sigma relative to the deployed one."""
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -145,12 +147,8 @@ def test_bad_noise_knobs_in_train_config_are_refused(kw, key):
         TrainConfig(**kw)
 
 
-def _recorded_steps(precision: str) -> tuple[list[torch.Tensor], list[torch.dtype], nn.Module]:
-    """The weight the first analog layer multiplies with and the dtype of its output, at every training step."""
-    torch.manual_seed(0)
-    net = cn.analogize(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
-                       cn.make_variation("lognormal", sigma=0.5))
-    layer = net[0]
+def _mvm_recorder(layer: nn.Module) -> tuple[Any, list[torch.Tensor], list[torch.dtype]]:
+    """A stand-in for ``layer._mvm`` that records the weight each call multiplies with and its output dtype."""
     weights: list[torch.Tensor] = []
     dtypes: list[torch.dtype] = []
     mvm = layer._mvm
@@ -161,6 +159,16 @@ def _recorded_steps(precision: str) -> tuple[list[torch.Tensor], list[torch.dtyp
         dtypes.append(y.dtype)
         return y
 
+    return recording, weights, dtypes
+
+
+def _recorded_steps(precision: str) -> tuple[list[torch.Tensor], list[torch.dtype], nn.Module]:
+    """The weight the first analog layer multiplies with and the dtype of its output, at every training step."""
+    torch.manual_seed(0)
+    net = cn.analogize(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+                       cn.make_variation("lognormal", sigma=0.5))
+    layer = net[0]
+    recording, weights, dtypes = _mvm_recorder(layer)
     layer._mvm = recording
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(96, 8, generator=g), torch.randint(0, 3, (96,), generator=g)
@@ -192,16 +200,7 @@ def _recorded_eval(precision: str, chips_per_pass: int) -> tuple[list[float], li
     net = cn.analogize(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)),
                        cn.make_variation("rram", sigma=0.5, read_noise=0.01))  # a fresh read per batch too
     layer = net[0]
-    weights: list[torch.Tensor] = []
-    dtypes: list[torch.dtype] = []
-    mvm = layer._mvm
-
-    def recording(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        weights.append(weight.detach().clone())
-        y = mvm(x, weight, bias)
-        dtypes.append(y.dtype)
-        return y
-
+    recording, weights, dtypes = _mvm_recorder(layer)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(400, 8, generator=g)
     with torch.no_grad():
