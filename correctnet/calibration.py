@@ -93,6 +93,7 @@ class CalibrationConfig:
     lr: float = 1e-2
     temperature: float = 1.0
     batchnorm: bool = True     # re-estimate BatchNorm running statistics on the chip first
+    biases: bool = False       # also fit the digital biases of the analog layers without a compensator (no overhead)
     start: str = "best"        # trained | zero | best (see the class docstring)
     teacher: str = "ensemble"  # what calibration matches (see TEACHERS); auto: the pipeline picks on validation chips
     teacher_chips: int = 32    # ensemble: chips of Stream.TEACHER whose mean prediction is the teacher
@@ -107,6 +108,7 @@ class CalibrationConfig:
         require(is_number(self.lr) and self.lr > 0, f"{o}.lr", "a number > 0", self.lr)
         require(is_number(self.temperature) and self.temperature > 0, f"{o}.temperature", "a number > 0", self.temperature)
         require(isinstance(self.batchnorm, bool), f"{o}.batchnorm", "true or false", self.batchnorm)
+        require(isinstance(self.biases, bool), f"{o}.biases", "true or false", self.biases)
         require(self.start in START, f"{o}.start", f"one of {list(START)}", self.start)
         require(self.teacher in TEACHERS, f"{o}.teacher", f"one of {list(TEACHERS)}", self.teacher)
         require(is_int(self.teacher_chips) and self.teacher_chips >= 1, f"{o}.teacher_chips", "an integer >= 1",
@@ -167,9 +169,11 @@ def ensemble_logits(model: nn.Module, x: torch.Tensor, chips: int, seed: int = 0
 
 
 @contextlib.contextmanager
-def only_compensators_trainable(model: nn.Module) -> Iterator[list[nn.Parameter]]:
-    """Freeze every parameter but the compensators' (``requires_grad`` restored on exit)."""
-    params = compensation_parameters(model)
+def only_compensators_trainable(model: nn.Module, extra: Sequence[nn.Parameter] = ()
+                                ) -> Iterator[list[nn.Parameter]]:
+    """Freeze every parameter but the compensators' (``requires_grad`` restored on exit); yields them, then
+    ``extra`` (tensors outside the model that are trained with them, e.g. per-chip biases)."""
+    params = [*compensation_parameters(model), *extra]
     if not params:
         raise ConfigError("the model has no compensation modules; attach_compensation(model, placement) first")
     keep = {id(p) for p in params}
@@ -461,6 +465,48 @@ def _per_chip_copies(model: nn.Module, k: int, *, compensators_too: bool, batchn
             parent._modules[name] = child
 
 
+def _bias_layers(model: nn.Module) -> list[AnalogLayer]:
+    """The analog layers whose bias per-chip calibration fits (``CalibrationConfig.biases``): Linear and Conv layers
+    with a bias and no active compensator, in module order."""
+    out: list[AnalogLayer] = []
+    for m in model.modules():
+        comp = m._modules.get("compensator") if isinstance(m, AnalogLayer) else None
+        if (isinstance(m, AnalogLayer) and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))
+                and isinstance(m.bias, nn.Parameter) and (comp is None or not getattr(comp, "active", True))):
+            out.append(m)
+    return out
+
+
+@contextlib.contextmanager
+def _chip_biases(model: nn.Module, k: int) -> Iterator[list[nn.Parameter]]:
+    """Inside the block the layers of :func:`_bias_layers` add bias ``B[j]`` (``[k, out]``, a leaf that
+    requires grad, starting at the nominal bias) to chip ``j``'s group of their output instead of their own bias,
+    so each of the ``k`` chips programmed at once has its own; yields the ``B``. On exit the layers get their own
+    bias back, unchanged (:meth:`ChipCalibrator.__call__` copies a single chip's ``B[0]`` into it)."""
+    layers = _bias_layers(model)
+    saved = [cast(nn.Parameter, layer.bias) for layer in layers]
+    tables = [nn.Parameter(b.detach().clone().unsqueeze(0).repeat(k, 1)) for b in saved]
+    handles = []
+
+    def hook(layer: AnalogLayer, table: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def add(_m: nn.Module, _args: Any, y: torch.Tensor) -> torch.Tensor:
+            groups = layer._chip_groups(y) if k > 1 else (y,)
+            return torch.cat([g + layer._bias_view(table[j]) for j, g in enumerate(groups)]) if k > 1 \
+                else y + layer._bias_view(table[0])
+        return add
+
+    try:
+        for layer, table in zip(layers, tables):
+            setattr(layer, "bias", None)  # its _converted_mvm adds no bias; the hook adds the chip's
+            handles.append(layer.register_forward_hook(hook(layer, table)))
+        yield tables
+    finally:
+        for h in handles:
+            h.remove()
+        for layer, b in zip(layers, saved):
+            layer.bias = b
+
+
 class ChipCalibrator:
     """Calibrates the chip a model is programmed as: ``calibrator(model, chip_seed)``.
 
@@ -484,16 +530,18 @@ class ChipCalibrator:
         self.output = output
         self.has_compensators = bool(compensators(model))
         self.has_batchnorm = bool(_batchnorms(model))
-        if not (self.has_compensators and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
+        fits = self.has_compensators or (cfg.biases and bool(_bias_layers(model)))
+        if not (fits and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
             raise ConfigError("per-chip calibration has nothing to adjust: the model has no compensation modules "
-                              "(or calibration.steps=0) and no BatchNorm to re-estimate")
+                              "(nor biases to fit with calibration.biases=true, or calibration.steps=0) and no "
+                              "BatchNorm to re-estimate")
         if cfg.teacher == "auto":
             raise ConfigError("calibration.teacher=auto is chosen by the training pipeline; pass the chosen teacher "
                               f"(one of {list(TEACHERS[:3])}) to ChipCalibrator")
         if cfg.teacher == "reference" and teacher is None:
             raise ConfigError("calibration.teacher=reference needs the reference network: ChipCalibrator(..., teacher=net)")
         self.teacher = None
-        if self.has_compensators and cfg.steps > 0:
+        if fits and cfg.steps > 0:
             if cfg.teacher == "ensemble":
                 self.teacher = ensemble_logits(model, images, cfg.teacher_chips, cfg.seed, output=output)
             elif teacher is None:  # self: the clean network
@@ -502,6 +550,7 @@ class ChipCalibrator:
                 self.teacher = teacher_logits(teacher, images, bypass_compensators=False, output=output)
         self.seconds: list[float] = []
         self.starts: list[str] = []
+        self.bias_layers = 0  # layers whose biases the last chip fitted (calibration.biases)
 
     def _start(self, model: nn.Module, comps: Sequence[_PerChip] | None, k: int) -> list[str]:
         """Put the compensators of each of the ``k`` chips in the configured start state; returns the states.
@@ -532,15 +581,16 @@ class ChipCalibrator:
                     cast(Any, w.copies[i]).zero_()
         return starts
 
-    def _fit(self, model: nn.Module, seeds: Sequence[int]) -> None:
+    def _fit(self, model: nn.Module, seeds: Sequence[int], biases: Sequence[nn.Parameter] = ()) -> None:
         """``cfg.steps`` Adam steps on the compensators of the chips ``seeds`` (one chip, or K programmed at
-        once with per-chip copies): chip k's batch order comes from its own seed, its loss from its group."""
+        once with per-chip copies) and on their ``biases`` (:func:`_chip_biases`): chip k's batch order comes
+        from its own seed, its loss from its group."""
         cfg, dev, k = self.cfg, model_device(model), len(seeds)
         assert self.teacher is not None
         gens = [layer_generator(s, "calibration", "cpu") for s in seeds]  # batch order: a function of the chip only
         flags = {m: m.training for m in model.modules()}
         try:
-            with torch.enable_grad(), only_compensators_trainable(model) as params:
+            with torch.enable_grad(), only_compensators_trainable(model, biases) as params:
                 model.eval()
                 opt = torch.optim.Adam(params, lr=cfg.lr)  # per-element updates: K chips' copies stay independent
                 images, teacher = self.images.to(dev), self.teacher.to(dev)  # once, not per step
@@ -556,13 +606,24 @@ class ChipCalibrator:
             for m, t in flags.items():
                 m.training = t
 
+    def _biases(self, model: nn.Module, k: int) -> contextlib.AbstractContextManager[list[nn.Parameter]]:
+        on = self.cfg.biases and self.teacher is not None
+        self.bias_layers = len(_bias_layers(model)) if on else 0
+        return _chip_biases(model, k) if on else contextlib.nullcontext([])
+
     def __call__(self, model: nn.Module, seed: int) -> None:
         t0 = time.perf_counter()
         if self.cfg.batchnorm:
             reestimate_batchnorm(model, self.images, self.cfg.batch_size)
         if self.teacher is not None:
-            self.starts.extend(self._start(model, None, 1))
-            self._fit(model, [seed])
+            if self.has_compensators:
+                self.starts.extend(self._start(model, None, 1))
+            layers = _bias_layers(model) if self.cfg.biases else []
+            with self._biases(model, 1) as tables:
+                self._fit(model, [seed], tables)
+            with torch.no_grad():  # the chip's fitted biases become the layers' own
+                for layer, table in zip(layers, tables):
+                    cast(torch.Tensor, layer.bias).copy_(table[0])
         self.seconds.append(time.perf_counter() - t0)
 
     @contextlib.contextmanager
@@ -575,19 +636,22 @@ class ChipCalibrator:
         never changed; the copies go on exit. ``seconds`` gets the time per chip (the block's calibration / K)."""
         k = len(seeds)
         with chips(model, seeds), _per_chip_copies(model, k, compensators_too=self.teacher is not None,
-                                                   batchnorm=self.cfg.batchnorm) as comps:
+                                                   batchnorm=self.cfg.batchnorm) as comps, \
+                self._biases(model, k) as tables:
             t0 = time.perf_counter()
             if self.cfg.batchnorm:
                 reestimate_batchnorm(model, self.images, self.cfg.batch_size, repeat=k)
             if self.teacher is not None:
-                self.starts.extend(self._start(model, comps, k))
-                self._fit(model, seeds)
+                if self.has_compensators:
+                    self.starts.extend(self._start(model, comps, k))
+                self._fit(model, seeds, tables)
             self.seconds.extend([(time.perf_counter() - t0) / k] * k)
             yield model
 
     def last_record(self) -> dict[str, Any]:
         """What the last call recorded (seconds, start state): sent back by forked Monte-Carlo workers."""
-        return {"seconds": self.seconds[-1], "start": self.starts[-1] if self.teacher is not None else None}
+        return {"seconds": self.seconds[-1], "start": self.starts[-1] if self.teacher is not None
+                and self.has_compensators else None}
 
     def add_record(self, record: dict[str, Any]) -> None:
         """Add a chip's record made by another process (see :meth:`last_record`)."""
@@ -599,18 +663,22 @@ class ChipCalibrator:
         """What calibration cost: steps, images, seconds per chip (mean over calibrated chips)."""
         mean = sum(self.seconds) / len(self.seconds) if self.seconds else 0.0
         return {**asdict(self.cfg), "compensators": self.has_compensators, "batchnorm_layers": self.has_batchnorm,
+                "bias_layers": self.bias_layers,
                 "chips": len(self.seconds), "seconds_per_chip": mean,
                 "started_from_zero": self.starts.count("zero")}
 
 
-def calibration_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def calibration_state(model: nn.Module, *, biases: bool = False) -> dict[str, torch.Tensor]:
     """What per-chip calibration changes, by ``state_dict`` name: compensator parameters and BatchNorm
-    running statistics (copies, on the model's device)."""
+    running statistics (copies, on the model's device); with ``biases`` (``CalibrationConfig.biases``) also the
+    biases it fits."""
     comp = {n for n, _ in model.named_parameters() if ".compensator." in f".{n}" or n.startswith("compensator.")}
     norms = set(_batchnorms(model))
     bn = {f"{name}.{b}" if name else b for name, m in model.named_modules() if m in norms
           for b in ("running_mean", "running_var", "num_batches_tracked")}
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in comp or k in bn}
+    fitted = set(_bias_layers(model)) if biases else set()
+    bias = {f"{name}.bias" if name else "bias" for name, m in model.named_modules() if m in fitted}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k in comp or k in bn or k in bias}
 
 
 def calibrate_chip(model: nn.Module, seed: int, calibrator: "ChipCalibrator") -> dict[str, torch.Tensor]:
@@ -620,7 +688,7 @@ def calibrate_chip(model: nn.Module, seed: int, calibrator: "ChipCalibrator") ->
     try:
         with eval_mode(model), chip(model, seed):
             calibrator(model, seed)
-            return calibration_state(model)
+            return calibration_state(model, biases=calibrator.bias_layers > 0)
     finally:
         model.load_state_dict(snapshot)
 
@@ -630,7 +698,8 @@ CHIP_FORMAT = "1"
 
 def save_calibrated_chip(path: str | os.PathLike, model: nn.Module, seed: int, calibrator: "ChipCalibrator", *,
                          overwrite: bool = False) -> Path:
-    """Calibrate chip ``seed`` and write its state (compensators, BatchNorm statistics) to a safetensors file.
+    """Calibrate chip ``seed`` and write its state (compensators, BatchNorm statistics, fitted biases) to a
+    safetensors file.
 
     What a deployed chip stores digitally after programming: load it with :func:`load_calibrated_chip` into
     the same model (e.g. from ``load_checkpoint``) and run ``with chip(model, seed):``. Per-read noise, where
