@@ -341,12 +341,17 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     ``example``: one input batch ``[1, C, H, W]`` (MACs are per sample). The network's parameters are all
     parameters outside compensators; its MACs are those of its Linear/Conv layers and of the analog
     MVMs of attention in-projections and recurrent layers (``mvm_macs``). A compensator's MACs are those
-    of its ``down``/``up`` maps plus one per output element for the affine scale. Only compensators that
+    of its ``down``/``up`` maps plus one per output element for the affine scale. Its parameters are its
+    ``down``/``up`` weights and ``gamma``; its shift ``beta`` counts too, unless the layer has a bias: the
+    bias is digital and added before the compensator, whose output is then a linear map of the analog output
+    plus one constant per channel (``(1 + gamma) b + beta``, with an output branch ``+ up(down(b))``), so
+    one register per channel holds both, as the bias alone did. Only compensators that
     run in the forward of ``example`` are counted: one that does not run costs 0 params and 0 MACs.
     Returns ``{"network": {params, macs}, "layers": {name: {params, macs, params_pct, macs_pct}},
     "total": {params, macs, params_pct, macs_pct}}``.
     """
     comps = compensators(model)
+    layers_of = analog_layers(model)
     comp_params = {id(p) for c in comps.values() for p in c.parameters()}
     net_params = sum(p.numel() for p in model.parameters() if id(p) not in comp_params)
     owner = {m: n for n, c in comps.items() for m in c.modules()}
@@ -389,7 +394,8 @@ def overhead(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
     net_macs = macs.pop("network")
     layers = {}
     for n, c in comps.items():
-        p = sum(q.numel() for q in c.parameters()) if n in ran else 0
+        folds = c.affine and isinstance(getattr(layers_of[n], "bias", None), nn.Parameter)  # beta joins the bias
+        p = sum(q.numel() for q in c.parameters()) - (c.beta.numel() if folds else 0) if n in ran else 0
         layers[n] = {"params": p, "macs": macs[n], "params_pct": 100 * p / max(net_params, 1),
                      "macs_pct": 100 * macs[n] / max(net_macs, 1)}
     tp, tm = sum(v["params"] for v in layers.values()), sum(v["macs"] for v in layers.values())

@@ -136,17 +136,21 @@ def test_overhead_matches_a_hand_count():
     # network: conv 8*3*9 + 8 = 224, bn 16, fc 128*10 + 10 = 1290 parameters;
     # MACs: conv 16 pixels * 8 * 27 = 3456, fc 1280
     assert ov["network"] == {"params": 224 + 16 + 1290, "macs": 3456 + 1280}
-    # input branch on conv: down 3x3 conv 3->2 (54), up 1x1 2->8 (16), gamma+beta (16);
+    # input branch on conv: down 3x3 conv 3->2 (54), up 1x1 2->8 (16), gamma (8); beta joins conv's bias register;
     # MACs: down 16 * 2 * 27 = 864, up 16 * 8 * 2 = 256, scale 8 * 16 = 128
-    assert ov["layers"]["conv"]["params"] == 54 + 16 + 16
+    assert ov["layers"]["conv"]["params"] == 54 + 16 + 8
     assert ov["layers"]["conv"]["macs"] == 864 + 256 + 128
-    # output branch on fc: down 10->2 (20), up 2->10 (20), gamma+beta (20); MACs 20 + 20 + 10
-    assert ov["layers"]["fc"]["params"] == 60
+    # output branch on fc: down 10->2 (20), up 2->10 (20), gamma (10); MACs 20 + 20 + 10
+    assert ov["layers"]["fc"]["params"] == 50
     assert ov["layers"]["fc"]["macs"] == 50
-    assert ov["total"]["params"] == 146 and ov["total"]["macs"] == 1298
-    assert ov["total"]["params_pct"] == pytest.approx(100 * 146 / 1530)
+    assert ov["total"]["params"] == 128 and ov["total"]["macs"] == 1298
+    assert ov["total"]["params_pct"] == pytest.approx(100 * 128 / 1530)
     assert ov["total"]["macs_pct"] == pytest.approx(100 * 1298 / 4736)
-    assert ov["layers"]["fc"]["params_pct"] == pytest.approx(100 * 60 / 1530)
+    assert ov["layers"]["fc"]["params_pct"] == pytest.approx(100 * 50 / 1530)
+    # a layer without a bias needs a register for the shift: beta counts
+    nobias = cn.analogize(nn.Sequential(nn.Linear(4, 6, bias=False)), cn.LogNormal(0.5))
+    attach_compensation(nobias, {"0": 0})
+    assert overhead(nobias, torch.randn(1, 4))["layers"]["0"]["params"] == 12
 
 
 def test_chip_agnostic_training_touches_only_the_compensators_and_uses_held_out_chips():

@@ -93,7 +93,7 @@ def evaluator(setup):
 
 def test_option_costs_are_the_overhead_of_plain_compensators_at_each_rank(setup, evaluator):
     """Both overheads of every option equal `overhead` of a separately built model holding that compensator; rank 0
-    costs 2 parameters per channel and one MAC per output element."""
+    costs 1 parameter per channel (LeNet-5's layers have biases) and one MAC per output element."""
     model, data = setup
     example = data.val.tensors[0][:1]
     net = overhead(model, example)["network"]
@@ -107,7 +107,8 @@ def test_option_costs_are_the_overhead_of_plain_compensators_at_each_rank(setup,
             assert evaluator.option_costs["macs"][i][k] == pytest.approx(o["macs_pct"])
         layer = cn.analog_layers(model)[name]
         channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        assert evaluator.option_costs["params"][i][0] == pytest.approx(100 * 2 * channels / net["params"])
+        # rank 0: gamma, one parameter per channel (beta joins the layer's bias register)
+        assert evaluator.option_costs["params"][i][0] == pytest.approx(100 * channels / net["params"])
     assert evaluator.n_placements == 4 ** 5  # none or one of three options at each of 5 layers
 
 
