@@ -185,8 +185,11 @@ def test_surrogate_learns_an_additive_objective_from_few_placements():
         assert sur.predict(p) == pytest.approx(f(p), abs=0.05)
 
 
-def test_model_based_ppo_stays_within_its_evaluation_budget(evaluator):
+def test_model_based_ppo_stays_within_its_evaluation_budget(evaluator, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3's default logger would make SB3-<date>
     r = search(evaluator, "ppo", seed=0, ppo=PPOConfig(surrogate=True, max_evaluations=12))
+    assert list(tmp_path.iterdir()) == []  # the search leaves no directory behind
     assert r.extra["ppo"]["surrogate"] and r.extra["ppo"]["explore"] == 7
     assert r.evaluations <= 13  # the cap, plus the final policy's own placement
     every = max(evaluator.evaluate(p).objective for p in enumerate_placements(5))

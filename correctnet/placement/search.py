@@ -303,6 +303,7 @@ class _ModelBased:
 def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict[str, Any]:
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.logger import Logger
 
     n = len(evaluator.names)
     k_opts = getattr(evaluator, "n_options", 1)
@@ -336,6 +337,7 @@ def _ppo(evaluator: _Session, cfg: PPOConfig, seed: int, progress: bool) -> dict
         agent = PPO("MlpPolicy", env, n_steps=n_steps, batch_size=n_steps, n_epochs=cfg.n_epochs,
                     learning_rate=cfg.learning_rate, gamma=1.0, gae_lambda=1.0, ent_coef=cfg.ent_coef,
                     policy_kwargs={"net_arch": list(cfg.net_arch)}, seed=seed, device="cpu", verbose=0)
+        agent.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default makes an empty /tmp/SB3-* per search
         agent.learn(total_timesteps=cfg.episodes * n, callback=Stop())
         steps = agent.num_timesteps
         model.active = False  # the policy's own choice is evaluated for real
