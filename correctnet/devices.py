@@ -133,10 +133,11 @@ def wan2022_std(g: torch.Tensor, g_max: float, t_eval: float = 1.0) -> torch.Ten
     ``g_max / 40 µS`` (the fit's reference).
     """
     x = g / g_max
-    std = torch.zeros_like(g)
-    for c in reversed(wan2022_coeffs(t_eval)):  # Horner
-        std = std * x + c
-    return std * (g_max / WAN2022_G_MAX)
+    c = wan2022_coeffs(t_eval)
+    std = (x * c[-1]).add_(c[-2])  # Horner from the top (0 * x + c is c), in place: the same values, fewer passes
+    for ci in reversed(c[:-2]):
+        std.mul_(x).add_(ci)
+    return std.mul_(g_max / WAN2022_G_MAX)
 
 
 def channel_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -149,12 +150,12 @@ def channel_scale(weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
 def to_conductance(weight: torch.Tensor, scale: torch.Tensor, g_min: float, g_max: float) -> torch.Tensor:
     """Differential pair ``[G+, G-]`` in µS (shape ``[2, *weight.shape]``) for weights ``|W| <= scale``."""
     k = (g_max - g_min) / scale
-    return torch.stack((g_min + k * torch.relu(weight), g_min + k * torch.relu(-weight)))
+    return torch.stack((weight, -weight)).relu_().mul(k).add_(g_min)  # g_min + k relu(+-W); autograd-safe in place
 
 
 def from_conductance(g: torch.Tensor, scale: torch.Tensor, g_min: float, g_max: float) -> torch.Tensor:
     """Inverse of :func:`to_conductance`: ``W = (G+ - G-) * scale / (g_max - g_min)``."""
-    return (g[0] - g[1]) * (scale / (g_max - g_min))
+    return (g[0] - g[1]).mul_(scale / (g_max - g_min))
 
 
 def _straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -164,8 +165,9 @@ def _straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def quantize_levels(g: torch.Tensor, levels: int, g_min: float, g_max: float) -> torch.Tensor:
     """Nearest of ``levels`` evenly spaced conductances in ``[g_min, g_max]`` (straight-through gradient)."""
     step = (g_max - g_min) / (levels - 1)
-    q = g_min + torch.round((g.detach() - g_min) / step).clamp(0, levels - 1) * step
-    return _straight_through(g, q)
+    gd = g.detach()
+    q = ((gd - g_min) / step).round_().clamp_(0, levels - 1).mul_(step).add_(g_min)  # in place: the same values
+    return g + q.sub_(gd)  # straight-through: the value of g + (q - g).detach(), the gradient of g
 
 
 def quantize_signal(x: torch.Tensor, bits: int, dims: Sequence[int]) -> torch.Tensor:
@@ -386,12 +388,14 @@ class RRAM(VariationModel):
         return self._read(self._static_conductances(weight, noise), read)
 
     def _static_conductances(self, weight: torch.Tensor, noise: torch.Tensor,
-                             slope: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                             slope: dict[str, torch.Tensor] | None = None,
+                             s: torch.Tensor | None = None) -> torch.Tensor:
         """``[G+, G-]`` of the chip (no read noise). With ``slope`` (a dict, filled in): what autograd's gradient
         through these stages is made of: ``k`` (the mapping's ``(g_max - g_min) / s``), ``alive`` (per cell, bool
         ``[2, *weight.shape]``: not clamped at 0 µS, not stuck) and, for log-normal programming, ``factor`` (per
-        cell, ``exp(sigma * eps)``). Levels are straight-through; the scale and the noise std are constants."""
-        s = self.scale(weight)
+        cell, ``exp(sigma * eps)``). Levels are straight-through; the scale and the noise std are constants.
+        ``s``: :meth:`scale` of ``weight`` when the caller has it."""
+        s = self.scale(weight) if s is None else s
         g = to_conductance(weight, s, self.g_min, self.g_max)
         alive: torch.Tensor | None = None
         if slope is not None:
@@ -401,10 +405,10 @@ class RRAM(VariationModel):
         eps = noise[:2]
         if self.sigma > 0:
             if self.programming == "wan2022":
-                pre = g + self.sigma * wan2022_std(g.detach(), self.g_max, self.t_eval) * eps
-                g = pre.clamp_min(0.0)
+                pre = g + wan2022_std(g.detach(), self.g_max, self.t_eval).mul_(self.sigma).mul_(eps)  # sigma*std*eps
                 if slope is not None:
                     alive = pre >= 0
+                g = pre.clamp_min(0.0) if pre.requires_grad else pre.clamp_min_(0.0)
             else:
                 factor = torch.exp(self.sigma * eps)
                 g = g * factor
@@ -445,7 +449,7 @@ class RRAM(VariationModel):
             with torch.no_grad():
                 value = self._read_weight(weight, noise, generator, slope)
                 pos = weight > 0  # the cell a weight drives: G+ for W > 0, G- for W < 0 (none for W = 0)
-                mask = pos | (weight < 0)
+                mask = weight != 0
                 if "alive" in slope:
                     mask &= torch.where(pos, slope["alive"][0], slope["alive"][1])
                 # autograd's order: drift factor, unmapping scale, log-normal factor, mapping slope k
@@ -459,7 +463,7 @@ class RRAM(VariationModel):
     def _read_weight(self, weight: torch.Tensor, noise: torch.Tensor, generator: torch.Generator | None,
                      slope: dict[str, torch.Tensor] | None) -> torch.Tensor:
         s = self.scale(weight)
-        g = self._static_conductances(weight, noise, slope)
+        g = self._static_conductances(weight, noise, slope, s)
         w = from_conductance(self._read(g, generator), s, self.g_min, self.g_max)
         if slope is not None:
             slope["unmap"] = s / (self.g_max - self.g_min)
