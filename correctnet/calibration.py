@@ -651,11 +651,12 @@ class ChipCalibrator:
     def last_record(self) -> dict[str, Any]:
         """What the last call recorded (seconds, start state): sent back by forked Monte-Carlo workers."""
         return {"seconds": self.seconds[-1], "start": self.starts[-1] if self.teacher is not None
-                and self.has_compensators else None}
+                and self.has_compensators else None, "bias_layers": self.bias_layers}
 
     def add_record(self, record: dict[str, Any]) -> None:
         """Add a chip's record made by another process (see :meth:`last_record`)."""
         self.seconds.append(record["seconds"])
+        self.bias_layers = record.get("bias_layers", self.bias_layers)
         if record["start"] is not None:
             self.starts.append(record["start"])
 

@@ -132,3 +132,16 @@ def test_bad_or_empty_settings_are_refused_in_one_line():
     ChipCalibrator(plain, images, CalibrationConfig(steps=2, n_images=8, teacher="self", biases=True))
     with pytest.raises(ConfigError, match="nothing to adjust"):
         ChipCalibrator(plain, images, CalibrationConfig(steps=2, n_images=8, teacher="self"))
+
+
+def test_chip_workers_fit_the_same_biases_and_report_them():
+    model = _model()
+    x = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    runs = []
+    for workers in (1, 2):
+        cal = _calibrator(model)
+        r = cn.monte_carlo(model, (x, y), n_chips=4, progress=False, calibrate=cal, chips_per_pass=1, workers=workers)
+        runs.append((r.accuracies, cal.stats()["bias_layers"]))
+    assert runs[0] == runs[1] and runs[0][1] == 2

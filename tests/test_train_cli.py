@@ -82,6 +82,8 @@ def test_default_job_tells_the_story_in_one_table(story):
     choice = cal["teacher_choice"]
     assert set(choice["validation_accuracy"]) == {"ensemble", "reference"} and choice["chip_stream"] == "CHECK"
     assert cal["teacher"] == choice["chosen"] == max(choice["validation_accuracy"], key=choice["validation_accuracy"].get)
+    # each chip also fitted the digital biases of the layers the search left without a compensator (LeNet-5: 5 layers)
+    assert cal["biases"] is True and cal["bias_layers"] == 5 - len(meta["compensation"])
     # the vanilla reference is exported beside it, and reproduces the baseline stage
     ref, ref_meta = cn.load_checkpoint(out / meta["reference"]["file"])
     assert ref_meta["stage"] == "baseline" and not ref_meta["compensation"]
