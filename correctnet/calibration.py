@@ -490,9 +490,9 @@ def _chip_biases(model: nn.Module, k: int) -> Iterator[list[nn.Parameter]]:
 
     def hook(layer: AnalogLayer, table: torch.Tensor) -> Callable[..., torch.Tensor]:
         def add(_m: nn.Module, _args: Any, y: torch.Tensor) -> torch.Tensor:
-            groups = layer._chip_groups(y) if k > 1 else (y,)
-            return torch.cat([g + layer._bias_view(table[j]) for j, g in enumerate(groups)]) if k > 1 \
-                else y + layer._bias_view(table[0])
+            if k == 1:
+                return y + layer._bias_view(table[0])
+            return torch.cat([g + layer._bias_view(table[j]) for j, g in enumerate(layer._chip_groups(y))])
         return add
 
     try:
