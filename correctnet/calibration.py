@@ -507,6 +507,13 @@ def _chip_biases(model: nn.Module, k: int) -> Iterator[list[nn.Parameter]]:
             layer.bias = b
 
 
+def calibrates_anything(model: nn.Module, cfg: CalibrationConfig) -> bool:
+    """Whether per-chip calibration with ``cfg`` has something to adjust on ``model``: compensators or (with
+    ``cfg.biases``) biases to fit in its steps, or BatchNorm statistics to re-estimate."""
+    fits = bool(compensators(model)) or (cfg.biases and bool(_bias_layers(model)))
+    return (fits and cfg.steps > 0) or (cfg.batchnorm and bool(_batchnorms(model)))
+
+
 class ChipCalibrator:
     """Calibrates the chip a model is programmed as: ``calibrator(model, chip_seed)``.
 
@@ -531,7 +538,7 @@ class ChipCalibrator:
         self.has_compensators = bool(compensators(model))
         self.has_batchnorm = bool(_batchnorms(model))
         fits = self.has_compensators or (cfg.biases and bool(_bias_layers(model)))
-        if not (fits and cfg.steps > 0) and not (self.has_batchnorm and cfg.batchnorm):
+        if not calibrates_anything(model, cfg):
             raise ConfigError("per-chip calibration has nothing to adjust: the model has no compensation modules "
                               "(nor biases to fit with calibration.biases=true, or calibration.steps=0) and no "
                               "BatchNorm to re-estimate")
@@ -843,7 +850,8 @@ def evaluate_calibrated(path: str | os.PathLike, *, calibration: dict[str, Any] 
     return res
 
 
-__all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibration_images",
+__all__ = ["CalibrationConfig", "ChipCalibrator", "CompensationConfig", "CompensationResult", "calibrates_anything",
+           "calibration_images",
            "calibrate_chip", "calibration_state", "check_compensation", "checkpoint_calibration",
            "evaluate_calibrated", "distillation_loss", "ensemble_logits", "load_reference", "teacher_network",
            "load_calibrated_chip", "save_calibrated_chip", "reestimate_batchnorm", "teacher_logits", "train_compensation"]

@@ -30,7 +30,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .analog import analogize, calibrate_input_ranges, check_range_settings, nominal, set_variation
-from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images, check_compensation,
+from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibrates_anything, calibration_images,
+                          check_compensation,
                           teacher_logits, teacher_network, train_compensation)
 from .checkpoint import checkpoint_digest, save_checkpoint, versions
 from .io import atomic_write
@@ -431,9 +432,10 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
         log.info("calibration.n_images=%d is more than the %d training images: each chip calibrates on all of them",
                     cal.n_images, len(data.train))
         job.cal_cfg = cal = dataclasses.replace(cal, n_images=len(data.train))
-    if cal is not None and placement is None and not _has_batchnorm(model):
+    if cal is not None and placement is None and not calibrates_anything(model, cal):
         raise ConfigError("calibration=per_chip needs compensation modules (compensation=all or "
-                          "compensation.placement=[...]) or a model with BatchNorm to re-estimate")
+                          "compensation.placement=[...]), biases to fit (calibration.biases=true) or a model with "
+                          "BatchNorm to re-estimate")
     log.info("%s on %s (%d train / %d val / %d test), %d parameters, device %s", model_spec["name"], data.name,
              len(data.train), len(data.val), len(data.test), sum(p.numel() for p in model.parameters()), job.device,
              extra=CONSOLE)
@@ -703,8 +705,10 @@ def _run(job: Job, out_dir: Path, t_start: float, command: str | None) -> dict[s
         result, cost = compensate(ws, base_training, reference, evaluator, chosen)
         add(result)
         final = Stage.COMPENSATED
-    if job.cal_cfg is not None and ws.placement is None and job.strategy is not None and not _has_batchnorm(ws.model):
-        log.info("nothing to calibrate (no compensation chosen, no BatchNorm): no calibrated stage", extra=CONSOLE)
+    if job.cal_cfg is not None and ws.placement is None and job.strategy is not None \
+            and not calibrates_anything(ws.model, job.cal_cfg):
+        log.info("nothing to calibrate (no compensation chosen, no BatchNorm, no biases to fit): no calibrated stage",
+                 extra=CONSOLE)
     elif job.cal_cfg is not None:
         add(calibrate_chips(ws, reference, stages[final]["clean_accuracy"], cost))
     metrics = export(ws, stages, final=final, reference=reference, placement_record=placement_record,
@@ -713,10 +717,6 @@ def _run(job: Job, out_dir: Path, t_start: float, command: str | None) -> dict[s
         ws.store.clear()  # the results are written: the snapshots are no longer needed
     _print_summary(metrics, ws.out_dir)
     return metrics
-
-
-def _has_batchnorm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 

@@ -299,3 +299,23 @@ def test_bad_input_range_settings_are_one_line(tmp_path, overrides, needle):
     r = run_cli(*FAST, *overrides, cwd=tmp_path)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_noise_aware_network_calibrated_by_its_biases_alone_replays(tmp_path):
+    """Per-chip calibration with no compensator at all: each chip fits only its digital biases (no overhead)."""
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "correctnet.train", "method=noise_aware", "calibration=per_chip",
+                        "calibration.biases=true", "calibration.teacher=self", "calibration.steps=5",
+                        "calibration.n_images=200", "training.epochs=2", "evaluation.n_chips=4", "progress=false",
+                        f"hydra.run.dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    cal = m["stages"]["calibrated"]
+    assert cal["calibration"]["bias_layers"] == 5 and not cal["calibration"]["compensators"]
+    assert cal["mc"]["accuracies"] != m["stages"]["noise_aware"]["mc"]["accuracies"]  # the biases changed the chips
+    e = subprocess.run([sys.executable, "-m", "correctnet.evaluate", f"checkpoint={out / 'model.safetensors'}",
+                        "calibration=per_chip", "progress=false"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=ONE_THREAD)
+    assert e.returncode == 0, e.stderr
+    assert "reproduces the exported metrics exactly" in e.stdout, e.stdout
