@@ -145,3 +145,12 @@ def test_chip_workers_fit_the_same_biases_and_report_them():
         r = cn.monte_carlo(model, (x, y), n_chips=4, progress=False, calibrate=cal, chips_per_pass=1, workers=workers)
         runs.append((r.accuracies, cal.stats()["bias_layers"]))
     assert runs[0] == runs[1] and runs[0][1] == 2
+
+
+def test_evaluate_cli_accepts_every_calibration_setting():
+    from correctnet.evaluate.cli import parse_args
+
+    opts = parse_args(["checkpoint=x.safetensors", "calibration=per_chip", "calibration.biases=true"])
+    assert opts["calibration.biases"] == "true"
+    with pytest.raises(ConfigError, match="unknown key 'calibration.bias'"):
+        parse_args(["checkpoint=x.safetensors", "calibration=per_chip", "calibration.bias=true"])

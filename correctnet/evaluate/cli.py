@@ -46,7 +46,7 @@ Defaults are the checkpoint's own settings: with them the exported metrics are r
                             did (its calibration settings); reproduces the exported "calibrated" stage
   calibration.KEY=V         override one calibration setting (steps, n_images, lr, batch_size, start, ...)
   export_chip=I out_chip=FILE   with calibration=per_chip: also write evaluation chip I's calibrated state
-                            (compensators, BatchNorm statistics) to FILE (correctnet.calibration.load_calibrated_chip)
+                            (compensators, BatchNorm statistics, fitted biases) to FILE (correctnet.calibration.load_calibrated_chip)
   trust=MOD[,MOD...]        modules the checkpoint's model may be imported from (names or prefixes, e.g.
                             trust=mypkg): nothing else is imported but correctnet, transformers, timm;
                             trust=true allows any module (importing a module runs its code: only for files you trust)
@@ -63,8 +63,7 @@ KEYS = ("checkpoint", "variation.name", "variation.sigma", "variation.t_eval", "
         "progress", "out", "overwrite", "dataset.path", "calibration", "export_chip", "out_chip", "threads",
         "evaluation.workers", "evaluation.chips_per_pass", "trust", "evaluation.chips", "merge", "evaluation.precision")
 MAX_RECORDED_THREADS = 1024  # a larger recorded torch thread count is refused (an edited or broken file)
-CALIBRATION_KEYS = ("steps", "n_images", "batch_size", "lr", "temperature", "batchnorm", "start", "teacher", "teacher_chips",
-                    "select_chips", "seed")
+CALIBRATION_KEYS = tuple(CalibrationConfig.__dataclass_fields__)  # every per-chip calibration setting
 
 
 def parse_args(argv: Sequence[str]) -> dict[str, str] | None:
