@@ -478,11 +478,11 @@ def _bias_layers(model: nn.Module) -> list[AnalogLayer]:
 
 
 @contextlib.contextmanager
-def _chip_biases(model: nn.Module, k: int) -> Iterator[list[nn.Parameter]]:
+def _chip_biases(model: nn.Module, k: int) -> Iterator[list[tuple[AnalogLayer, nn.Parameter]]]:
     """Inside the block the layers of :func:`_bias_layers` add bias ``B[j]`` (``[k, out]``, a leaf that
     requires grad, starting at the nominal bias) to chip ``j``'s group of their output instead of their own bias,
-    so each of the ``k`` chips programmed at once has its own; yields the ``B``. On exit the layers get their own
-    bias back, unchanged (:meth:`ChipCalibrator.__call__` copies a single chip's ``B[0]`` into it)."""
+    so each of the ``k`` chips programmed at once has its own; yields ``(layer, B)`` pairs. On exit the layers get
+    their own bias back, unchanged (:meth:`ChipCalibrator.__call__` copies a single chip's ``B[0]`` into it)."""
     layers = _bias_layers(model)
     saved = [cast(nn.Parameter, layer.bias) for layer in layers]
     tables = [nn.Parameter(b.detach().clone().unsqueeze(0).repeat(k, 1)) for b in saved]
@@ -499,7 +499,7 @@ def _chip_biases(model: nn.Module, k: int) -> Iterator[list[nn.Parameter]]:
         for layer, table in zip(layers, tables):
             setattr(layer, "bias", None)  # its _converted_mvm adds no bias; the hook adds the chip's
             handles.append(layer.register_forward_hook(hook(layer, table)))
-        yield tables
+        yield list(zip(layers, tables))
     finally:
         for h in handles:
             h.remove()
@@ -507,11 +507,15 @@ def _chip_biases(model: nn.Module, k: int) -> Iterator[list[nn.Parameter]]:
             layer.bias = b
 
 
+def _fits_anything(model: nn.Module, cfg: CalibrationConfig) -> bool:
+    """Whether the calibration steps have parameters to fit: compensators, or biases with ``cfg.biases``."""
+    return cfg.steps > 0 and (bool(compensators(model)) or (cfg.biases and bool(_bias_layers(model))))
+
+
 def calibrates_anything(model: nn.Module, cfg: CalibrationConfig) -> bool:
     """Whether per-chip calibration with ``cfg`` has something to adjust on ``model``: compensators or (with
     ``cfg.biases``) biases to fit in its steps, or BatchNorm statistics to re-estimate."""
-    fits = bool(compensators(model)) or (cfg.biases and bool(_bias_layers(model)))
-    return (fits and cfg.steps > 0) or (cfg.batchnorm and bool(_batchnorms(model)))
+    return _fits_anything(model, cfg) or (cfg.batchnorm and bool(_batchnorms(model)))
 
 
 class ChipCalibrator:
@@ -537,7 +541,6 @@ class ChipCalibrator:
         self.output = output
         self.has_compensators = bool(compensators(model))
         self.has_batchnorm = bool(_batchnorms(model))
-        fits = self.has_compensators or (cfg.biases and bool(_bias_layers(model)))
         if not calibrates_anything(model, cfg):
             raise ConfigError("per-chip calibration has nothing to adjust: the model has no compensation modules "
                               "(nor biases to fit with calibration.biases=true, or calibration.steps=0) and no "
@@ -548,7 +551,7 @@ class ChipCalibrator:
         if cfg.teacher == "reference" and teacher is None:
             raise ConfigError("calibration.teacher=reference needs the reference network: ChipCalibrator(..., teacher=net)")
         self.teacher = None
-        if fits and cfg.steps > 0:
+        if _fits_anything(model, cfg):
             if cfg.teacher == "ensemble":
                 self.teacher = ensemble_logits(model, images, cfg.teacher_chips, cfg.seed, output=output)
             elif teacher is None:  # self: the clean network
@@ -613,10 +616,14 @@ class ChipCalibrator:
             for m, t in flags.items():
                 m.training = t
 
-    def _biases(self, model: nn.Module, k: int) -> contextlib.AbstractContextManager[list[nn.Parameter]]:
-        on = self.cfg.biases and self.teacher is not None
-        self.bias_layers = len(_bias_layers(model)) if on else 0
-        return _chip_biases(model, k) if on else contextlib.nullcontext([])
+    @contextlib.contextmanager
+    def _biases(self, model: nn.Module, k: int) -> Iterator[list[tuple[AnalogLayer, nn.Parameter]]]:
+        """:func:`_chip_biases` when this calibration fits biases (else no pairs); records how many layers."""
+        fitting: contextlib.AbstractContextManager[list[tuple[AnalogLayer, nn.Parameter]]] = (
+            _chip_biases(model, k) if self.cfg.biases and self.teacher is not None else contextlib.nullcontext([]))
+        with fitting as pairs:
+            self.bias_layers = len(pairs)
+            yield pairs
 
     def __call__(self, model: nn.Module, seed: int) -> None:
         t0 = time.perf_counter()
@@ -625,11 +632,10 @@ class ChipCalibrator:
         if self.teacher is not None:
             if self.has_compensators:
                 self.starts.extend(self._start(model, None, 1))
-            layers = _bias_layers(model) if self.cfg.biases else []
-            with self._biases(model, 1) as tables:
-                self._fit(model, [seed], tables)
+            with self._biases(model, 1) as pairs:
+                self._fit(model, [seed], [table for _, table in pairs])
             with torch.no_grad():  # the chip's fitted biases become the layers' own
-                for layer, table in zip(layers, tables):
+                for layer, table in pairs:
                     cast(torch.Tensor, layer.bias).copy_(table[0])
         self.seconds.append(time.perf_counter() - t0)
 
@@ -644,14 +650,14 @@ class ChipCalibrator:
         k = len(seeds)
         with chips(model, seeds), _per_chip_copies(model, k, compensators_too=self.teacher is not None,
                                                    batchnorm=self.cfg.batchnorm) as comps, \
-                self._biases(model, k) as tables:
+                self._biases(model, k) as pairs:
             t0 = time.perf_counter()
             if self.cfg.batchnorm:
                 reestimate_batchnorm(model, self.images, self.cfg.batch_size, repeat=k)
             if self.teacher is not None:
                 if self.has_compensators:
                     self.starts.extend(self._start(model, comps, k))
-                self._fit(model, seeds, tables)
+                self._fit(model, seeds, [table for _, table in pairs])
             self.seconds.extend([(time.perf_counter() - t0) / k] * k)
             yield model
 

@@ -31,8 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .analog import analogize, calibrate_input_ranges, check_range_settings, nominal, set_variation
 from .calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibrates_anything, calibration_images,
-                          check_compensation,
-                          teacher_logits, teacher_network, train_compensation)
+                          check_compensation, teacher_logits, teacher_network, train_compensation)
 from .checkpoint import checkpoint_digest, save_checkpoint, versions
 from .io import atomic_write
 from .compensation import KINDS, attach_compensation, compensation_spec, keep_compensation, overhead, resolve_placement
