@@ -33,12 +33,12 @@ from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, se
 from correctnet.placement.evaluator import random_options
 from correctnet.training import TrainConfig, train
 
-from common import add_run_args, add_training_args, benchmark_data, apply_threads, machine_line, portable, record
+from common import model_kwargs, add_run_args, add_training_args, benchmark_data, apply_threads, machine_line, portable, record
 
 
 def _network(args: argparse.Namespace, data: Any) -> torch.nn.Module:
     torch.manual_seed(args.seed)
-    kw: dict[str, Any] = {"width": args.width} if args.model.startswith("vgg") else {}
+    kw: dict[str, Any] = model_kwargs(args.model, args.width)
     if args.hidden:
         kw["hidden"] = tuple(args.hidden)
     model = cn.build_model(args.model, data.input_shape, data.num_classes, **kw)
@@ -114,7 +114,6 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
-    p.add_argument("--width", type=float, default=0.25, help="VGG width")
     p.add_argument("--hidden", type=int, nargs="+", default=None,
                    help="MLP hidden widths (e.g. 10 layers: --model mlp --hidden 128 x 9)")
     p.add_argument("--sigma", type=float, default=0.5)

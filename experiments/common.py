@@ -124,8 +124,8 @@ def machine_line(setup: dict[str, Any]) -> str:
             f"torch {setup.get('versions', {}).get('torch', '?')}, commit {commit}")
 
 
-__all__ = ["add_base_args", "add_run_args", "apply_threads", "git_state", "machine_line", "portable", "record",
-           "write_result"]
+__all__ = ["add_base_args", "add_run_args", "apply_threads", "build_network", "git_state", "machine_line",
+           "model_kwargs", "portable", "record", "write_result"]
 
 
 def add_training_args(p: argparse.ArgumentParser, model: str = "lenet5", epochs: int = 3, chips: int = 100,
@@ -138,6 +138,18 @@ def add_training_args(p: argparse.ArgumentParser, model: str = "lenet5", epochs:
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--chips", type=int, default=chips, help="evaluation chips (Stream.EVAL)")
     p.add_argument("--test-samples", type=int, default=test_samples, help="the first N test images")
+    p.add_argument("--width", type=float, default=0.25, help="VGG channel multiplier (as conf/model/vgg11.yaml)")
+
+
+def model_kwargs(model: str, width: float) -> dict[str, Any]:
+    """``build_model`` kwargs for benchmark ``model``: VGGs take the channel multiplier ``width``."""
+    return {"width": width} if model.startswith("vgg") else {}
+
+
+def build_network(args: argparse.Namespace, data: Any) -> torch.nn.Module:
+    """The plain reference network ``args.model`` (``args.width`` for VGGs) for ``data``'s inputs and classes."""
+    return correctnet.build_model(args.model, data.input_shape, data.num_classes,
+                                  **model_kwargs(args.model, args.width))
 
 
 def benchmark_data(args: argparse.Namespace) -> tuple[Any, tuple[torch.Tensor, torch.Tensor]]:

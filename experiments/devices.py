@@ -40,7 +40,7 @@ from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, input_shapes
 from correctnet.training import TrainConfig, train
 
-from common import machine_line, portable, record
+from common import build_network, machine_line, portable, record
 
 CONF = CONFIG_DIR  # the package's Hydra config groups
 
@@ -64,7 +64,7 @@ def base_model(kind: str, variation: cn.VariationModel, args, data, cache: Path)
         cn.set_variation(model, variation)
         return model, meta["bench"]
     torch.manual_seed(args.seed)
-    model = cn.analogize(cn.build_model(args.model, data.input_shape, data.num_classes), variation, inplace=True)
+    model = cn.analogize(build_network(args, data), variation, inplace=True)
     reg = None
     if kind == "suppressed":
         reg = LipschitzRegularizer("relative", args.lip_strength, seed=args.seed)
@@ -94,6 +94,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion_mnist")
     p.add_argument("--model", default="lenet5")
+    p.add_argument("--width", type=float, default=0.25, help="VGG channel multiplier (as conf/model/vgg11.yaml)")
     p.add_argument("--variations", nargs="+", default=["rram_wan2022", "rram_faulty"], help="conf/variation presets")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra overrides, e.g. variation.levels=16")
     p.add_argument("--epochs", type=int, default=5)

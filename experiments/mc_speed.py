@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 import correctnet as cn
-from common import write_result
+from common import model_kwargs, write_result
 from correctnet.calibration import CalibrationConfig, ChipCalibrator, calibration_images
 from correctnet.compensation import attach_compensation
 from correctnet.data import load_dataset
@@ -120,7 +120,7 @@ def _prepare(name: str, args: argparse.Namespace, data, device: torch.device, wi
     """The test images and labels, the plain and analog model, the evaluation batches (NCHW and channels-last), the rows dict with its
     ``add(key, seconds, chips, mem, **extra)`` printer, and the two clean-forward rows already measured."""
     x, y = data.test.tensors[0][:args.test_samples], data.test.tensors[1][:args.test_samples]
-    kw = {"width": args.width} if name.startswith("vgg") else {}
+    kw = model_kwargs(name, args.width)
     torch.manual_seed(args.seed)
     plain = cn.build_model(name, data.input_shape, data.num_classes, **kw).to(device).eval()
     batches = list(iter_batches((x, y), args.batch_size, device))

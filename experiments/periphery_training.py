@@ -43,7 +43,8 @@ from correctnet.devices import RRAM
 from correctnet.tensors import first_samples
 from correctnet.training import TrainConfig, make_schedule, train
 
-from common import add_run_args, add_training_args, benchmark_data, apply_threads, machine_line, portable, record, write_result
+from common import (add_run_args, add_training_args, apply_threads, benchmark_data, build_network, machine_line, portable,
+                    record, write_result)
 
 # conf/variation/rram_fixed_range.yaml (rram_wan2022 + rram_periphery + dac_range)
 DEPLOY = RRAM(sigma=1.0, read_noise=0.01, dac_bits=8, adc_bits=8, dac_range=1.0, adc_range=12.0, output_noise=0.005)
@@ -146,7 +147,7 @@ def main() -> None:
     for name in chosen:
         variation, cfg = arms[name]
         torch.manual_seed(args.seed)
-        net = cn.build_model(args.model, data.input_shape, data.num_classes)
+        net = build_network(args, data)
         extra: dict[str, Any] = {}
         t0 = time.perf_counter()
         if name == "aihwkit":
