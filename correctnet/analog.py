@@ -1467,9 +1467,15 @@ def check_range_settings(percentile: Any = 100.0, estimator: Any = "max", std_fa
 
 
 def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile: float = 100.0, *,
-                           estimator: str = "max", std_factor: float = 3.0,
-                           momentum: float = 0.9) -> dict[str, float]:
+                           estimator: str = "max", std_factor: float = 3.0, momentum: float = 0.9,
+                           batch_statistics: bool = False) -> dict[str, float]:
     """Set each analog layer's fixed DAC range from calibration data; returns ``{layer name: range}``.
+
+    ``batch_statistics=True``: BatchNorm layers normalize with each batch's own statistics, as in a training
+    step, instead of their running statistics (which are left unchanged). Use it before training: an untrained
+    network's running statistics (mean 0, variance 1) describe no activation, so eval-mode ranges of a deep
+    BatchNorm network shrink layer by layer (VGG11: the last conv's range 300x below what a training step feeds
+    it) and a fixed-range DAC then clips nearly every input, which stops training.
 
     Runs ``model`` nominally (eval mode, no gradients; its modes and training flag are restored) on every
     batch (a tensor, or a tuple/list whose first item is the input, as a DataLoader yields) and records, per
@@ -1492,8 +1498,12 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
     """
     require_analog(model)
     check_range_settings(percentile, estimator, std_factor, momentum)
+    if not isinstance(batch_statistics, bool):
+        raise ConfigError(f"batch_statistics must be true or false, got {batch_statistics!r}")
     layers = analog_layers(model)
     training = {m: m.training for m in model.modules()}
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_statistics else []
+    buffers = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
     for layer in layers.values():
         layer._input_ranges = []
         if estimator == "std":
@@ -1506,6 +1516,8 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
 
     try:
         model.eval()
+        for m in norms:
+            m.train()
         with _restoring(model), torch.no_grad():
             set_nominal(model)
             for batch in batches:
@@ -1534,5 +1546,8 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
         for layer in layers.values():
             layer._input_ranges = None
             layer._input_moments = None
+        for m, saved in zip(norms, buffers):
+            for k, v in saved.items():
+                getattr(m, k).copy_(v)
         for m, flag in training.items():
             m.training = flag

@@ -108,13 +108,16 @@ def _ranges_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _calibrate_ranges(model: torch.nn.Module, train_data: Any, ranges: dict[str, Any], when: str,
-                      batch_size: int) -> None:
-    """Set the fixed DAC ranges of ``model``'s analog layers from the first ``ranges["images"]`` training images."""
+                      batch_size: int, batch_statistics: bool = False) -> None:
+    """Set the fixed DAC ranges of ``model``'s analog layers from the first ``ranges["images"]`` training images
+    (``batch_statistics``: BatchNorm on each batch's statistics, as training will run; before training)."""
     x = first_samples(train_data, ranges["images"]).tensors[0]
     dev = next(model.parameters()).device
     found = calibrate_input_ranges(model, [x[i:i + batch_size].to(dev) for i in range(0, len(x), batch_size)],
-                                   **{k: v for k, v in ranges.items() if k != "images"})
-    log.info("input ranges %s (%s on %d training images): %s", when, ranges["estimator"], len(x),
+                                   **{k: v for k, v in ranges.items() if k != "images"},
+                                   batch_statistics=batch_statistics)
+    log.info("input ranges %s (%s on %d training images%s): %s", when, ranges["estimator"], len(x),
+             ", BatchNorm on batch statistics" if batch_statistics else "",
              ", ".join(f"{n} {r:.3g}" for n, r in found.items()))
 
 
@@ -404,7 +407,7 @@ def prepare(job: Job, out_dir: Path) -> Workspace:
         raise _prefixed(key if "pattern" in str(e) else "analog", e) from None
     model = model.to(job.device)
     if job.ranges is not None:  # fixed-range DACs: the ranges noise-aware training starts from (and learns, if asked)
-        _calibrate_ranges(model, data.train, job.ranges, "before training", job.eval_batch)
+        _calibrate_ranges(model, data.train, job.ranges, "before training", job.eval_batch, batch_statistics=True)
     placement = None
     if job.placement is not None:
         try:  # bad names fail before training

@@ -24,7 +24,7 @@ Each is measured on the same ``--chips`` evaluation chips (``Stream.EVAL``) of t
     python experiments/periphery_training.py --model lenet5 --epochs 3 --threads 1 --arms aihwkit
 
 Results: ``experiments/results/periphery_training_<dataset>_<model>_s<seed>[_<arms>].{json,md}`` (the suffix when
-``--arms`` is not the default three).
+``--arms`` is not the default three), written after every arm; ``--resume`` keeps the arms that file already holds.
 """
 from __future__ import annotations
 
@@ -49,12 +49,14 @@ from common import (add_run_args, add_training_args, apply_threads, benchmark_da
 # conf/variation/rram_fixed_range.yaml (rram_wan2022 + rram_periphery + dac_range)
 DEPLOY = RRAM(sigma=1.0, read_noise=0.01, dac_bits=8, adc_bits=8, dac_range=1.0, adc_range=12.0, output_noise=0.005)
 ARMS = ["without", "with", "learned"]
+SETUP_KEYS = ("dataset", "model", "width", "seed", "epochs", "chips", "test_samples", "chips_per_step", "range_images",
+              "aihwkit_noise")  # what an arm's number depends on, besides the code
 IDEAL = dataclasses.replace(DEPLOY, dac_bits=None, adc_bits=None, dac_range="auto", adc_range="auto", output_noise=0.0)
 
 
-def _ranges(model: torch.nn.Module, data: Any, n: int) -> None:
+def _ranges(model: torch.nn.Module, data: Any, n: int, before_training: bool = False) -> None:
     x = first_samples(data.train, n).tensors[0]
-    cn.calibrate_input_ranges(model, [x[i:i + 256] for i in range(0, len(x), 256)])
+    cn.calibrate_input_ranges(model, [x[i:i + 256] for i in range(0, len(x), 256)], batch_statistics=before_training)
 
 
 def table(res: dict[str, Any]) -> str:
@@ -68,10 +70,17 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | {100 * r['clean']:.2f}% | {100 * r['mean']:.2f}% | {100 * r['p5']:.2f}% | "
                      f"{100 * r['min']:.2f}% | {r['seconds']:.0f} |")
     arms = res["arms"]
-    if {"without", "with", "learned"} <= set(arms):
+    if "without" in arms and {"with", "learned"} & set(arms):
         o = arms["without"]["mean"]
-        lines += ["", f"Through the periphery minus without: {100 * (arms['with']['mean'] - o):+.2f} points of chip "
-                  f"mean; with learned ranges and the clip minus without: {100 * (arms['learned']['mean'] - o):+.2f}."]
+        diffs = [f"{label} minus without: {100 * (arms[k]['mean'] - o):+.2f} points of chip mean"
+                 for k, label in (("with", "through the periphery"), ("learned", "with learned ranges and the clip"))
+                 if k in arms]
+        lines += ["", "; ".join(diffs).capitalize() + "."]
+    older = {k: v["commit"]["commit"][:10] for k, v in arms.items()
+             if "commit" in v and v["commit"]["commit"] != s["git"]["commit"]}
+    if older:
+        lines += ["", "Resumed arms (measured at an earlier commit): " +
+                  ", ".join(f"{k} at {c}" for k, c in older.items()) + "."]
     if "aihwkit" in arms:
         lines += ["", f"aihwkit: aihwkit-lightning {arms['aihwkit']['version']}, guide configuration, weight noise "
                   f"{s['aihwkit_noise']} (ADD_NORMAL_PER_CHANNEL)."]
@@ -127,6 +136,8 @@ def main() -> None:
     p.add_argument("--range-images", type=int, default=1024)
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {ARMS + ['aihwkit']}")
     p.add_argument("--aihwkit-noise", type=float, default=0.05, help="aihwkit arm: per-channel weight noise std")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the arms the result file already holds for the same setup (each arm records its commit)")
     add_run_args(p, threads=1)
     args = p.parse_args()
     apply_threads(args)
@@ -138,6 +149,13 @@ def main() -> None:
     out = args.out or (Path(__file__).parent / "results" /
                        f"periphery_training_{args.dataset}_{args.model}_s{args.seed}{suffix}.json")
     res: dict[str, Any] = {"setup": {**portable(vars(args)), **record()}, "arms": {}}
+    if args.resume and out.exists():
+        old = json.loads(out.read_text())
+        differs = sorted(k for k in SETUP_KEYS if old["setup"].get(k) != res["setup"].get(k))
+        if differs:
+            p.error(f"--resume: {out} was measured with other settings ({', '.join(differs)})")
+        res["arms"] = {k: v for k, v in old["arms"].items() if k in chosen}
+        print(f"resumed {sorted(res['arms'])} from {portable(out)}", flush=True)
     data, test = benchmark_data(args)
     base = TrainConfig(epochs=args.epochs, noise_aware=True, chips_per_step=args.chips_per_step, seed=args.seed)
     arms = {"without": (IDEAL, base), "with": (DEPLOY, base),
@@ -145,6 +163,8 @@ def main() -> None:
                                                      weight_clip=2.5)),
             "aihwkit": (DEPLOY, base)}
     for name in chosen:
+        if name in res["arms"]:
+            continue
         variation, cfg = arms[name]
         torch.manual_seed(args.seed)
         net = build_network(args, data)
@@ -160,7 +180,7 @@ def main() -> None:
         else:
             model = cn.analogize(net, variation, inplace=True)
             if variation.needs_input_range:
-                _ranges(model, data, args.range_images)
+                _ranges(model, data, args.range_images, before_training=True)
             train(model, data.train, data.val, cfg, progress=args.progress, stage=name)
             seconds = time.perf_counter() - t0
             cn.set_variation(model, DEPLOY)
@@ -168,7 +188,8 @@ def main() -> None:
                 _ranges(model, data, args.range_images)
         r = cn.monte_carlo(model, test, n_chips=args.chips, seed=0, progress=args.progress, desc=name)
         res["arms"][name] = {"mean": r.mean, "std": r.std, "p5": r.p5, "min": r.min, "seconds": seconds,
-                             "clean": cn.clean_accuracy(model, test), "accuracies": r.accuracies, **extra}
+                             "clean": cn.clean_accuracy(model, test), "accuracies": r.accuracies,
+                             "commit": res["setup"]["git"], **extra}
         print(f"{name}: {100 * r.mean:.2f}% (p5 {100 * r.p5:.2f}%)", flush=True)
         out.write_text(json.dumps(res, indent=1))
     write_result(out, res, table)

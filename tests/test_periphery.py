@@ -1,6 +1,7 @@
 """Training for the periphery: noise-aware training through fixed-range converters, output noise and levels,
 weight clipping, learned input ranges and the input-range estimators (correctnet.periphery, correctnet.training,
 correctnet.analog.calibrate_input_ranges)."""
+import copy
 import math
 
 import pytest
@@ -460,6 +461,38 @@ def test_std_estimator():
         want = 2.5 * torch.cat([x.flatten() for x in xs]).double().std().item()
         assert ranges[n] == pytest.approx(want, rel=1e-6)
     assert cn.calibrate_input_ranges(model, BATCHES, estimator="std")["0"] == pytest.approx(ranges["0"] * 3 / 2.5)
+
+
+def test_batch_statistics_ranges_follow_a_training_steps_batchnorm_and_leave_its_statistics():
+    """Before training, BatchNorm's running statistics (mean 0, var 1) describe no activation: with
+    ``batch_statistics`` the Linear layer's range is what a training step feeds it (BatchNorm on the batch's own
+    mean and biased variance, computed by hand on an independent copy), per batch; running statistics,
+    ``num_batches_tracked`` and every module's mode are left as they were."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 6))
+    with torch.no_grad():
+        plain[0].bias.add_(5.0)  # conv outputs far from BatchNorm's initial running mean 0
+    ref = copy.deepcopy(plain)
+    model = cn.analogize(plain, RRAM(sigma=0.5, dac_range=1.0, dac_bits=8))
+    model.train()
+    model[1].eval()  # a mixed state, to be restored
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    ranges = cn.calibrate_input_ranges(model, BATCHES, batch_statistics=True)
+    want = []
+    with torch.no_grad():
+        for x in BATCHES:
+            h = ref[0](x)
+            mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+            h = (h - mean) / torch.sqrt(var + ref[1].eps) * ref[1].weight.view(1, -1, 1, 1) + ref[1].bias.view(1, -1, 1, 1)
+            want.append(per_vector_max(torch.relu(h).flatten(1)))
+    assert ranges["4"] == pytest.approx(torch.cat(want).max().item(), rel=1e-6)
+    eval_mode = cn.calibrate_input_ranges(model, BATCHES)["4"]  # running statistics: conv outputs ~5 unnormalized
+    assert eval_mode > 3 * ranges["4"]
+    for k, v in model[1].state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training and model[0].training and not model[1].training
+    with pytest.raises(cn.ConfigError, match="batch_statistics must be true or false"):
+        cn.calibrate_input_ranges(model, BATCHES, batch_statistics="yes")
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -280,6 +280,8 @@ def test_fixed_range_dacs_get_input_ranges_from_data_and_the_checkpoint_replays_
     assert r.returncode == 0, r.stderr
     log = (tmp_path / "fixed" / "train.log").read_text()
     assert "input ranges before training (max on 1024" in log and "input ranges after training" in log
+    assert "before training (max on 1024 training images, BatchNorm on batch statistics)" in log
+    assert "after training (max on 1024 training images):" in log  # the trained network: running statistics
     ranges = read_metadata(tmp_path / "fixed" / "model.safetensors")["analog"]["input_ranges"]
     assert set(ranges) == {"conv1", "conv2", "fc1", "fc2", "fc3"} and all(v > 0 for v in ranges.values())
     assert evaluate_checkpoint(tmp_path / "fixed" / "model.safetensors")["results"][0]["reproduces_export"] is True
