@@ -1546,8 +1546,8 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
         for layer in layers.values():
             layer._input_ranges = None
             layer._input_moments = None
-        for m, saved in zip(norms, buffers):
+        for bn, saved in zip(norms, buffers):
             for k, v in saved.items():
-                getattr(m, k).copy_(v)
+                getattr(bn, k).copy_(v)
         for m, flag in training.items():
             m.training = flag
