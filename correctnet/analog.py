@@ -1516,8 +1516,8 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
 
     try:
         model.eval()
-        for m in norms:
-            m.train()
+        for bn in norms:
+            bn.train()
         with _restoring(model), torch.no_grad():
             set_nominal(model)
             for batch in batches:
