@@ -57,7 +57,7 @@ def make_arm(name: str, batches: list[tuple[torch.Tensor, torch.Tensor]], seed: 
         variation = VARIATIONS[name]()
         model = cn.analogize(model, variation)
         if variation.needs_input_range:
-            cn.calibrate_input_ranges(model, [x for x, _ in batches[:4]])
+            cn.calibrate_input_ranges(model, [x for x, _ in batches[:4]], batch_statistics=True)  # as before training
         if name == "periphery_learned":
             learned = LearnedInputRanges(model)
             stack.enter_context(learned.installed())

@@ -7,7 +7,7 @@ Arms (the same initialisation and data order; noise-aware training, ``--chips-pe
 * ``without``: trained under the device model without converters (the same programming and read noise, ideal
   DAC/ADC), then deployed on the fixed-range chip: input ranges measured on the trained network (``--range-images``
   training images, ``calibrate_input_ranges``), as the pipeline does after training;
-* ``with``: trained through the whole periphery (ranges measured before training, then again after it);
+* ``with``: trained through the whole periphery (ranges measured before training with BatchNorm on batch statistics, then again after it);
 * ``learned``: ``with`` plus learned input ranges (``TrainConfig.learn_input_ranges``, ``input_range_decay``) and
   a 2.5-std weight clip after every step (``weight_clip``);
 * ``aihwkit``: IBM aihwkit-lightning 2.1's hardware-aware training, run where installed (``pip install
