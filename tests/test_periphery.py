@@ -473,26 +473,28 @@ def test_batch_statistics_ranges_follow_a_training_steps_batchnorm_and_leave_its
     with torch.no_grad():
         plain[0].bias.add_(5.0)  # conv outputs far from BatchNorm's initial running mean 0
     ref = copy.deepcopy(plain)
+    g = torch.Generator().manual_seed(1)
+    batches = [scale * torch.randn(8, 2, 6, 6, generator=g) for scale in (1.0, 3.0, 0.5)]
     model = cn.analogize(plain, RRAM(sigma=0.5, dac_range=1.0, dac_bits=8))
     model.train()
     model[1].eval()  # a mixed state, to be restored
     before = {k: v.clone() for k, v in model[1].state_dict().items()}
-    ranges = cn.calibrate_input_ranges(model, BATCHES, batch_statistics=True)
+    ranges = cn.calibrate_input_ranges(model, batches, batch_statistics=True)
     want = []
     with torch.no_grad():
-        for x in BATCHES:
+        for x in batches:
             h = ref[0](x)
             mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
             h = (h - mean) / torch.sqrt(var + ref[1].eps) * ref[1].weight.view(1, -1, 1, 1) + ref[1].bias.view(1, -1, 1, 1)
             want.append(per_vector_max(torch.relu(h).flatten(1)))
     assert ranges["4"] == pytest.approx(torch.cat(want).max().item(), rel=1e-6)
-    eval_mode = cn.calibrate_input_ranges(model, BATCHES)["4"]  # running statistics: conv outputs ~5 unnormalized
+    eval_mode = cn.calibrate_input_ranges(model, batches)["4"]  # running statistics: conv outputs ~5 unnormalized
     assert eval_mode > 3 * ranges["4"]
     for k, v in model[1].state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.training and model[0].training and not model[1].training
     with pytest.raises(cn.ConfigError, match="batch_statistics must be true or false"):
-        cn.calibrate_input_ranges(model, BATCHES, batch_statistics="yes")
+        cn.calibrate_input_ranges(model, batches, batch_statistics="yes")
 
 
 @pytest.mark.parametrize("kw, match", [
