@@ -33,7 +33,8 @@ from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, se
 from correctnet.placement.evaluator import random_options
 from correctnet.training import TrainConfig, train
 
-from common import model_kwargs, add_run_args, add_training_args, benchmark_data, apply_threads, machine_line, portable, record
+from common import (add_run_args, add_training_args, apply_threads, benchmark_data, machine_line, model_kwargs, portable,
+                    record)
 
 
 def _network(args: argparse.Namespace, data: Any) -> torch.nn.Module:

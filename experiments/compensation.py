@@ -41,7 +41,7 @@ from correctnet.lipschitz import LipschitzRegularizer, input_shapes
 from correctnet.seeding import Stream
 from correctnet.training import TrainConfig, train
 
-from common import model_kwargs, add_base_args, add_run_args, apply_threads, machine_line, portable, record  # noqa: F401 (re-exported)
+from common import add_base_args, add_run_args, apply_threads, machine_line, model_kwargs, portable, record  # noqa: F401 (re-exported)
 
 BASES = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
 
@@ -55,7 +55,7 @@ def base_model(name: str, sigma: float, args, data, cache: Path) -> tuple[torch.
         model, meta = cn.load_checkpoint(path)
         return model, meta["bench"]
     torch.manual_seed(args.seed)
-    kw = model_kwargs(args.model, args.width)
+    kw = model_kwargs(args.model, args.width)  # recorded in the checkpoint
     model = cn.build_model(args.model, data.input_shape, data.num_classes, **kw)
     model = cn.analogize(model, cn.LogNormal(sigma), inplace=True)
     reg = None

@@ -29,15 +29,14 @@ from correctnet.data import load_dataset
 from correctnet.lipschitz import LipschitzRegularizer, error_profile, input_shapes, lipschitz_constants
 from correctnet.training import TrainConfig, train
 
-from common import model_kwargs, add_base_args, add_run_args, apply_threads, portable, record
+from common import add_base_args, add_run_args, apply_threads, build_network, portable, record
 
 METHODS = ("vanilla", "lipschitz", "noise_aware", "lipschitz_noise_aware")
 
 
 def run_method(method: str, args, data) -> dict:
     torch.manual_seed(args.seed)
-    kw = model_kwargs(args.model, args.width)
-    model = cn.build_model(args.model, data.input_shape, data.num_classes, **kw)
+    model = build_network(args, data)
     model = cn.analogize(model, cn.LogNormal(args.train_sigma), inplace=True)
     reg = None
     if "lipschitz" in method:
