@@ -1466,16 +1466,28 @@ def check_range_settings(percentile: Any = 100.0, estimator: Any = "max", std_fa
         raise ConfigError(f"momentum must be a number in [0, 1), got {momentum!r}")
 
 
+def _untrained_batchnorm(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Running statistics never updated: the initial mean 0 / variance 1, which describe no activation."""
+    if bn.running_mean is None or bn.running_var is None:
+        return False  # track_running_stats=False: it normalizes with batch statistics anyway
+    tracked = bn.num_batches_tracked
+    return ((tracked is None or int(tracked) == 0) and not bool(bn.running_mean.any())
+            and bool((bn.running_var == 1).all()))
+
+
 def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile: float = 100.0, *,
                            estimator: str = "max", std_factor: float = 3.0, momentum: float = 0.9,
-                           batch_statistics: bool = False) -> dict[str, float]:
+                           batch_statistics: bool | None = None) -> dict[str, float]:
     """Set each analog layer's fixed DAC range from calibration data; returns ``{layer name: range}``.
 
     ``batch_statistics=True``: BatchNorm layers normalize with each batch's own statistics, as in a training
     step, instead of their running statistics (which are left unchanged). Use it before training: an untrained
     network's running statistics (mean 0, variance 1) describe no activation, so eval-mode ranges of a deep
     BatchNorm network shrink layer by layer (VGG11: the last conv's range 300x below what a training step feeds
-    it) and a fixed-range DAC then clips nearly every input, which stops training.
+    it) and a fixed-range DAC then clips nearly every input, which stops training. ``False``: running statistics
+    everywhere (as the chip deploys). ``None`` (default): batch statistics exactly for the BatchNorm layers whose
+    running statistics were never updated (``num_batches_tracked`` 0, mean all 0, variance all 1), running
+    statistics for the rest.
 
     Runs ``model`` nominally (eval mode, no gradients; its modes and training flag are restored) on every
     batch (a tensor, or a tuple/list whose first item is the input, as a DataLoader yields) and records, per
@@ -1498,11 +1510,12 @@ def calibrate_input_ranges(model: nn.Module, batches: Iterable[Any], percentile:
     """
     require_analog(model)
     check_range_settings(percentile, estimator, std_factor, momentum)
-    if not isinstance(batch_statistics, bool):
-        raise ConfigError(f"batch_statistics must be true or false, got {batch_statistics!r}")
+    if batch_statistics is not None and not isinstance(batch_statistics, bool):
+        raise ConfigError(f"batch_statistics must be true, false or None (auto), got {batch_statistics!r}")
     layers = analog_layers(model)
     training = {m: m.training for m in model.modules()}
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if batch_statistics else []
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and (batch_statistics or (batch_statistics is None and _untrained_batchnorm(m)))]
     buffers = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
     for layer in layers.values():
         layer._input_ranges = []

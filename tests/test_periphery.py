@@ -488,13 +488,25 @@ def test_batch_statistics_ranges_follow_a_training_steps_batchnorm_and_leave_its
             h = (h - mean) / torch.sqrt(var + ref[1].eps) * ref[1].weight.view(1, -1, 1, 1) + ref[1].bias.view(1, -1, 1, 1)
             want.append(per_vector_max(torch.relu(h).flatten(1)))
     assert ranges["4"] == pytest.approx(torch.cat(want).max().item(), rel=1e-6)
-    eval_mode = cn.calibrate_input_ranges(model, batches)["4"]  # running statistics: conv outputs ~5 unnormalized
+    # running statistics: conv outputs ~5 unnormalized
+    eval_mode = cn.calibrate_input_ranges(model, batches, batch_statistics=False)["4"]
     assert eval_mode > 3 * ranges["4"]
+    # the default: this BatchNorm never saw a batch, so batch statistics
+    assert cn.calibrate_input_ranges(model, batches)["4"] == ranges["4"]
     for k, v in model[1].state_dict().items():
         assert torch.equal(v, before[k]), k
     assert model.training and model[0].training and not model[1].training
-    with pytest.raises(cn.ConfigError, match="batch_statistics must be true or false"):
-        cn.calibrate_input_ranges(model, batches, batch_statistics="yes")
+    for bad in ("yes", 1):
+        with pytest.raises(cn.ConfigError, match="batch_statistics must be true, false or None") as e:
+            cn.calibrate_input_ranges(model, batches, batch_statistics=bad)
+        assert "\n" not in str(e.value)
+    # once its statistics have been updated (one training step), the default uses them, as the chip deploys
+    model.train()
+    with torch.no_grad():
+        model(batches[0])
+    assert int(model[1].num_batches_tracked) == 1
+    assert cn.calibrate_input_ranges(model, batches)["4"] == cn.calibrate_input_ranges(
+        model, batches, batch_statistics=False)["4"] != cn.calibrate_input_ranges(model, batches, batch_statistics=True)["4"]
 
 
 @pytest.mark.parametrize("kw, match", [
