@@ -7,11 +7,18 @@ max(``--ranks``) beside every analog layer, random options switched on at each s
 :class:`~correctnet.placement.PlacementEvaluator` (``trained=True``; ``--price`` 0.01 pp per % MACs: the
 objective is the accuracy recovered, pp, ties going to the cheaper placement) scores placements; for each MAC budget in ``--budgets`` (descending, so that the first
 exhaustive search fills the cache) it runs ``exhaustive`` (the optimum), ``ppo`` (``--ppo-seeds``) and
-``greedy``. Each distinct chosen placement is then deployed as the pipeline does (``keep_compensation``,
-``--finetune-steps`` chip-agnostic steps distilling the clean network) and measured on the test split over
-``--chips`` evaluation chips (``Stream.EVAL``, never searched), with both overheads.
+``greedy`` (``--strategies``: leave ``exhaustive`` out where it is infeasible). Two fixed arms come with them:
+**none** (the supernet with every compensator removed) and **all** (every layer at rank max(``--ranks``)).
+Each distinct placement is then deployed as the pipeline does (``keep_compensation``, ``--finetune-steps``
+chip-agnostic steps distilling the clean network) and measured on the test split over ``--chips`` evaluation
+chips (``Stream.EVAL``, never searched), with both overheads: chip-agnostic, and **calibrated** on the first
+``--calibrated-chips`` of those chips with the calibration of ``method=correctnet_calibrated`` (BatchNorm
+re-estimation, the compensators and the other layers' digital biases fitted per chip; the chip-ensemble
+teacher, as there is no reference network here). Noise-aware alone is calibrated the same way (biases only).
 
     python experiments/budget_front.py --model lenet5 --epochs 3 --threads 1
+
+Several seeds' result files: ``python experiments/budget_front_seeds.py FILE...`` (mean and standard error).
 
 Results: ``experiments/results/budget_front_<dataset>_<model>_s<sigma>.{json,md,png}``.
 """
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -27,7 +35,8 @@ from typing import Any
 import torch
 
 import correctnet as cn
-from correctnet.calibration import CompensationConfig, train_compensation
+from correctnet.calibration import (CalibrationConfig, ChipCalibrator, CompensationConfig, calibration_images,
+                                    train_compensation)
 from correctnet.compensation import attach_compensation, keep_compensation, overhead
 from correctnet.placement import PlacementEvaluator, PPOConfig, SearchConfig, search
 from correctnet.placement.evaluator import random_options
@@ -50,63 +59,139 @@ def _name(args: argparse.Namespace) -> str:
     return f"{args.model}{len(args.hidden) + 1}" if args.hidden else args.model
 
 
+def preset_calibration(seed: int) -> CalibrationConfig:
+    """The per-chip calibration of ``method=correctnet_calibrated``, composed as the train command does, with the
+    chip-ensemble teacher (``teacher: auto`` picks between it and a reference network this benchmark has not)."""
+    from hydra import compose, initialize_config_dir
+
+    from correctnet.conf import DIR as CONFIG_DIR
+    from correctnet.train import _calibration_config
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=correctnet_calibrated", f"seed={seed}"])
+    cal = _calibration_config(cfg)
+    assert cal is not None
+    return dataclasses.replace(cal, teacher="ensemble")
+
+
 def _measure(m: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], args: argparse.Namespace,
-             desc: str) -> dict[str, Any]:
+             desc: str, images: torch.Tensor | None = None, cal: CalibrationConfig | None = None) -> dict[str, Any]:
     r = cn.monte_carlo(m, test, n_chips=args.chips, seed=args.eval_seed, progress=args.progress, desc=desc)
-    return {"mean": r.mean, "std": r.std, "p5": r.p5, "min": r.min, "n_chips": r.n_chips,
-            "clean": cn.clean_accuracy(m, test)}
+    out = {"mean": r.mean, "std": r.std, "p5": r.p5, "min": r.min, "n_chips": r.n_chips,
+           "clean": cn.clean_accuracy(m, test)}
+    if args.calibrated_chips and cal is not None and images is not None:
+        state = copy.deepcopy(m.state_dict())
+        c = cn.monte_carlo(m, test, n_chips=args.calibrated_chips, seed=args.eval_seed, progress=args.progress,
+                           desc=f"{desc} calibrated", calibrate=ChipCalibrator(m, images, cal))
+        m.load_state_dict(state)
+        out["calibrated"] = {"mean": c.mean, "std": c.std, "p5": c.p5, "min": c.min, "n_chips": c.n_chips}
+        # the same chips chip-agnostic, for a paired difference
+        out["agnostic_first"] = sum(r.accuracies[:c.n_chips]) / c.n_chips
+    return out
+
+
+def _summary(t: dict[str, Any]) -> str:
+    c = f", calibrated {100 * t['calibrated']['mean']:.2f}%" if "calibrated" in t else ""
+    return f"chip-agnostic {100 * t['mean']:.2f}%{c}"
+
+
+def _cal(t: dict[str, Any]) -> str:
+    return f"{100 * t['calibrated']['mean']:.2f}%" if "calibrated" in t else "-"
 
 
 def table(res: dict[str, Any]) -> str:
     s = res["setup"]
+    ncal = s.get("calibrated_chips", 0)
     lines = [f"Budget front, {s['model']} on {s['dataset']}, lognormal sigma={s['sigma']}, seed {s['seed']}, "
              f"{s['epochs']} epochs, {s['chips_per_step']} chips per training step; options per layer: none or rank "
              f"{s['ranks']} (rank 0: scale and shift only); {s['search_chips']} search chips x {s['val_images']} "
-             f"validation images; test: {s['chips']} chips x {s['test_samples']} images. Machine: {machine_line(s)}",
+             f"validation images; test: {s['chips']} chips x {s['test_samples']} images, calibrated on the first "
+             f"{ncal} of them. Machine: {machine_line(s)}",
              "", f"Command: `{s['command']}`", "",
              "| arm | budget (% MACs) | chosen (layer: rank) | + params | + MACs | search objective (pp) | "
-             "% of exhaustive | evaluations | test clean | test chip mean | test p5 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "% of exhaustive | evaluations | test clean | test chip mean | test p5 | calibrated chip mean |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     na = res["noise_aware"]
     lines.append(f"| noise-aware alone | - | - | - | - | - | - | - | {100 * na['clean']:.2f}% | {100 * na['mean']:.2f}% "
-                 f"| {100 * na['p5']:.2f}% |")
-    for row in res["front"]:
+                 f"| {100 * na['p5']:.2f}% | {_cal(na)} |")
+    for row in res.get("fixed", []) + res["front"]:
         t = res["test"][row["key"]]
-        opt = res["front_optimum"][str(row["budget"])]
-        share = f"{100 * row['objective'] / opt:.1f}%" if opt > 0 else "-"
+        opt = res["front_optimum"].get(str(row.get("budget")))
+        share = f"{100 * row['objective'] / opt:.1f}%" if opt and "objective" in row else "-"
         chosen = ", ".join(f"{n}: {r}" for n, r in row["chosen_ranks"].items()) or "none"
-        lines.append(f"| {row['strategy']} | {row['budget']:g} | {chosen} | {t['params_pct']:.2f}% | "
-                     f"{t['macs_pct']:.2f}% | {row['objective']:.2f} | {share} | {row['evaluations']} of "
-                     f"{row['n_placements']} | {100 * t['clean']:.2f}% | {100 * t['mean']:.2f}% | {100 * t['p5']:.2f}% |")
+        if len(row["chosen_ranks"]) > 4:
+            chosen = f"{len(row['chosen_ranks'])} layers: " + ", ".join(f"{n}: {r}" for n, r in row["chosen_ranks"].items())
+        search = (f"{row['budget']:g} | {chosen} | {t['params_pct']:.2f}% | {t['macs_pct']:.2f}% | "
+                  f"{row['objective']:.2f} | {share} | {row['evaluations']} of {row['n_placements']}") if "budget" in row \
+            else f"- | {chosen} | {t['params_pct']:.2f}% | {t['macs_pct']:.2f}% | - | - | -"
+        lines.append(f"| {row['strategy']} | {search} | {100 * t['clean']:.2f}% | {100 * t['mean']:.2f}% | "
+                     f"{100 * t['p5']:.2f}% | {_cal(t)} |")
     lines += ["", f"Supernet without compensators on the search chips: {100 * res['evaluator']['base_accuracy']:.2f}%; "
               f"training: noise-aware {res['seconds']['noise_aware']:.0f} s, supernet {res['seconds']['supernet']:.0f} s; "
               f"total {res['seconds']['total']:.0f} s."]
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict[str, Any], path: Path) -> None:
+def arms(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """One seed's measured arms by label (``noise-aware alone``, ``none``, ``all``, ``<strategy> @ <budget>``):
+    extra MACs and parameters (%), chip-agnostic and calibrated chip means (%)."""
+    def pts(t: dict[str, Any]) -> dict[str, float]:
+        d = {"macs_pct": t.get("macs_pct", 0.0), "params_pct": t.get("params_pct", 0.0), "agnostic": 100 * t["mean"],
+             "p5": 100 * t["p5"]}
+        if "calibrated" in t:
+            d["calibrated"] = 100 * t["calibrated"]["mean"]
+        return d
+    out = {"noise-aware alone": pts(res["noise_aware"])}
+    for row in res.get("fixed", []):
+        out[row["strategy"]] = pts(res["test"][row["key"]])
+    for row in res["front"]:
+        out[f"{row['strategy']} @ {row['budget']:g}"] = pts(res["test"][row["key"]])
+    return out
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Chip-agnostic and calibrated chip mean against extra digital MACs; with several seeds, means with standard
+    errors (each arm's MACs averaged over the seeds' placements)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    na = res["noise_aware"]
-    ax.axhline(100 * na["mean"], color="gray", ls="--", label="noise-aware alone")
-    for strategy, marker in (("exhaustive", "o"), ("greedy", "s")):
-        pts = sorted({(res["test"][r["key"]]["macs_pct"], 100 * res["test"][r["key"]]["mean"])
-                      for r in res["front"] if r["strategy"] == strategy})
-        if pts:
-            ax.plot([max(x, 1e-3) for x, _ in pts], [y for _, y in pts], marker=marker, label=strategy)
-    pts = sorted({(res["test"][r["key"]]["macs_pct"], 100 * res["test"][r["key"]]["mean"])
-                  for r in res["front"] if r["strategy"].startswith("ppo")})
-    if pts:
-        ax.scatter([max(x, 1e-3) for x, _ in pts], [y for _, y in pts], marker="x", color="k", zorder=3, label="PPO")
-    ax.set_xscale("log")
-    ax.set_xlabel("extra digital MACs (% of the network's; 0 shown at 0.001)")
-    ax.set_ylabel("chip-agnostic test accuracy, chip mean (%)")
-    s = res["setup"]
-    ax.set_title(f"{s['model']}, {s['dataset']}, lognormal sigma={s['sigma']}")
-    ax.legend()
+    per_seed = [arms(r) for r in results]
+    labels = [k for k in per_seed[0] if all(k in a for a in per_seed)]
+
+    def stat(label: str, key: str) -> tuple[float, float, float] | None:
+        vals = [a[label].get(key) for a in per_seed]
+        if any(v is None for v in vals):
+            return None
+        x = max(float(np.mean([a[label]["macs_pct"] for a in per_seed])), 1e-3)
+        se = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+        return x, float(np.mean(vals)), se
+
+    keys = [("agnostic", "chip-agnostic")] + ([("calibrated", "calibrated")]
+                                              if "calibrated" in per_seed[0]["noise-aware alone"] else [])
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.4 * len(keys), 4.4), squeeze=False)
+    strategies = sorted({k.split(" @ ")[0] for k in labels if " @ " in k})
+    for ax, (key, name) in zip(axes[0], keys):
+        na = stat("noise-aware alone", key)
+        if na:
+            ax.axhline(na[1], color="gray", ls="--", label="noise-aware alone")
+            ax.axhspan(na[1] - na[2], na[1] + na[2], color="gray", alpha=0.15)
+        for i, strategy in enumerate(strategies):
+            st = sorted(p for k in labels if k.split(" @ ")[0] == strategy and (p := stat(k, key)))
+            if st:
+                ax.errorbar([p[0] for p in st], [p[1] for p in st], yerr=[p[2] for p in st], marker="osx^v"[i % 5],
+                            capsize=3, ls="-" if strategy != "greedy" else ":", label=strategy)
+        for label, marker in (("none", "D"), ("all", "*")):
+            if label in labels and (p := stat(label, key)):
+                ax.errorbar([p[0]], [p[1]], yerr=[p[2]], marker=marker, ms=9, ls="none", capsize=3,
+                            label=f"{label} (compensators)")
+        ax.set_xscale("log")
+        ax.set_xlabel("extra digital MACs (% of the network's; 0 shown at 0.001)")
+        ax.set_ylabel(f"{name} test accuracy, chip mean (%)")
+        s = results[0]["setup"]
+        seeds = ", ".join(str(r["setup"]["seed"]) for r in results)
+        ax.set_title(f"{s['model']}, {s['dataset']}, lognormal sigma={s['sigma']}, seed(s) {seeds}", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -128,12 +213,16 @@ def main() -> None:
                    help="pp per %% MACs in the search objective (small: accuracy first, ties go to the cheaper)")
     p.add_argument("--search-chips", type=int, default=10)
     p.add_argument("--val-images", type=int, default=1000)
+    p.add_argument("--strategies", nargs="+", default=["exhaustive", "ppo", "greedy"],
+                   choices=["exhaustive", "ppo", "greedy"], help="search strategies per budget")
     p.add_argument("--ppo-seeds", type=int, nargs="+", default=[0])
     p.add_argument("--ppo-episodes", type=int, default=PPOConfig.episodes, help="PPOConfig.episodes")
     p.add_argument("--ppo-max-evaluations", type=int, default=None,
                    help="PPOConfig.max_evaluations (default: the library's cap)")
     p.add_argument("--finetune-steps", type=int, default=300,
                    help="chip-agnostic steps distilling the clean network after deployment (0: as the supernet trained them)")
+    p.add_argument("--calibrated-chips", type=int, default=20,
+                   help="evaluation chips each arm is also measured on calibrated (0: chip-agnostic only)")
     p.add_argument("--eval-seed", type=int, default=0)
     add_run_args(p, threads=1)
     args = p.parse_args()
@@ -150,8 +239,12 @@ def main() -> None:
     plain = _network(args, data)
     train(plain, data.train, data.val, tcfg, progress=args.progress, stage="noise-aware")
     res["seconds"]["noise_aware"] = time.perf_counter() - t0
-    res["noise_aware"] = _measure(plain, test, args, "noise-aware")
-    print(f"noise-aware alone: {100 * res['noise_aware']['mean']:.2f}%", flush=True)
+    cal = preset_calibration(args.seed)
+    cal = dataclasses.replace(cal, n_images=min(cal.n_images, len(data.train)))  # small datasets: all the images
+    images = calibration_images(data.train, cal.n_images, cal.seed)
+    res["calibration"] = dataclasses.asdict(cal)
+    res["noise_aware"] = _measure(plain, test, args, "noise-aware", images, cal)
+    print(f"noise-aware alone: {_summary(res['noise_aware'])}", flush=True)
 
     t0 = time.perf_counter()
     supernet = _network(args, data)
@@ -165,8 +258,8 @@ def main() -> None:
                             comp_cfg=CompensationConfig(seed=args.seed))
     res["evaluator"] = ev.summary()
     res["front_optimum"] = {}
-    plan = [("exhaustive", "exhaustive", 0)] + [(f"ppo (seed {s})", "ppo", s) for s in args.ppo_seeds] + [
-        ("greedy", "greedy", 0)]
+    plan = [(f"ppo (seed {s})", "ppo", s) if st == "ppo" else (st, st, 0)
+            for st in args.strategies for s in (args.ppo_seeds if st == "ppo" else [0])]
     for budget in sorted(args.budgets, reverse=True):
         ev.cfg.budget = {"macs": budget}
         for name, strategy, seed in plan:
@@ -183,7 +276,9 @@ def main() -> None:
             print(f"budget {budget:g}% MACs, {name}: {r.chosen_ranks} objective {r.best.objective:.2f} pp, "
                   f"{r.evaluations} evaluations", flush=True)
         out.write_text(json.dumps(res, indent=1))
-    for row in res["front"]:
+    fixed = {"none": {}, "all": {n: max(args.ranks) for n in comps}}
+    res["fixed"] = [{"strategy": k, "key": json.dumps(v, sort_keys=True), "chosen_ranks": v} for k, v in fixed.items()]
+    for row in res["fixed"] + res["front"]:
         if row["key"] in res["test"]:
             continue
         m = copy.deepcopy(supernet)
@@ -195,14 +290,14 @@ def main() -> None:
             info["finetune_seconds"] = r.seconds
         o = overhead(m, test[0][:1])["total"]
         info |= {"params_pct": o["params_pct"], "macs_pct": o["macs_pct"]}
-        res["test"][row["key"]] = info | _measure(m, test, args, row["key"])
-        print(f"test {row['chosen_ranks']}: {100 * res['test'][row['key']]['mean']:.2f}% at +{o['params_pct']:.2f}% "
+        res["test"][row["key"]] = info | _measure(m, test, args, row["key"], images, cal)
+        print(f"test {row['chosen_ranks']}: {_summary(res['test'][row['key']])} at +{o['params_pct']:.2f}% "
               f"params, +{o['macs_pct']:.2f}% MACs", flush=True)
         out.write_text(json.dumps(res, indent=1))
     res["seconds"]["total"] = time.perf_counter() - t_all
     out.write_text(json.dumps(res, indent=1))
     out.with_suffix(".md").write_text(table(res))
-    plot(res, out.with_suffix(".png"))
+    plot([res], out.with_suffix(".png"))
     print(table(res))
 
 
