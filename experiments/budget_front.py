@@ -181,10 +181,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             if st:
                 ax.errorbar([p[0] for p in st], [p[1] for p in st], yerr=[p[2] for p in st], marker="osx^v"[i % 5],
                             capsize=3, ls="-" if strategy != "greedy" else ":", label=strategy)
-        for label, marker in (("none", "D"), ("all", "*")):
+        for label, marker, text in (("none", "D", "no compensator"), ("all", "*", "every layer, top rank")):
             if label in labels and (p := stat(label, key)):
-                ax.errorbar([p[0]], [p[1]], yerr=[p[2]], marker=marker, ms=9, ls="none", capsize=3,
-                            label=f"{label} (compensators)")
+                ax.errorbar([p[0]], [p[1]], yerr=[p[2]], marker=marker, ms=9, ls="none", capsize=3, label=text)
         ax.set_xscale("log")
         ax.set_xlabel("extra digital MACs (% of the network's; 0 shown at 0.001)")
         ax.set_ylabel(f"{name} test accuracy, chip mean (%)")
