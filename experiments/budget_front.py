@@ -133,7 +133,8 @@ def table(res: dict[str, Any]) -> str:
 
 def arms(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     """One seed's measured arms by label (``noise-aware alone``, ``none``, ``all``, ``<strategy> @ <budget>``):
-    extra MACs and parameters (%), chip-agnostic and calibrated chip means (%)."""
+    extra MACs and parameters (%), chip-agnostic and calibrated chip means (%), and for searched placements with an
+    exhaustive search beside them, the search objective as % of the exhaustive optimum."""
     def pts(t: dict[str, Any]) -> dict[str, float]:
         d = {"macs_pct": t.get("macs_pct", 0.0), "params_pct": t.get("params_pct", 0.0), "agnostic": 100 * t["mean"],
              "p5": 100 * t["p5"]}
@@ -144,7 +145,10 @@ def arms(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     for row in res.get("fixed", []):
         out[row["strategy"]] = pts(res["test"][row["key"]])
     for row in res["front"]:
-        out[f"{row['strategy']} @ {row['budget']:g}"] = pts(res["test"][row["key"]])
+        d = out[f"{row['strategy']} @ {row['budget']:g}"] = pts(res["test"][row["key"]])
+        opt = res["front_optimum"].get(str(row["budget"]))
+        if opt:
+            d["search_pct"] = 100 * row["objective"] / opt  # of the exhaustive optimum's search objective
     return out
 
 

@@ -35,7 +35,7 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     for label in labels:
         rows = [a[label] for a in per_seed]
         d: dict[str, Any] = {}
-        for key in ("macs_pct", "params_pct", "agnostic", "p5", "calibrated"):
+        for key in ("macs_pct", "params_pct", "agnostic", "p5", "calibrated", "search_pct"):
             if all(key in r for r in rows):
                 d[key] = _mean_se([r[key] for r in rows])
         for key in ("agnostic", "calibrated"):
@@ -58,9 +58,9 @@ def table(res: dict[str, Any]) -> str:
              f"Machine: {machine_line(s)}", "", "Commands:", ""]
     lines += [f"- `{r['setup']['command']}`" for r in res["runs"]]
     lines += [f"- `{res['setup']['command']}`", "",
-              "| arm | + MACs | + params | chip-agnostic mean | vs noise-aware (pp, SE) | p5 | calibrated mean | "
-              "vs noise-aware calibrated (pp, SE) |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| arm | + MACs | + params | search: % of exhaustive | chip-agnostic mean | vs noise-aware (pp, SE) | p5 | "
+              "calibrated mean | vs noise-aware calibrated (pp, SE) |",
+              "|---|---|---|---|---|---|---|---|---|"]
 
     def ms(v: tuple[float, float] | None, unit: str = "%") -> str:
         return "-" if v is None else f"{v[0]:.2f}{unit} ± {v[1]:.2f}"
@@ -71,7 +71,8 @@ def table(res: dict[str, Any]) -> str:
         z = f", {v['mean'] / v['se']:+.1f} SE" if v["se"] > 0 else ""
         return f"{v['mean']:+.2f} ± {v['se']:.2f}{z}"
     for label, d in res["arms"].items():
-        lines.append(f"| {label} | {ms(d.get('macs_pct'))} | {ms(d.get('params_pct'))} | {ms(d.get('agnostic'))} | "
+        lines.append(f"| {label} | {ms(d.get('macs_pct'))} | {ms(d.get('params_pct'))} | {ms(d.get('search_pct'))} | "
+                     f"{ms(d.get('agnostic'))} | "
                      f"{diff(d.get('agnostic_vs_noise_aware'))} | {ms(d.get('p5'))} | {ms(d.get('calibrated'))} | "
                      f"{diff(d.get('calibrated_vs_noise_aware'))} |")
     return "\n".join(lines) + "\n"
