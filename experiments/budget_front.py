@@ -84,7 +84,7 @@ def _measure(m: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], args: 
                            desc=f"{desc} calibrated", calibrate=ChipCalibrator(m, images, cal))
         m.load_state_dict(state)
         out["calibrated"] = {"mean": c.mean, "std": c.std, "p5": c.p5, "min": c.min, "n_chips": c.n_chips}
-        # the same chips chip-agnostic, for a paired difference
+        # the chip-agnostic mean on the same chips: what calibration adds on them
         out["agnostic_first"] = sum(r.accuracies[:c.n_chips]) / c.n_chips
     return out
 
@@ -117,9 +117,8 @@ def table(res: dict[str, Any]) -> str:
         t = res["test"][row["key"]]
         opt = res["front_optimum"].get(str(row.get("budget")))
         share = f"{100 * row['objective'] / opt:.1f}%" if opt and "objective" in row else "-"
-        chosen = ", ".join(f"{n}: {r}" for n, r in row["chosen_ranks"].items()) or "none"
-        if len(row["chosen_ranks"]) > 4:
-            chosen = f"{len(row['chosen_ranks'])} layers: " + ", ".join(f"{n}: {r}" for n, r in row["chosen_ranks"].items())
+        k = len(row["chosen_ranks"])
+        chosen = (f"{k} layers: " if k > 4 else "") + (", ".join(f"{n}: {r}" for n, r in row["chosen_ranks"].items()) or "none")
         search = (f"{row['budget']:g} | {chosen} | {t['params_pct']:.2f}% | {t['macs_pct']:.2f}% | "
                   f"{row['objective']:.2f} | {share} | {row['evaluations']} of {row['n_placements']}") if "budget" in row \
             else f"- | {chosen} | {t['params_pct']:.2f}% | {t['macs_pct']:.2f}% | - | - | -"
