@@ -5,7 +5,7 @@ each seed's search may choose another placement for the same label, so the overh
 difference to noise-aware alone is paired by seed (the same seed trains both networks from one initialisation and
 evaluates them on the same chips), and its standard error is that of the per-seed differences.
 
-    python experiments/budget_front_seeds.py results/budget_front_fashion_mnist_lenet5_s0.5_seed{0,1,2}.json \\
+    python experiments/budget_front_seeds.py experiments/results/budget_front_fashion_mnist_lenet5_s0.5_seed{0,1,2}.json \\
         --out experiments/results/budget_front_fashion_mnist_lenet5_s0.5_3seeds.json
 """
 from __future__ import annotations
