@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 import correctnet as cn
@@ -79,10 +80,9 @@ def _measure(m: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor], args: 
     out = {"mean": r.mean, "std": r.std, "p5": r.p5, "min": r.min, "n_chips": r.n_chips,
            "clean": cn.clean_accuracy(m, test)}
     if args.calibrated_chips and cal is not None and images is not None:
-        state = copy.deepcopy(m.state_dict())
+        # monte_carlo restores the model's parameters and buffers after each calibrated chip
         c = cn.monte_carlo(m, test, n_chips=args.calibrated_chips, seed=args.eval_seed, progress=args.progress,
                            desc=f"{desc} calibrated", calibrate=ChipCalibrator(m, images, cal))
-        m.load_state_dict(state)
         out["calibrated"] = {"mean": c.mean, "std": c.std, "p5": c.p5, "min": c.min, "n_chips": c.n_chips}
         # the chip-agnostic mean on the same chips: what calibration adds on them
         out["agnostic_first"] = sum(r.accuracies[:c.n_chips]) / c.n_chips
@@ -151,13 +151,17 @@ def arms(res: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def mean_se(vals: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    return float(np.mean(vals)), float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     """Chip-agnostic and calibrated chip mean against extra digital MACs; with several seeds, means with standard
     errors (each arm's MACs averaged over the seeds' placements)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     per_seed = [arms(r) for r in results]
     labels = [k for k in per_seed[0] if all(k in a for a in per_seed)]
@@ -166,9 +170,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         vals = [a[label].get(key) for a in per_seed]
         if any(v is None for v in vals):
             return None
-        x = max(float(np.mean([a[label]["macs_pct"] for a in per_seed])), 1e-3)
-        se = float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
-        return x, float(np.mean(vals)), se
+        x = max(mean_se([a[label]["macs_pct"] for a in per_seed])[0], 1e-3)
+        return (x, *mean_se(vals))
 
     keys = [("agnostic", "chip-agnostic")] + ([("calibrated", "calibrated")]
                                               if "calibrated" in per_seed[0]["noise-aware alone"] else [])

@@ -15,14 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from budget_front import arms, plot
+from budget_front import arms, mean_se, plot
 from common import machine_line, portable, record
-
-
-def _mean_se(vals: list[float]) -> tuple[float, float]:
-    return float(np.mean(vals)), float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -37,11 +31,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         d: dict[str, Any] = {}
         for key in ("macs_pct", "params_pct", "agnostic", "p5", "calibrated", "search_pct"):
             if all(key in r for r in rows):
-                d[key] = _mean_se([r[key] for r in rows])
+                d[key] = mean_se([r[key] for r in rows])
         for key in ("agnostic", "calibrated"):
             if label != "noise-aware alone" and all(key in r for r in rows) and all(key in b for b in base):
                 diffs = [r[key] - b[key] for r, b in zip(rows, base)]
-                m, se = _mean_se(diffs)
+                m, se = mean_se(diffs)
                 d[f"{key}_vs_noise_aware"] = {"mean": m, "se": se, "per_seed": diffs}
         out[label] = d
     return out
